@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets itself up:
+# a .venv, torch first (pinned: an unpinned torch pulls GBs of CUDA wheels), then rnnpipe.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+DATA ?= ../shared/data
+BIN := $(VENV)/bin
+# The demo corpus: enwik8's first 4 MB where ../shared/data has it, else enwik8 from its public address.
+DEMO_INPUT ?= $(if $(wildcard $(DATA)/enwik8-head/enwik8-head.txt),$(DATA)/enwik8-head/enwik8-head.txt,zip://enwik8::https://mattmahoney.net/dc/enwik8.zip)
+DEMO_OUT ?= runs/demo
+
+.PHONY: install demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/rnnpipe prepare configs/demo.yaml output=$(DEMO_OUT)/data "source.paths=[$(DEMO_INPUT)]"
+	$(BIN)/rnnpipe verify $(DEMO_OUT)/data
+
+test: install
+	$(BIN)/ruff check .
+	RNNPIPE_DATA=$(DATA) $(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/python benchmarks/prepare.py --data $(DATA) --write docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

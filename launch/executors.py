@@ -1,0 +1,384 @@
+"""Executors: run a stage's independent tasks inline, on a local process pool, or on Slurm.
+
+Every stage that fans out calls ``executor.map(fn, items, name=..., weights=...)``. ``fn`` is a
+module-level function ``fn(item, report) -> result``; ``report(n)`` says n more units (bytes) of
+the item's weight are done, for the progress bar (MB/s, ETA). A failed task does not stop the
+others: when all have ended, :class:`TasksFailed` names every failed item with its error (on
+Slurm, its log tail). Results come back in item order.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.errors import ConfigError, PipelineError
+
+Report = Callable[[int], None]
+TaskFn = Callable[[Any, Report], Any]
+
+
+class ExecutorKind(Enum):
+    inline = "inline"  # in this process, one task after another
+    local = "local"  # a pool of processes on this machine
+    slurm = "slurm"  # a Slurm job array through submitit
+
+
+@dataclass
+class SlurmConfig:
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    cpus_per_task: int = 4
+    mem_gb: float = 16.0
+    time_min: int = 120
+    array_parallelism: int = 256  # array tasks running at once
+    max_array_size: int = 1000  # Slurm's MaxArraySize: more items are grouped into fewer tasks
+    extra: dict[str, str] = field(default_factory=dict)  # more sbatch options: {mail-type: FAIL}
+    setup: list[str] = field(default_factory=list)  # shell lines run first (module load ...)
+    log_dir: str = ""  # submitit's folder; "" = <work dir>/slurm
+    poll_s: float = 5.0
+
+    def validate(self) -> None:
+        if self.max_array_size < 1 or self.array_parallelism < 1:
+            raise ConfigError("executor.slurm.max_array_size and array_parallelism must be positive")
+
+
+@dataclass
+class ExecutorConfig:
+    kind: ExecutorKind = ExecutorKind.local
+    workers: int = 0  # local: processes at once; 0 = the CPUs this process may use
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def validate(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"executor.workers must be >= 0, got {self.workers}")
+
+
+class TasksFailed(PipelineError):
+    """Some tasks of a map failed; ``failures`` holds (item label, error text) pairs."""
+
+    def __init__(self, name: str, failures: list[tuple[str, str]], total: int):
+        self.failures = failures
+        lines = [f"{len(failures)} of {total} {name} task(s) failed:"]
+        for label, err in failures[:5]:
+            lines.append(f"- {label}: " + err.strip().replace("\n", "\n    "))
+        if len(failures) > 5:
+            lines.append(f"... and {len(failures) - 5} more")
+        super().__init__("\n".join(lines))
+
+
+def _label(item: Any) -> str:
+    return str(getattr(item, "label", item))
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, PipelineError):
+        return str(exc)
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return "".join(tb[-3:])
+
+
+class _Progress:
+    """A byte-weighted tqdm bar that shows MB/s and ETA; quiet when RNNPIPE_PROGRESS=0."""
+
+    def __init__(self, name: str, weights: Sequence[int]):
+        tty = sys.stderr.isatty()
+        disable = os.environ.get("RNNPIPE_PROGRESS", "1") == "0"
+        self.weights = list(weights)
+        self.done = [0] * len(self.weights)
+        self.bar = tqdm(
+            total=sum(self.weights),
+            desc=name,
+            unit="B",
+            unit_scale=True,
+            disable=disable,
+            mininterval=0.5 if tty else 30.0,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+
+    def add(self, index: int, n: int) -> None:
+        n = max(0, min(n, self.weights[index] - self.done[index]))
+        self.done[index] += n
+        self.bar.update(n)
+
+    def finish(self, index: int) -> None:
+        self.add(index, self.weights[index])
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Executor:
+    """Maps a task function over items; see the module docstring. Use as a context manager."""
+
+    def map(
+        self, fn: TaskFn, items: Sequence[Any], *, name: str, weights: Sequence[int] | None = None
+    ) -> list[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release workers (a no-op for executors without any)."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class InlineExecutor(Executor):
+    """Runs tasks one after another in this process (debugging, tests, tiny inputs)."""
+
+    def map(self, fn, items, *, name, weights=None):
+        progress = _Progress(name, weights or [1] * len(items))
+        results: list[Any] = [None] * len(items)
+        failures = []
+        try:
+            for i, item in enumerate(items):
+                try:
+                    results[i] = fn(item, lambda n, i=i: progress.add(i, n))
+                except Exception as e:
+                    failures.append((_label(item), _error_text(e)))
+                progress.finish(i)
+        finally:
+            progress.close()
+        if failures:
+            raise TasksFailed(name, failures, len(items))
+        return results
+
+
+_worker_queue: Any = None
+
+
+def _init_worker(q: Any) -> None:
+    global _worker_queue
+    _worker_queue = q
+
+
+def _run_in_worker(fn: TaskFn, tag: tuple[int, int], item: Any) -> Any:
+    pending = [0]
+
+    def report(n: int) -> None:  # batch small reports: a queue put per byte range is costly
+        pending[0] += n
+        if pending[0] >= 1 << 20:
+            _worker_queue.put((tag, pending[0]))
+            pending[0] = 0
+
+    try:
+        return fn(item, report)
+    except PipelineError:
+        raise
+    except Exception as e:  # keep the worker's traceback: the pool only re-raises the exception
+        raise RuntimeError(_error_text(e)) from None
+
+
+class LocalExecutor(Executor):
+    """Runs tasks on a pool of ``workers`` spawned processes on this machine.
+
+    The pool lives as long as the executor (close it, or use it as a context manager), so the
+    stages of one command pay for starting workers once.
+    """
+
+    def __init__(self, workers: int = 0):
+        self.workers = workers or len(os.sched_getaffinity(0))
+        self._ctx = mp.get_context("spawn")  # never fork a process that may hold threads or CUDA
+        self._pool: cf.ProcessPoolExecutor | None = None
+        self._reports: Any = None
+        self._maps = 0
+
+    def _get_pool(self) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            self._reports = self._ctx.Queue()
+            self._pool = cf.ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=self._ctx,
+                initializer=_init_worker,
+                initargs=(self._reports,),
+            )
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def map(self, fn, items, *, name, weights=None):
+        if not items:
+            return []
+        self._maps += 1
+        map_id = self._maps
+        pool = self._get_pool()
+        progress = _Progress(name, weights or [1] * len(items))
+        stop = threading.Event()
+        reports = self._reports
+
+        def drain() -> None:
+            while not stop.is_set():
+                try:
+                    (mid, index), n = reports.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if mid == map_id:
+                    progress.add(index, n)
+
+        drainer = threading.Thread(target=drain, daemon=True)
+        drainer.start()
+        results: list[Any] = [None] * len(items)
+        failures: list[tuple[str, str]] = []
+        broken = False
+        try:
+            futures = {pool.submit(_run_in_worker, fn, (map_id, i), item): i for i, item in enumerate(items)}
+            for fut in cf.as_completed(futures):
+                i = futures[fut]
+                try:
+                    results[i] = fut.result()
+                except cf.process.BrokenProcessPool:
+                    broken = True
+                    failures.append((_label(items[i]), "a worker process died (killed, or out of memory?)"))
+                except Exception as e:
+                    failures.append(
+                        (_label(items[i]), str(e) if isinstance(e, RuntimeError) else _error_text(e))
+                    )
+                progress.finish(i)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            stop.set()
+            drainer.join()
+            progress.close()
+        if broken:
+            self.close()
+        if failures:
+            raise TasksFailed(name, failures, len(items))
+        return results
+
+
+def _run_chunk(fn: TaskFn, chunk: list[Any]) -> list[tuple[bool, Any]]:
+    """One Slurm array task: runs its items in order; a failure is recorded, not raised."""
+    out: list[tuple[bool, Any]] = []
+    for item in chunk:
+        try:
+            out.append((True, fn(item, lambda n: None)))
+        except Exception as e:
+            print(f"task {_label(item)} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            out.append((False, _error_text(e)))
+    return out
+
+
+class SlurmExecutor(Executor):
+    """Submits the items as one Slurm job array through submitit and waits for it."""
+
+    def __init__(self, cfg: SlurmConfig, log_dir: str):
+        self.cfg = cfg
+        self.log_dir = cfg.log_dir or log_dir
+
+    def slurm_parameters(self, name: str) -> dict[str, Any]:
+        """submitit ``SlurmExecutor`` parameters (sbatch options) for a map called ``name``."""
+        c = self.cfg
+        params: dict[str, Any] = dict(
+            job_name=f"rnnpipe-{name}",
+            time=c.time_min,
+            mem=f"{c.mem_gb:g}GB",
+            cpus_per_task=c.cpus_per_task,
+            nodes=1,
+            ntasks_per_node=1,
+            array_parallelism=c.array_parallelism,
+        )
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(c, key):
+                params[key] = getattr(c, key)
+        if c.extra:
+            params["additional_parameters"] = dict(c.extra)
+        if c.setup:
+            params["setup"] = list(c.setup)
+        return params
+
+    def submitit_executor(self, name: str) -> Any:
+        """The configured ``submitit.SlurmExecutor`` for a map called ``name``."""
+        import submitit
+
+        try:
+            ex = submitit.SlurmExecutor(folder=os.path.join(self.log_dir, name, "%j"))
+        except RuntimeError as e:
+            raise PipelineError(
+                "executor.kind=slurm, but this machine has no Slurm (srun is not on PATH); "
+                "run on a cluster login node or use --executor local"
+            ) from e
+        ex.update_parameters(**self.slurm_parameters(name))
+        return ex
+
+    def map(self, fn, items, *, name, weights=None):
+        if not items:
+            return []
+        n_chunks = min(len(items), self.cfg.max_array_size)
+        bounds = [round(k * len(items) / n_chunks) for k in range(n_chunks + 1)]
+        chunks = [list(range(bounds[k], bounds[k + 1])) for k in range(n_chunks)]
+        ex = self.submitit_executor(name)
+        jobs = ex.map_array(_run_chunk, [fn] * n_chunks, [[items[i] for i in c] for c in chunks])
+        print(
+            f"{name}: submitted Slurm job array {jobs[0].job_id.split('_')[0]} "
+            f"({n_chunks} tasks, logs in {self.log_dir}/{name})",
+            file=sys.stderr,
+            flush=True,
+        )
+        progress = _Progress(name, weights or [1] * len(items))
+        results: list[Any] = [None] * len(items)
+        failures: list[tuple[str, str]] = []
+        pending = set(range(n_chunks))
+        try:
+            while pending:
+                for k in sorted(pending):
+                    job = jobs[k]
+                    if not job.done():
+                        continue
+                    pending.discard(k)
+                    try:
+                        outcomes = job.result()
+                    except Exception as e:
+                        tail = "\n".join((job.stderr() or "").splitlines()[-20:])
+                        for i in chunks[k]:
+                            failures.append((_label(items[i]), f"job {job.job_id}: {e}\n{tail}"))
+                            progress.finish(i)
+                        continue
+                    for i, (ok, value) in zip(chunks[k], outcomes, strict=True):
+                        if ok:
+                            results[i] = value
+                        else:
+                            failures.append((_label(items[i]), f"job {job.job_id}: {value}"))
+                        progress.finish(i)
+                if pending:
+                    time.sleep(self.cfg.poll_s)
+        except KeyboardInterrupt:
+            for k in pending:
+                jobs[k].cancel(check=False)
+            raise
+        finally:
+            progress.close()
+        if failures:
+            raise TasksFailed(name, failures, len(items))
+        return results
+
+
+def make_executor(cfg: ExecutorConfig, log_dir: str) -> Executor:
+    """The executor ``cfg`` asks for; ``log_dir`` holds Slurm logs unless the config names one."""
+    if cfg.kind is ExecutorKind.inline:
+        return InlineExecutor()
+    if cfg.kind is ExecutorKind.local:
+        return LocalExecutor(cfg.workers)
+    return SlurmExecutor(cfg.slurm, log_dir)

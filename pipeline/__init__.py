@@ -1,0 +1,7 @@
+"""rnnpipe's stages: data (prepare), models, train (pretrain) and finetune.
+
+Nothing in this package knows about Slurm or how it is launched: stages take a config
+and, where they fan out, an executor from :mod:`launch` that maps a function over tasks.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,141 @@
+"""Typed configs: dataclasses, YAML files and ``key.sub=value`` overrides (the lingua convention).
+
+A stage declares its config as nested dataclasses. :func:`load_config` merges, in order, the
+dataclass defaults, a YAML file and command-line overrides with OmegaConf structured configs,
+so an unknown key or a value of the wrong type fails before any work starts, naming the key,
+where it came from and the keys that are valid there. Dataclasses may define ``validate()``
+to check values (ranges, combinations); it is called on every nested config after loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any, TypeVar
+
+import fsspec
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from pipeline.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def load_config(schema: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build a ``schema`` instance from its defaults, an optional YAML file and overrides.
+
+    ``path`` is read through fsspec; ``overrides`` are ``key.sub=value`` strings whose values
+    are parsed as YAML (``n=3``, ``flag=true``, ``paths=[a,b]``). Raises :class:`ConfigError`.
+    """
+    cfg = OmegaConf.structured(schema)
+    if path is not None:
+        try:
+            with fsspec.open(path, "r", encoding="utf-8") as f:
+                loaded = OmegaConf.create(f.read())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not a list")
+        cfg = _merge(schema, cfg, loaded, f"in {path}")
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            dot = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {item!r} cannot be parsed: {e}") from e
+        cfg = _merge(schema, cfg, dot, f"from the command line: {item}")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError("missing required config value(s): " + ", ".join(missing))
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"missing required config value: {e.full_key}") from e
+    _validate(obj)
+    return obj  # type: ignore[return-value]
+
+
+def _merge(schema: type, base: DictConfig, other: DictConfig, origin: str) -> DictConfig:
+    try:
+        merged = OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        raise ConfigError(_unknown_key_message(schema, e.full_key or str(e.key), origin)) from e
+    except OmegaConfBaseException as e:
+        key = e.full_key or "?"
+        expected = _expected_type(schema, key)
+        first = (e.msg or str(e)).splitlines()[0]
+        hint = f" (expects {expected})" if expected else ""
+        raise ConfigError(f"bad value for config key '{key}'{hint} {origin}: {first}") from e
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+def _unknown_key_message(schema: type, full_key: str, origin: str) -> str:
+    parts = full_key.split(".")
+    parent_schema: Any = schema
+    for part in parts[:-1]:
+        fields = _fields(parent_schema)
+        if part not in fields:
+            break
+        parent_schema = fields[part]
+    valid = sorted(_fields(parent_schema))
+    where = ".".join(parts[:-1]) or "the top level"
+    msg = f"unknown config key '{full_key}' {origin}; valid keys at {where}: {', '.join(valid)}"
+    close = difflib.get_close_matches(parts[-1], valid, n=1)
+    return msg + (f" (did you mean '{close[0]}'?)" if close else "")
+
+
+def _fields(schema: Any) -> dict[str, Any]:
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        return {}
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def _expected_type(schema: type, full_key: str) -> str:
+    node: Any = schema
+    for part in full_key.split("."):
+        fields = _fields(node)
+        if part not in fields:
+            return ""
+        node = fields[part]
+    if isinstance(node, type) and issubclass(node, Enum):
+        return "one of " + ", ".join(m.name for m in node)
+    return getattr(node, "__name__", None) or str(node).replace("typing.", "")
+
+
+def _validate(obj: Any) -> None:
+    if not dataclasses.is_dataclass(obj):
+        return
+    for f in dataclasses.fields(obj):
+        _validate(getattr(obj, f.name))
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check()
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (enums by name), for writing next to every output."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain JSON-able Python values."""
+    out = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    assert isinstance(out, dict)
+    return out  # type: ignore[return-value]
+
+
+def fingerprint(values: dict[str, Any]) -> str:
+    """sha256 over a canonical JSON rendering of ``values``: equal configs, equal fingerprints."""
+    blob = json.dumps(values, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()

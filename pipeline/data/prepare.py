@@ -1,0 +1,329 @@
+"""The prepare stage: a corpus in, webdataset shards and a manifest out.
+
+    plan ─▶ [extract ─▶ fit tokenizer ─▶] encode ─▶ pack ─▶ manifest.json
+
+Each arrow is a map over independent tasks on the given executor (a job array on Slurm). The
+manifest is written last: a dataset without one is incomplete, whatever else is there. Re-running
+on the same output skips finished units and shards; the result is byte-identical however often it
+was interrupted, and for a given config does not depend on the executor or number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any, Protocol
+
+from pipeline import __version__, fsio
+from pipeline.config import fingerprint, to_dict
+from pipeline.data.config import PrepareConfig, SourceKind, TokenizerKind
+from pipeline.data.inputs import materialize, resolve_inputs
+from pipeline.data.manifest import MANIFEST, dataset_fingerprint_keys, read_manifest
+from pipeline.data.shards import shard_path
+from pipeline.data.sources import (
+    ENWIK8_SHA256,
+    ENWIK8_SIZE,
+    InspectTask,
+    Plan,
+    align_cut,
+    inspect_input,
+    make_units,
+)
+from pipeline.data.tasks import (
+    EncodeTask,
+    FitTask,
+    PackTask,
+    UnitTask,
+    encode_unit,
+    extract_unit,
+    fit_tokenizer,
+    load_json,
+    load_plan,
+    make_tokenizer,
+    pack_shard,
+)
+from pipeline.data.tokenizers import load_tokenizer_file
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+_OUR_ENTRIES = ("train", "valid", "test", "tokenizer", MANIFEST, "config.yaml", ".work")
+
+
+class TaskMapper(Protocol):
+    def map(self, fn: Any, items: list[Any], *, name: str, weights: list[int] | None = None) -> list[Any]: ...
+
+
+def prepare(cfg: PrepareConfig, executor: TaskMapper, config_yaml: str = "") -> dict[str, Any]:
+    """Run the stage; returns the manifest. ``config_yaml`` (the whole resolved job config) is
+    saved as ``config.yaml`` beside the shards. Raises :class:`PipelineError` on bad input."""
+    root = fsio.absolute(cfg.output)
+    work = fsio.absolute(cfg.work_dir) if cfg.work_dir else fsio.join(root, ".work")
+    values = to_dict(cfg)
+    fp = fingerprint(dataset_fingerprint_keys(values))
+    for cache in (load_plan, load_json):  # a second run in this process must not see the first's files
+        cache.cache_clear()
+    old = _guard_output(root, work, fp, cfg.overwrite)
+    if old is not None and _complete(root, old):
+        log.info("%s already holds this dataset (manifest.json matches); nothing to do", root)
+        return old
+    fsio.makedirs(work)
+    fsio.write_text_atomic(fsio.join(work, "state.json"), json.dumps({"fingerprint": fp, "config": values}))
+
+    plan = _plan(cfg, work, executor)
+    log.info("plan: %d input file(s), %d unit(s), splits %s", len(plan.inputs), len(plan.units), plan.splits)
+    units = list(range(len(plan.units)))
+    weights = [u.weight for u in plan.units]
+
+    tok_files: dict[str, bytes] | None = None
+    extracted = False
+    if cfg.tokenizer.model:
+        tok_files = load_tokenizer_file(
+            cfg.tokenizer.kind.value, fsio.read_bytes(cfg.tokenizer.model)
+        ).files()
+    elif cfg.tokenizer.kind is not TokenizerKind.bytes:
+        stats = executor.map(
+            extract_unit, [UnitTask(work, u, cfg) for u in units], name="extract", weights=weights
+        )
+        _check_splits(plan, {s for st in stats for s, v in st["splits"].items() if v["pieces"]}, cfg)
+        fit = FitTask(work, cfg, stats)
+        train_bytes = sum(st["splits"].get("train", {}).get("bytes", 0) for st in stats)
+        (tok_files,) = executor.map(
+            fit_tokenizer, [fit], name="fit " + cfg.tokenizer.kind.value, weights=[max(1, train_bytes)]
+        )
+        extracted = True
+    tok = make_tokenizer(cfg.tokenizer.kind, tok_files)
+    dtype = _dtype(cfg.shards.dtype, tok.vocab_size, cfg.tokenizer.kind.value)
+    log.info("tokenizer: %s, vocabulary %d, dtype %s", tok.kind, tok.vocab_size, dtype)
+
+    encoded = executor.map(
+        encode_unit,
+        [EncodeTask(work, u, cfg, tok_files, dtype, extracted) for u in units],
+        name="encode",
+        weights=weights,
+    )
+    _check_splits(plan, {s for e in encoded for s, v in e["splits"].items() if v["tokens"]}, cfg)
+    layout = _layout(cfg, plan, encoded, tok.kind, dtype)
+    fsio.write_text_atomic(fsio.join(work, "layout.json"), json.dumps(layout))
+
+    previous = {s["path"]: s for sp in (old or {}).get("splits", {}).values() for s in sp["shards"]}
+    tasks = [
+        PackTask(work, split, k, root, previous.get(shard_path(split, k)))
+        for split in plan.splits
+        for k in range(layout["splits"][split]["shards"])
+    ]
+    itemsize = {"uint8": 1, "uint16": 2, "uint32": 4}[dtype]
+    sizes = [
+        min(layout["samples_per_shard"] * layout["sample_tokens"], layout["splits"][t.split]["tokens"])
+        * itemsize
+        for t in tasks
+    ]
+    records = executor.map(pack_shard, tasks, name="pack", weights=sizes)
+
+    for rel, data in tok.files().items():
+        fsio.write_bytes_atomic(fsio.join(root, rel), data)
+    if config_yaml:
+        fsio.write_text_atomic(fsio.join(root, "config.yaml"), config_yaml)
+    manifest = _manifest(cfg, plan, encoded, layout, tasks, records, tok, fp, values)
+    fsio.write_text_atomic(fsio.join(root, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    if not cfg.keep_work:
+        fsio.remove(work, recursive=True)
+    log.info(
+        "wrote %s: %s",
+        root,
+        ", ".join(
+            f"{s} {v['tokens']:,} tokens in {len(v['shards'])} shard(s)"
+            for s, v in manifest["splits"].items()
+        ),
+    )
+    return manifest
+
+
+def _guard_output(root: str, work: str, fp: str, overwrite: bool) -> dict[str, Any] | None:
+    """Refuse an output holding a different dataset; returns the matching manifest if one exists."""
+    manifest = read_manifest(root) if fsio.exists(fsio.join(root, MANIFEST)) else None
+    state_url = fsio.join(work, "state.json")
+    state = json.loads(fsio.read_text(state_url)) if fsio.exists(state_url) else None
+    if state is not None and state.get("fingerprint") != fp and not fsio.exists(fsio.join(work, "plan.json")):
+        fsio.remove(work, recursive=True)  # an earlier run failed before planning: nothing to keep
+        state = None
+    other = (manifest is not None and manifest.get("fingerprint") != fp) or (
+        state is not None and state.get("fingerprint") != fp
+    )
+    foreign = []
+    if manifest is None and state is None and fsio.exists(root):
+        fs, path = fsio.filesystem(root)
+        foreign = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    if not other and not foreign:
+        return manifest
+    if foreign and not overwrite:
+        raise PipelineError(
+            f"output {root} is not empty and holds no rnnpipe dataset "
+            f"({', '.join(sorted(foreign)[:5])}...); choose an empty or new directory"
+        )
+    if other and not overwrite:
+        was = (manifest or {}).get("config") or (state or {}).get("config") or {}
+        what = (
+            "a different dataset" if manifest is not None else "an unfinished prepare of a different config"
+        )
+        raise PipelineError(
+            f"output {root} already holds {what} (made with "
+            f"source.paths={was.get('source', {}).get('paths')}, tokenizer="
+            f"{was.get('tokenizer', {}).get('kind')}); use another output or overwrite=true"
+        )
+    log.warning("overwrite=true: removing the dataset in %s", root)
+    for name in _OUR_ENTRIES:
+        fsio.remove(fsio.join(root, name), recursive=True)
+    if not work.startswith(root):
+        fsio.remove(work, recursive=True)
+    return None
+
+
+def _complete(root: str, manifest: dict[str, Any]) -> bool:
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            url = fsio.join(root, shard["path"])
+            if not fsio.exists(url) or fsio.size(url) != shard["size"]:
+                return False
+    return True
+
+
+def _plan(cfg: PrepareConfig, work: str, executor: TaskMapper) -> Plan:
+    url = fsio.join(work, "plan.json")
+    if fsio.exists(url):
+        return load_plan(work)
+    files = resolve_inputs(cfg)
+    wiki = cfg.source.kind is SourceKind.wikipedia
+    materialize(files, cfg.source.cache_dir or fsio.join(work, "inputs"), keep_compressed=wiki)
+    unit_bytes = max(1, int(cfg.source.unit_mb * 1e6))
+    tasks = [InspectTask(i, f.path, wiki, unit_bytes) for i, f in enumerate(files)]
+    infos = executor.map(
+        inspect_input, tasks, name="plan", weights=[max(1, fsio.size(f.path)) for f in files]
+    )
+    budget = cfg.source.limit_bytes or None
+    for f, info in zip(files, infos, strict=True):
+        f.sha256, f.size, f.dump = info["sha256"], info["size"], info.get("dump")
+        if cfg.source.kind is SourceKind.enwik8 and f.size == ENWIK8_SIZE and f.sha256 != ENWIK8_SHA256:
+            raise PipelineError(
+                f"{f.url} has enwik8's length but sha256 {f.sha256}, not the published "
+                f"{ENWIK8_SHA256}: the download is corrupt"
+            )
+        if budget is not None and not wiki:
+            align = (
+                "byte"
+                if cfg.tokenizer.kind is TokenizerKind.bytes
+                else ("utf8" if cfg.source.kind is SourceKind.enwik8 else "line")
+            )
+            f.size = align_cut(f, min(f.size, budget), align)
+            budget -= f.size
+    files = [f for f in files if f.size > 0 or wiki]
+    if not files:
+        raise PipelineError("every input file is empty")
+    units, splits, mode = make_units(cfg, files)
+    plan = Plan(kind=cfg.source.kind.value, split_mode=mode, splits=splits, inputs=files, units=units)
+    fsio.write_text_atomic(url, plan.to_json())
+    load_plan.cache_clear()
+    return plan
+
+
+def _check_splits(plan: Plan, nonempty: set[str], cfg: PrepareConfig) -> None:
+    for split in plan.splits:
+        if split not in nonempty:
+            hint = {
+                "train": "the input holds no usable text",
+                "valid": "raise source.valid_fraction, add data, or set it to 0 for no valid split",
+                "test": "raise source.test_fraction, add data, or set it to 0 for no test split",
+            }[split]
+            raise PipelineError(
+                f"split '{split}' is empty: no document of {', '.join(cfg.source.paths)} "
+                f"was assigned to it ({hint})"
+            )
+
+
+def _dtype(requested: str, vocab_size: int, kind: str) -> str:
+    fits = {"uint8": 1 << 8, "uint16": 1 << 16, "uint32": 1 << 32}
+    if requested == "auto":
+        return next(name for name, n in fits.items() if vocab_size <= n)
+    if vocab_size > fits[requested]:
+        raise PipelineError(
+            f"the {kind} vocabulary has {vocab_size} ids, too many for shards.dtype={requested} "
+            f"(at most {fits[requested]}); use shards.dtype=auto"
+        )
+    return requested
+
+
+def _layout(
+    cfg: PrepareConfig, plan: Plan, encoded: list[dict[str, Any]], tok_kind: str, dtype: str
+) -> dict[str, Any]:
+    itemsize = {"uint8": 1, "uint16": 2, "uint32": 4}[dtype]
+    n = cfg.shards.sample_tokens
+    per_shard = cfg.shards.samples_per_shard or max(1, int(cfg.shards.shard_mb * 1e6 // (n * itemsize)))
+    splits = {}
+    for split in plan.splits:
+        units = [
+            [u, e["splits"][split]["tokens"], e["splits"][split]["docs"]]
+            for u, e in enumerate(encoded)
+            if split in e["splits"]
+        ]
+        tokens = sum(u[1] for u in units)
+        samples = -(-tokens // n)
+        splits[split] = {
+            "units": units,
+            "tokens": tokens,
+            "samples": samples,
+            "shards": -(-samples // per_shard),
+        }
+    return {
+        "dtype": dtype,
+        "sample_tokens": n,
+        "samples_per_shard": per_shard,
+        "tokenizer": tok_kind,
+        "splits": splits,
+    }
+
+
+def _manifest(cfg, plan, encoded, layout, tasks, records, tok, fp, values) -> dict[str, Any]:
+    source_stats: dict[str, int] = {}
+    for e in encoded:
+        for k, v in e["source"].items():
+            source_stats[k] = source_stats.get(k, 0) + v
+    splits: dict[str, Any] = {}
+    for split in plan.splits:
+        shards = [r for t, r in zip(tasks, records, strict=True) if t.split == split]
+        per_unit = [e["splits"][split] for e in encoded if split in e["splits"]]
+        splits[split] = {
+            "tokens": sum(u["tokens"] for u in per_unit),
+            "bytes": sum(u["bytes"] for u in per_unit),
+            "documents": sum(u["docs"] for u in per_unit),
+            "samples": sum(s["samples"] for s in shards),
+            "shards": shards,
+        }
+    tok_files = tok.files()
+    model_file = next(iter(tok_files), None)
+    return {
+        "format": "rnnpipe-shards",
+        "version": 1,
+        "rnnpipe": __version__,
+        "fingerprint": fp,
+        "source": {
+            "kind": plan.kind,
+            "split_mode": plan.split_mode,
+            "stats": source_stats,
+            "inputs": [
+                {"url": f.url, "size": f.size, "sha256": f.sha256, **({"split": f.split} if f.split else {})}
+                for f in plan.inputs
+            ],
+        },
+        "tokenizer": {
+            "kind": tok.kind,
+            "vocab_size": tok.vocab_size,
+            "model_file": model_file,
+            "model_sha256": hashlib.sha256(tok_files[model_file]).hexdigest() if model_file else None,
+            "special_ids": tok.special_ids(),
+        },
+        "dtype": layout["dtype"],
+        "sample_tokens": layout["sample_tokens"],
+        "samples_per_shard": layout["samples_per_shard"],
+        "splits": splits,
+        "config": values,
+    }

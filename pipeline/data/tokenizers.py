@@ -1,0 +1,238 @@
+"""Tokenizers: bytes, char and sentencepiece, with exact byte counts per token.
+
+``encode`` returns the token ids and, per token, the number of UTF-8 bytes of text it stands for
+(0 for the end-of-document id), so a shard's byte count is exact for any tokenizer and later
+stages report bits per byte. ``decode(encode(x)) == x`` for every tokenizer: char and bytes by
+construction, sentencepiece because it is trained with identity normalization, no dummy prefix,
+no whitespace folding and byte fallback (a literal U+2581 is the one exception: sentencepiece
+uses that symbol for the space).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import sentencepiece as spm
+
+from pipeline.errors import PipelineError
+
+SPM_MODEL_FILE = "tokenizer/spm.model"
+CHAR_VOCAB_FILE = "tokenizer/char_vocab.json"
+
+
+class Tokenizer:
+    kind: str
+    vocab_size: int
+    eod_id: int | None = None
+
+    def encode(self, text: str | bytes) -> tuple[np.ndarray, np.ndarray | None]:
+        """(ids [n] of an integer dtype, UTF-8 bytes per token uint8 [n] or None where each is 1 byte)."""
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> bytes:
+        """The UTF-8 (or raw) bytes that ``ids`` stand for; the end-of-document id decodes to nothing."""
+        raise NotImplementedError
+
+    def special_ids(self) -> dict[str, int | None]:
+        return {"eod": self.eod_id}
+
+    def files(self) -> dict[str, bytes]:
+        """Files to save with the shards (path relative to the dataset root -> content)."""
+        return {}
+
+
+class ByteTokenizer(Tokenizer):
+    """Token = byte, vocab 256, no end-of-document id (the enwik8 convention)."""
+
+    kind = "bytes"
+    vocab_size = 256
+
+    def encode(self, text):
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return np.frombuffer(data, dtype=np.uint8), None
+
+    def decode(self, ids):
+        return np.asarray(ids, dtype=np.int64).astype(np.uint8).tobytes()
+
+
+def _utf8_lengths(codepoints: np.ndarray) -> np.ndarray:
+    return (1 + (codepoints >= 0x80) + (codepoints >= 0x800) + (codepoints >= 0x10000)).astype(np.uint8)
+
+
+class CharTokenizer(Tokenizer):
+    """Token = Unicode character of the training split's alphabet (sorted by code point).
+
+    ``unk`` is added only when valid/test hold characters that train does not, ``eod`` only when
+    the corpus has more than one document, so tinyshakespeare gets exactly its 65 symbols.
+    """
+
+    kind = "char"
+
+    def __init__(self, symbols: list[str], eod: bool = False, unk: bool = False):
+        self.symbols = sorted(symbols)
+        self._codepoints = np.array([ord(c) for c in self.symbols], dtype=np.int64)
+        n = len(self.symbols)
+        self.eod_id = n if eod else None
+        self.unk_id = n + int(eod) if unk else None
+        self.vocab_size = n + int(eod) + int(unk)
+        # Decoding table: symbol bytes per id; special ids decode to nothing (unk to U+FFFD).
+        self._pieces = (
+            [c.encode("utf-8") for c in self.symbols] + [b""] * int(eod) + ["\ufffd".encode()] * int(unk)
+        )
+
+    def encode(self, text):
+        if isinstance(text, (bytes, bytearray, memoryview)):
+            text = bytes(text).decode("utf-8")
+        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        ids = np.searchsorted(self._codepoints, cps)
+        ids = np.minimum(ids, len(self.symbols) - 1)
+        unknown = self._codepoints[ids] != cps
+        if unknown.any():
+            if self.unk_id is None:
+                bad = chr(int(cps[np.argmax(unknown)]))
+                raise PipelineError(f"character {bad!r} (U+{ord(bad):04X}) is not in the char vocabulary")
+            ids[unknown] = self.unk_id
+        return ids, _utf8_lengths(cps)
+
+    def decode(self, ids):
+        return b"".join(self._pieces[int(i)] for i in ids)
+
+    def special_ids(self):
+        return {"eod": self.eod_id, "unk": self.unk_id}
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "symbols": "".join(self.symbols),
+                "eod": self.eod_id is not None,
+                "unk": self.unk_id is not None,
+            },
+            ensure_ascii=False,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> CharTokenizer:
+        d = json.loads(text)
+        return cls(list(d["symbols"]), eod=d["eod"], unk=d["unk"])
+
+    def files(self):
+        return {CHAR_VOCAB_FILE: self.to_json().encode("utf-8")}
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model; the end-of-document id is its ``</s>``."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self.sp.get_piece_size()
+        eos = self.sp.eos_id()
+        self.eod_id = eos if eos >= 0 else None
+        lengths = np.zeros(self.vocab_size, dtype=np.uint8)
+        for i in range(self.vocab_size):
+            if self.sp.is_byte(i):
+                lengths[i] = 1
+            elif self.sp.is_control(i) or self.sp.is_unknown(i):
+                lengths[i] = 0
+            else:
+                lengths[i] = len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        self._lengths = lengths
+
+    def encode(self, text):
+        if isinstance(text, (bytes, bytearray, memoryview)):
+            text = bytes(text).decode("utf-8")
+        ids = np.asarray(self.sp.encode(text), dtype=np.int64)
+        lengths = self._lengths[ids]
+        if int(lengths.sum(dtype=np.int64)) != len(text.encode("utf-8")):
+            # A literal U+2581 or an unknown piece: take exact spans from sentencepiece's proto.
+            proto = self.sp.encode(text, out_type="proto")
+            lengths = np.array([p.end - p.begin for p in proto.pieces], dtype=np.int64).astype(np.uint8)
+        return ids, lengths
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids if int(i) != self.eod_id]
+        return self.sp.decode(ids).encode("utf-8")
+
+    def special_ids(self):
+        return {"eod": self.eod_id, "unk": self.sp.unk_id()}
+
+    def files(self):
+        return {SPM_MODEL_FILE: self.model_proto}
+
+
+def train_sentencepiece(
+    sentences: Iterable[str],
+    *,
+    vocab_size: int,
+    model_type: str,
+    byte_fallback: bool,
+    character_coverage: float,
+    threads: int,
+) -> bytes:
+    """Train a sentencepiece model on ``sentences`` (one line each); returns the model file's bytes.
+
+    Deterministic for the same sentences and ``threads``. Raises :class:`PipelineError` where the
+    sample is too small for ``vocab_size``.
+    """
+    out = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=out,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            character_coverage=character_coverage,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            unk_id=0,
+            bos_id=-1,
+            eos_id=1,
+            pad_id=-1,
+            unk_surface="\ufffd",
+            max_sentence_length=1 << 16,
+            input_sentence_size=0,
+            num_threads=threads,
+            minloglevel=2,
+            hard_vocab_limit=True,
+        )
+    except RuntimeError as e:
+        raise PipelineError(
+            f"sentencepiece training failed: {e} (try a smaller tokenizer.vocab_size "
+            "or a larger tokenizer.train_sample_mb)"
+        ) from e
+    return out.getvalue()
+
+
+def tokenizer_from_manifest(manifest: dict[str, Any], read_file) -> Tokenizer:
+    """The tokenizer a dataset's manifest describes; ``read_file(relpath) -> bytes`` reads its files."""
+    t = manifest["tokenizer"]
+    if t["kind"] == "bytes":
+        return ByteTokenizer()
+    if t["kind"] == "char":
+        return CharTokenizer.from_json(read_file(t["model_file"]).decode("utf-8"))
+    if t["kind"] == "sentencepiece":
+        return SentencePieceTokenizer(read_file(t["model_file"]))
+    raise PipelineError(f"unknown tokenizer kind {t['kind']!r} in manifest")
+
+
+def load_tokenizer_file(kind: str, data: bytes) -> Tokenizer:
+    """A char vocabulary (JSON) or sentencepiece model given by ``tokenizer.model``."""
+    if kind == "char":
+        try:
+            return CharTokenizer.from_json(data.decode("utf-8"))
+        except (ValueError, KeyError) as e:
+            raise PipelineError(f"tokenizer.model is not a char vocabulary JSON file: {e}") from e
+    try:
+        return SentencePieceTokenizer(data)
+    except RuntimeError as e:
+        raise PipelineError(f"tokenizer.model is not a sentencepiece model: {e}") from e
