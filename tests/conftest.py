@@ -57,3 +57,8 @@ def read_split(root: Path, split: str):
         arrays.append(tokens)
         metas.append(meta)
     return np.concatenate(arrays), metas
+
+
+def prepare(config, out, *overrides: str, executor: str = "inline") -> int:
+    """``rnnpipe prepare CONFIG output=OUT OVERRIDES --executor EXECUTOR``; returns its exit status."""
+    return rnnpipe("prepare", config, f"output={out}", *overrides, "--executor", executor)

@@ -8,7 +8,7 @@ from launch.cli import PrepareJob
 from pipeline.config import load_config, to_yaml
 from pipeline.data.config import SourceKind, TokenizerKind
 from pipeline.errors import ConfigError
-from tests.conftest import REPO, rnnpipe
+from tests.conftest import REPO, prepare
 
 CONFIG = REPO / "configs" / "prepare" / "wikipedia.yaml"
 
@@ -101,15 +101,15 @@ def test_value_checks_run_after_loading():
 
 def test_cli_exits_2_on_config_error_before_any_work(tmp_path, capsys):
     out = tmp_path / "never"
-    assert rnnpipe("prepare", CONFIG, f"output={out}", "tokenizer.vocab_sise=10") == 2
+    assert prepare(CONFIG, out, "tokenizer.vocab_sise=10", executor="local") == 2
     assert "unknown config key 'tokenizer.vocab_sise'" in capsys.readouterr().err
     assert not out.exists()
-    assert rnnpipe("prepare", CONFIG, f"output={out}", "shards.sample_tokens=x") == 2
+    assert prepare(CONFIG, out, "shards.sample_tokens=x", executor="local") == 2
     assert not out.exists()
 
 
 def test_print_config_shows_overrides(capsys):
-    assert rnnpipe("prepare", CONFIG, "--print-config", "tokenizer.vocab_size=77", "output=/o") == 0
+    assert prepare(CONFIG, "/o", "--print-config", "tokenizer.vocab_size=77", executor="local") == 0
     text = capsys.readouterr().out
     assert "vocab_size: 77" in text and "output: /o" in text and "executor:" in text
 

@@ -10,15 +10,15 @@ import zipfile
 
 import pytest
 
-from tests.conftest import REPO, rnnpipe
+from tests.conftest import REPO, prepare, rnnpipe
 
 TEXT = REPO / "configs" / "prepare" / "tinyshakespeare.yaml"
 ENWIK8 = REPO / "configs" / "prepare" / "enwik8-head.yaml"
 WIKI = REPO / "configs" / "prepare" / "wikipedia.yaml"
 
 
-def run_fails(capsys, out, *args) -> str:
-    assert rnnpipe("prepare", *args, f"output={out}", "--executor", "inline") == 1
+def run_fails(capsys, out, config, *overrides) -> str:
+    assert prepare(config, out, *overrides) == 1
     assert not (out / "manifest.json").exists()
     return capsys.readouterr().err
 
@@ -60,11 +60,9 @@ def test_chained_zip_over_http_reads_like_the_local_file(tmp_path, http_dir, enw
         z.write(enwik8_head, "enwik8")
     local, remote = tmp_path / "local", tmp_path / "remote"
     common = ["shards.samples_per_shard=20", "--executor", "inline"]
-    assert rnnpipe("prepare", ENWIK8, f"output={local}", f"source.paths=[{enwik8_head}]", *common) == 0
+    assert prepare(ENWIK8, local, f"source.paths=[{enwik8_head}]", *common, executor="local") == 0
     assert (
-        rnnpipe(
-            "prepare", ENWIK8, f"output={remote}", f"source.paths=[zip://enwik8::{base}/enwik8.zip]", *common
-        )
+        prepare(ENWIK8, remote, f"source.paths=[zip://enwik8::{base}/enwik8.zip]", *common, executor="local")
         == 0
     )
     for shard in sorted(local.glob("*/*.tar")):
@@ -101,47 +99,18 @@ def test_vocabulary_too_large_for_dtype(tmp_path, capsys):
 
 def test_output_holding_a_different_dataset(tmp_path, capsys, shakespeare):
     out = tmp_path / "d"
-    assert (
-        rnnpipe("prepare", TEXT, f"output={out}", f"source.paths=[{shakespeare}]", "--executor", "inline")
-        == 0
-    )
+    assert prepare(TEXT, out, f"source.paths=[{shakespeare}]") == 0
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
-    assert (
-        rnnpipe(
-            "prepare",
-            TEXT,
-            f"output={out}",
-            f"source.paths=[{shakespeare}]",
-            "tokenizer.kind=bytes",
-            "--executor",
-            "inline",
-        )
-        == 1
-    )
+    assert prepare(TEXT, out, f"source.paths=[{shakespeare}]", "tokenizer.kind=bytes") == 1
     err = capsys.readouterr().err
     assert f"output {out} already holds a different dataset" in err and "overwrite=true" in err
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
     assert after == before  # nothing lost
     # The same config again: nothing to do.
-    assert (
-        rnnpipe("prepare", TEXT, f"output={out}", f"source.paths=[{shakespeare}]", "--executor", "inline")
-        == 0
-    )
+    assert prepare(TEXT, out, f"source.paths=[{shakespeare}]") == 0
     # overwrite=true replaces it.
-    assert (
-        rnnpipe(
-            "prepare",
-            TEXT,
-            f"output={out}",
-            f"source.paths=[{shakespeare}]",
-            "tokenizer.kind=bytes",
-            "overwrite=true",
-            "--executor",
-            "inline",
-        )
-        == 0
-    )
+    assert prepare(TEXT, out, f"source.paths=[{shakespeare}]", "tokenizer.kind=bytes", "overwrite=true") == 0
     assert '"kind": "bytes"' in (out / "manifest.json").read_text()
 
 

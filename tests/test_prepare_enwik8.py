@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.data.sources import ENWIK8_SHA256
-from tests.conftest import REPO, read_split, rnnpipe
+from tests.conftest import REPO, prepare, read_split, rnnpipe
 
 CONFIG = REPO / "configs" / "prepare" / "enwik8-head.yaml"
 
@@ -25,16 +25,13 @@ def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("enwik8") / "data"
     # Small samples and shards so that every split spans several of each.
     assert (
-        rnnpipe(
-            "prepare",
+        prepare(
             CONFIG,
-            f"output={out}",
+            out,
             f"source.paths=[{src}]",
             "shards.sample_tokens=20000",
             "shards.samples_per_shard=7",
             "source.unit_mb=0.5",
-            "--executor",
-            "inline",
         )
         == 0
     )
@@ -134,7 +131,7 @@ def test_full_size_enwik8_with_wrong_checksum_is_refused(tmp_path, capsys):
     with open(fake, "wb") as f:
         f.truncate(100_000_000)  # enwik8's length, not its bytes
     out = tmp_path / "out"
-    assert rnnpipe("prepare", CONFIG, f"output={out}", f"source.paths=[{fake}]", "--executor", "inline") == 1
+    assert prepare(CONFIG, out, f"source.paths=[{fake}]") == 1
     err = capsys.readouterr().err
     assert ENWIK8_SHA256 in err and "corrupt" in err and str(fake) in err
     assert not (out / "manifest.json").exists()
@@ -144,15 +141,15 @@ def test_local_and_inline_executors_write_identical_shards(dataset, tmp_path):
     src, out = dataset
     other = tmp_path / "local"
     assert (
-        rnnpipe(
-            "prepare",
+        prepare(
             CONFIG,
-            f"output={other}",
+            other,
             f"source.paths=[{src}]",
             "shards.sample_tokens=20000",
             "shards.samples_per_shard=7",
             "source.unit_mb=0.3",
             "executor.workers=2",
+            executor="local",
         )
         == 0
     )

@@ -8,14 +8,14 @@ import json
 import numpy as np
 
 from pipeline.data.manifest import load_tokenizer
-from tests.conftest import REPO, read_split, rnnpipe
+from tests.conftest import REPO, prepare, read_split, rnnpipe
 
 SHAKESPEARE = REPO / "configs" / "prepare" / "tinyshakespeare.yaml"
 
 
 def test_tinyshakespeare_char_vocabulary_is_65_symbols(shakespeare, tmp_path):
     out = tmp_path / "d"
-    assert rnnpipe("prepare", SHAKESPEARE, f"output={out}", f"source.paths=[{shakespeare}]") == 0
+    assert prepare(SHAKESPEARE, out, f"source.paths=[{shakespeare}]", executor="local") == 0
     manifest = json.loads((out / "manifest.json").read_text())
     text = shakespeare.read_text("utf-8")
     assert manifest["tokenizer"]["vocab_size"] == 65 == len(set(text))
@@ -41,17 +41,14 @@ def test_jsonl_documents_hash_split_with_end_of_document_ids(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", texts[250:])
     out = tmp_path / "d"
     assert (
-        rnnpipe(
-            "prepare",
+        prepare(
             SHAKESPEARE,
-            f"output={out}",
+            out,
             f"source.paths=[{tmp_path}/*.jsonl]",
             "source.split=hash",
             "source.valid_fraction=0.1",
             "source.test_fraction=0.1",
             "source.unit_mb=0.004",
-            "--executor",
-            "inline",
         )
         == 0
     )
@@ -80,16 +77,13 @@ def test_line_documents_and_explicit_split_files_with_gzip(tmp_path):
     (tmp_path / "test.txt").write_text("test line\n")
     out = tmp_path / "d"
     assert (
-        rnnpipe(
-            "prepare",
+        prepare(
             SHAKESPEARE,
-            f"output={out}",
+            out,
             f"source.paths=[{train}]",
             f"source.valid_paths=[{tmp_path}/valid.txt.gz]",
             f"source.test_paths=[{tmp_path}/test.txt]",
             "source.document=line",
-            "--executor",
-            "inline",
         )
         == 0
     )
@@ -105,22 +99,14 @@ def test_line_documents_and_explicit_split_files_with_gzip(tmp_path):
 
 def test_limit_bytes_and_reused_tokenizer(shakespeare, tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
+    assert prepare(SHAKESPEARE, first, f"source.paths=[{shakespeare}]") == 0
     assert (
-        rnnpipe(
-            "prepare", SHAKESPEARE, f"output={first}", f"source.paths=[{shakespeare}]", "--executor", "inline"
-        )
-        == 0
-    )
-    assert (
-        rnnpipe(
-            "prepare",
+        prepare(
             SHAKESPEARE,
-            f"output={second}",
+            second,
             f"source.paths=[{shakespeare}]",
             "source.limit_bytes=100000",
             f"tokenizer.model={first}/tokenizer/char_vocab.json",
-            "--executor",
-            "inline",
         )
         == 0
     )
@@ -136,17 +122,7 @@ def test_limit_bytes_and_reused_tokenizer(shakespeare, tmp_path):
 def test_invalid_utf8_names_file_and_offset(tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine text\n" * 10 + b"broken \xff byte\n")
-    assert (
-        rnnpipe(
-            "prepare",
-            SHAKESPEARE,
-            f"output={tmp_path / 'd'}",
-            f"source.paths=[{bad}]",
-            "--executor",
-            "inline",
-        )
-        == 1
-    )
+    assert prepare(SHAKESPEARE, tmp_path / "d", f"source.paths=[{bad}]") == 1
     err = capsys.readouterr().err
     assert str(bad) in err and "invalid UTF-8 at byte 107" in err
     assert not (tmp_path / "d" / "manifest.json").exists()
@@ -157,23 +133,8 @@ def test_output_on_a_non_local_filesystem(shakespeare, tmp_path):
     import fsspec
 
     local = tmp_path / "local"
-    assert (
-        rnnpipe(
-            "prepare", SHAKESPEARE, f"output={local}", f"source.paths=[{shakespeare}]", "--executor", "inline"
-        )
-        == 0
-    )
-    assert (
-        rnnpipe(
-            "prepare",
-            SHAKESPEARE,
-            "output=memory://rnnpipe-test/ds",
-            f"source.paths=[{shakespeare}]",
-            "--executor",
-            "inline",
-        )
-        == 0
-    )
+    assert prepare(SHAKESPEARE, local, f"source.paths=[{shakespeare}]") == 0
+    assert prepare(SHAKESPEARE, "memory://rnnpipe-test/ds", f"source.paths=[{shakespeare}]") == 0
     assert rnnpipe("verify", "memory://rnnpipe-test/ds") == 0
     fs = fsspec.filesystem("memory")
     assert not fs.exists("/rnnpipe-test/ds/.work")

@@ -14,7 +14,7 @@ from pipeline.data.manifest import load_tokenizer
 from pipeline.data.sources import split_of
 from pipeline.data.wikipedia import inspect_dump, iter_pages, link_drop_prefixes
 from pipeline.data.wikitext import wikitext_to_text
-from tests.conftest import REPO, data_file, read_split, rnnpipe
+from tests.conftest import REPO, data_file, prepare, read_split
 
 CONFIG = REPO / "configs" / "prepare" / "wikipedia.yaml"
 DUMP = "wikipedia-xml/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -56,14 +56,14 @@ def dataset(tmp_path_factory):
     dump = data_file(DUMP)
     out = tmp_path_factory.mktemp("wiki") / "data"
     assert (
-        rnnpipe(
-            "prepare",
+        prepare(
             CONFIG,
-            f"output={out}",
+            out,
             f"source.paths=[{dump}]",
             "tokenizer.vocab_size=2000",
             "shards.sample_tokens=8192",
             "shards.samples_per_shard=8",
+            executor="local",
         )
         == 0
     )
@@ -152,11 +152,8 @@ def test_multistream_dump_gives_identical_shards(dataset, tmp_path):
     multi.write_bytes(b"".join(bz2.compress(g) for g in groups))
     a, b = tmp_path / "a", tmp_path / "b"
     common = ["tokenizer.kind=char", "shards.sample_tokens=50000", "--executor", "inline"]
-    assert rnnpipe("prepare", CONFIG, f"output={a}", f"source.paths=[{dump}]", *common) == 0
-    assert (
-        rnnpipe("prepare", CONFIG, f"output={b}", f"source.paths=[{multi}]", "source.unit_mb=0.1", *common)
-        == 0
-    )
+    assert prepare(CONFIG, a, f"source.paths=[{dump}]", *common, executor="local") == 0
+    assert prepare(CONFIG, b, f"source.paths=[{multi}]", "source.unit_mb=0.1", *common, executor="local") == 0
     plan_units = json.loads((b / "manifest.json").read_text())
     assert (
         plan_units["splits"]["train"]["documents"]
@@ -177,19 +174,7 @@ def test_schema_0_3_plain_xml_dump_without_ns_elements(tmp_path):
     namespaces = dict(re.findall(r'<namespace key="(-?\d+)">([^<]*)</namespace>', xml))
     expected = count_articles(xml, namespaces)
     out = tmp_path / "d"
-    assert (
-        rnnpipe(
-            "prepare",
-            CONFIG,
-            f"output={out}",
-            f"source.paths=[{head}]",
-            "tokenizer.kind=bytes",
-            "source.unit_mb=0.5",
-            "--executor",
-            "inline",
-        )
-        == 0
-    )
+    assert prepare(CONFIG, out, f"source.paths=[{head}]", "tokenizer.kind=bytes", "source.unit_mb=0.5") == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert sum(s["documents"] for s in manifest["splits"].values()) == expected == 248
     assert manifest["source"]["stats"]["pages"] == 491

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, rnnpipe
+from tests.conftest import REPO, prepare, rnnpipe
 
 CONFIG = REPO / "configs" / "prepare" / "enwik8-head.yaml"
 # Many small units and shards, so that a kill lands in the middle of a stage.
@@ -95,12 +95,7 @@ def test_kill_9_then_rerun_gives_identical_shards(tmp_path, enwik8_head, referen
 
 def test_verify_catches_a_truncated_shard(tmp_path, enwik8_head, capsys):
     out = tmp_path / "data"
-    assert (
-        rnnpipe(
-            "prepare", CONFIG, f"output={out}", f"source.paths=[{enwik8_head}]", *ARGS, "--executor", "inline"
-        )
-        == 0
-    )
+    assert prepare(CONFIG, out, f"source.paths=[{enwik8_head}]", *ARGS) == 0
     shard = out / "train" / "train-000003.tar"
     size = shard.stat().st_size
     with open(shard, "r+b") as f:
@@ -113,11 +108,6 @@ def test_verify_catches_a_truncated_shard(tmp_path, enwik8_head, capsys):
     assert "truncated or corrupt" in err or "holds 1 samples" in err
     assert "train-000002" not in err and "train-000004" not in err  # only the damaged one is named
     # A damaged shard is rebuilt by running prepare again.
-    assert (
-        rnnpipe(
-            "prepare", CONFIG, f"output={out}", f"source.paths=[{enwik8_head}]", *ARGS, "--executor", "inline"
-        )
-        == 0
-    )
+    assert prepare(CONFIG, out, f"source.paths=[{enwik8_head}]", *ARGS) == 0
     assert rnnpipe("verify", out) == 0
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"][3]["size"] == size

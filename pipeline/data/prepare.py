@@ -113,9 +113,9 @@ def prepare(cfg: PrepareConfig, executor: TaskMapper, config_yaml: str = "") -> 
         for k in range(layout["splits"][split]["shards"])
     ]
     itemsize = {"uint8": 1, "uint16": 2, "uint32": 4}[dtype]
+    per_shard = layout["samples_per_shard"] * layout["sample_tokens"]  # tokens in a full shard
     sizes = [
-        min(layout["samples_per_shard"] * layout["sample_tokens"], layout["splits"][t.split]["tokens"])
-        * itemsize
+        max(1, min(per_shard, layout["splits"][t.split]["tokens"] - t.shard * per_shard)) * itemsize
         for t in tasks
     ]
     records = executor.map(pack_shard, tasks, name="pack", weights=sizes)
