@@ -111,3 +111,41 @@ def test_verify_catches_a_truncated_shard(tmp_path, enwik8_head, capsys):
     assert prepare(CONFIG, out, f"source.paths=[{enwik8_head}]", *ARGS) == 0
     assert rnnpipe("verify", out) == 0
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"][3]["size"] == size
+
+
+def test_kill_after_fitting_reuses_the_tokenizer(tmp_path, shakespeare):
+    """Training sentencepiece can take long: a re-run after a kill must not train it again."""
+    config = REPO / "configs" / "prepare" / "tinyshakespeare.yaml"
+    args = [
+        f"source.paths=[{shakespeare}]",
+        "tokenizer.kind=sentencepiece",
+        "tokenizer.vocab_size=500",
+        "source.unit_mb=0.02",
+        "shards.sample_tokens=2048",
+        "shards.samples_per_shard=2",
+    ]
+    env = {**os.environ, "RNNPIPE_PROGRESS": "0"}
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    base = [sys.executable, "-m", "launch", "prepare", str(config)]
+    subprocess.run(
+        [*base, f"output={ref}", *args, "--executor", "inline"], check=True, env=env, capture_output=True
+    )
+    proc = subprocess.Popen(
+        [*base, f"output={out}", *args, "executor.workers=2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while not (out / ".work" / "tokenizer" / "fit.json").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    rerun = subprocess.run([*base, f"output={out}", *args], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "reusing the one fitted by an earlier run (tokenizer/spm.model)" in rerun.stderr
+    assert shard_hashes(out) == shard_hashes(ref)
+    assert (out / "tokenizer" / "spm.model").read_bytes() == (ref / "tokenizer" / "spm.model").read_bytes()

@@ -86,11 +86,7 @@ def prepare(cfg: PrepareConfig, executor: TaskMapper, config_yaml: str = "") -> 
             extract_unit, [UnitTask(work, u, cfg) for u in units], name="extract", weights=weights
         )
         _check_splits(plan, {s for st in stats for s, v in st["splits"].items() if v["pieces"]}, cfg)
-        fit = FitTask(work, cfg, stats)
-        train_bytes = sum(st["splits"].get("train", {}).get("bytes", 0) for st in stats)
-        (tok_files,) = executor.map(
-            fit_tokenizer, [fit], name="fit " + cfg.tokenizer.kind.value, weights=[max(1, train_bytes)]
-        )
+        tok_files = _fit(cfg, work, stats, executor)
         extracted = True
     tok = make_tokenizer(cfg.tokenizer.kind, tok_files)
     dtype = _dtype(cfg.shards.dtype, tok.vocab_size, cfg.tokenizer.kind.value)
@@ -137,6 +133,28 @@ def prepare(cfg: PrepareConfig, executor: TaskMapper, config_yaml: str = "") -> 
         ),
     )
     return manifest
+
+
+def _fit(
+    cfg: PrepareConfig, work: str, stats: list[dict[str, Any]], executor: TaskMapper
+) -> dict[str, bytes]:
+    """Fit the tokenizer once: its files are kept in the work dir for a re-run after a kill."""
+    marker = fsio.join(work, "tokenizer", "fit.json")
+    if fsio.exists(marker):
+        names = json.loads(fsio.read_text(marker))["files"]
+        log.info("tokenizer: reusing the one fitted by an earlier run (%s)", ", ".join(names))
+        return {name: fsio.read_bytes(fsio.join(work, name)) for name in names}
+    train_bytes = sum(st["splits"].get("train", {}).get("bytes", 0) for st in stats)
+    (files,) = executor.map(
+        fit_tokenizer,
+        [FitTask(work, cfg, stats)],
+        name="fit " + cfg.tokenizer.kind.value,
+        weights=[max(1, train_bytes)],
+    )
+    for name, data in files.items():
+        fsio.write_bytes_atomic(fsio.join(work, name), data)
+    fsio.write_text_atomic(marker, json.dumps({"files": sorted(files)}))
+    return files
 
 
 def _guard_output(root: str, work: str, fp: str, overwrite: bool) -> dict[str, Any] | None:

@@ -225,7 +225,8 @@ def make_tokenizer(kind: TokenizerKind, files: dict[str, bytes] | None) -> Token
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_tokenizer(kind: TokenizerKind, key: str, files: tuple[tuple[str, bytes], ...]) -> Tokenizer:
+def _cached_tokenizer(kind: TokenizerKind, files: tuple[tuple[str, bytes], ...]) -> Tokenizer:
+    """One tokenizer per worker process, not one per task (loading sentencepiece takes time)."""
     return make_tokenizer(kind, dict(files) if files else None)
 
 
@@ -236,7 +237,7 @@ def encode_unit(task: EncodeTask, report: Report) -> dict[str, Any]:
     if done is not None:
         return done
     files = tuple(sorted((task.tokenizer_files or {}).items()))
-    tok = _cached_tokenizer(task.cfg.tokenizer.kind, hashlib.sha256(repr(files).encode()).hexdigest(), files)
+    tok = _cached_tokenizer(task.cfg.tokenizer.kind, files)
     plan = load_plan(task.work)
     source_stats: dict[str, int] = {}
     if task.extracted:
