@@ -6,8 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch.cli import main
+
+# Without a GPU, the Triton kernels run in Triton's interpreter (it must be set before they load).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RNNPIPE_DATA", REPO.parent / "shared" / "data")).resolve()

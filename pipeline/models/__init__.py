@@ -1,4 +1,13 @@
-"""Recurrent language models: LRN, oLRN, minGRU, minLSTM, SRU, ATR, LSTM, GRU, attention.
+"""Recurrent language models: LRN, oLRN, minGRU, minLSTM, SRU, ATR, LSTM, GRU and attention.
 
-Not built yet (the model zoo issue). Models will know nothing of DeepSpeed or Slurm.
+``LanguageModel(ModelConfig(...), vocab_size)`` maps tokens and a state to logits and the next
+state; :mod:`pipeline.models.flops` counts its parameters and FLOPs per token. Models know nothing
+of DeepSpeed or Slurm. Equations, formulas and speeds: docs/models.md.
 """
+
+from pipeline.models.config import MixerKind, ModelConfig, NormKind
+from pipeline.models.flops import flops_per_token, model_params, training_flops_per_token
+from pipeline.models.lm import LanguageModel
+
+__all__ = ["LanguageModel", "MixerKind", "ModelConfig", "NormKind", "flops_per_token", "model_params",
+           "training_flops_per_token"]

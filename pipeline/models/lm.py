@@ -1,0 +1,135 @@
+"""The language model: embedding → pre-norm residual blocks → norm → output layer.
+
+``model(tokens_BT, state=None) -> (logits_BTV, state)``; the state is a list with one entry per
+layer (see the mixers), so long streams are fed in segments. Knows nothing of DeepSpeed or Slurm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.models.attention import Attention
+from pipeline.models.config import MixerKind, ModelConfig, NormKind
+from pipeline.models.mixers import ATR, GRU, LRN, LSTM, OLRN, SRU, MinGRU, MinLSTM, Mixer, State
+
+_RECURRENT = {
+    MixerKind.lrn: LRN,
+    MixerKind.olrn: OLRN,
+    MixerKind.mingru: MinGRU,
+    MixerKind.minlstm: MinLSTM,
+    MixerKind.sru: SRU,
+    MixerKind.atr: ATR,
+    MixerKind.lstm: LSTM,
+    MixerKind.gru: GRU,
+}
+
+
+def make_mixer(kind: MixerKind, cfg: ModelConfig) -> Mixer:
+    if kind is MixerKind.attention:
+        return Attention(cfg.d_model, cfg.n_heads, cfg.rope_base)
+    return _RECURRENT[kind](cfg.d_model)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return nn.LayerNorm(cfg.d_model) if cfg.norm is NormKind.layernorm else nn.RMSNorm(cfg.d_model)
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)), then x + mlp(norm(x)) when the config has an MLP."""
+
+    def __init__(self, kind: MixerKind, cfg: ModelConfig):
+        super().__init__()
+        self.kind = kind
+        self.norm1 = make_norm(cfg)
+        self.mixer = make_mixer(kind, cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        hidden = round(cfg.mlp_ratio * cfg.d_model)
+        self.mlp = None
+        if hidden:
+            self.norm2 = make_norm(cfg)
+            self.mlp = nn.Sequential(
+                nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model)
+            )
+
+    def forward(self, x_BTD: Tensor, state: State = None) -> tuple[Tensor, State]:
+        y, state = self.mixer(self.norm1(x_BTD), state)
+        x_BTD = x_BTD + self.drop(y)
+        if self.mlp is not None:
+            x_BTD = x_BTD + self.drop(self.mlp(self.norm2(x_BTD)))
+        return x_BTD, state
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int | None = None):
+        super().__init__()
+        vocab = vocab_size or cfg.vocab_size
+        if vocab < 1:
+            raise ValueError("the vocabulary size comes from the dataset's manifest: pass vocab_size")
+        self.cfg = cfg
+        self.vocab_size = vocab
+        self.kinds = cfg.layer_kinds()
+        self.embed = nn.Embedding(vocab, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.share_layers:  # one block per mixer kind, reused; every layer keeps its own state
+            unique = list(dict.fromkeys(self.kinds))
+            self.blocks = nn.ModuleList(Block(kind, cfg) for kind in unique)
+            self.block_of_layer = [unique.index(kind) for kind in self.kinds]
+        else:
+            self.blocks = nn.ModuleList(Block(kind, cfg) for kind in self.kinds)
+            self.block_of_layer = list(range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.head = nn.Linear(cfg.d_model, vocab, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def init_state(self, batch: int, device: torch.device | None = None) -> list[State]:
+        """The zero state of every layer."""
+        return [self.blocks[b].mixer.init_state(batch, device) for b in self.block_of_layer]
+
+    def forward(self, tokens_BT: Tensor, state: list[State] | None = None) -> tuple[Tensor, list[State]]:
+        """Logits [B, T, V] for the next token at every position, and the state after the last."""
+        x_BTD = self.drop(self.embed(tokens_BT))
+        new_state: list[State] = []
+        for layer, b in enumerate(self.block_of_layer):
+            x_BTD, s = self.blocks[b](x_BTD, None if state is None else state[layer])
+            new_state.append(s)
+        return self.head(self.norm(x_BTD)), new_state
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,
+        n: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        state: list[State] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample ``n`` tokens after ``prompt`` [B, P] (or [P]); returns the new tokens [B, n].
+
+        The prompt is read once; then each token costs one step with the carried state (O(1)
+        memory per token for the recurrent mixers; attention layers grow their KV cache).
+        ``temperature=0`` takes the most likely token; ``top_k`` > 0 samples from the k likeliest.
+        """
+        tokens = prompt[None] if prompt.dim() == 1 else prompt
+        logits, state = self(tokens, state)
+        out = []
+        for _ in range(n):
+            last = logits[:, -1].float()
+            if temperature == 0:
+                nxt = last.argmax(-1, keepdim=True)
+            else:
+                last = last / temperature
+                if top_k:
+                    kth = last.topk(min(top_k, last.shape[-1]), dim=-1).values[:, -1:]
+                    last = last.masked_fill(last < kth, float("-inf"))
+                nxt = torch.multinomial(last.softmax(-1), 1, generator=generator)
+            out.append(nxt)
+            logits, state = self(nxt, state)
+        return torch.cat(out, dim=1)
+
+    def num_params(self) -> int:
+        """Distinct parameters (a tied or shared matrix counts once)."""
+        return sum(p.numel() for p in self.parameters())
