@@ -14,6 +14,7 @@ Three tables (CPU always; on a GPU the kernels are the Triton ones, on CPU the r
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import statistics
@@ -109,7 +110,22 @@ def kernel_rows(shapes, repeats: int) -> list[str]:
             # Least bytes: scan fwd reads a, b, writes h; bwd reads a, h, dh, writes da, db (8 × n).
             # LRN fwd reads q, k, v, writes h; bwd reads q, k, v, h, dh, writes dq, dk, dv (12 × n).
             steps = [("linear_scan", scan_step, 8), ("lrn_recurrence", lrn_step, 12)]
-            if dev.type == "cuda":
+            if dev.type == "cuda":  # the same ops on the PyTorch reference, on the same tensors
+
+                def on_reference(step):
+                    def run():
+                        os.environ["RNNPIPE_KERNELS"] = "reference"
+                        try:
+                            step()
+                        finally:
+                            os.environ.pop("RNNPIPE_KERNELS")
+
+                    return run
+
+                steps += [
+                    ("linear_scan (reference)", on_reference(scan_step), 8),
+                    ("lrn_recurrence (reference)", on_reference(lrn_step), 12),
+                ]
                 for name, fn in peer_scans(a, b).items():
 
                     def peer_step(fn=fn):
