@@ -22,6 +22,15 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/rnnpipe prepare configs/demo.yaml output=$(DEMO_OUT)/data "source.paths=[$(DEMO_INPUT)]"
 	$(BIN)/rnnpipe verify $(DEMO_OUT)/data
+	$(BIN)/rnnpipe pretrain configs/pretrain/tiny-lrn.yaml run_dir=$(DEMO_OUT)/pretrain \
+		data.path=$(DEMO_OUT)/data distributed.nproc=2 train.zero_stage=2
+	$(BIN)/rnnpipe export $(DEMO_OUT)/pretrain $(DEMO_OUT)/model
+	@if [ -d "$(DATA)/sst2" ] && [ -d "$(DATA)/conll2003" ] && [ -d "$(DATA)/ptb" ]; then \
+		$(BIN)/rnnpipe finetune configs/finetune/demo.yaml out_dir=$(DEMO_OUT)/finetune \
+			pretrained=$(DEMO_OUT)/model data_root=$(DATA); \
+	else \
+		echo "finetune skipped: it needs SST-2, CoNLL-2003 and PTB in $(DATA) (DATA=...)"; \
+	fi
 
 test: install
 	$(BIN)/ruff check .

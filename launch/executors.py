@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import submitit
 from tqdm import tqdm
 
 from pipeline.errors import ConfigError, PipelineError
@@ -43,6 +44,7 @@ class SlurmConfig:
     qos: str = ""
     constraint: str = ""
     cpus_per_task: int = 4
+    gpus_per_node: int = 0
     mem_gb: float = 16.0
     time_min: int = 120
     array_parallelism: int = 256  # array tasks running at once
@@ -50,6 +52,7 @@ class SlurmConfig:
     extra: dict[str, str] = field(default_factory=dict)  # more sbatch options: {mail-type: FAIL}
     setup: list[str] = field(default_factory=list)  # shell lines run first (module load ...)
     log_dir: str = ""  # submitit's folder; "" = <work dir>/slurm
+    max_requeues: int = 3  # checkpointable tasks (fine-tune jobs): requeues on preemption or timeout
     poll_s: float = 5.0
 
     def validate(self) -> None:
@@ -95,16 +98,16 @@ def _error_text(exc: BaseException) -> str:
 class _Progress:
     """A byte-weighted tqdm bar that shows MB/s and ETA; quiet when RNNPIPE_PROGRESS=0."""
 
-    def __init__(self, name: str, weights: Sequence[int]):
+    def __init__(self, name: str, weights: Sequence[int] | None, n: int):
         tty = sys.stderr.isatty()
         disable = os.environ.get("RNNPIPE_PROGRESS", "1") == "0"
-        self.weights = list(weights)
+        self.weights = list(weights) if weights else [1] * n  # unweighted: count tasks
         self.done = [0] * len(self.weights)
         self.bar = tqdm(
             total=sum(self.weights),
             desc=name,
-            unit="B",
-            unit_scale=True,
+            unit="B" if weights else "task",
+            unit_scale=bool(weights),
             disable=disable,
             mininterval=0.5 if tty else 30.0,
             file=sys.stderr,
@@ -145,7 +148,7 @@ class InlineExecutor(Executor):
     """Runs tasks one after another in this process (debugging, tests, tiny inputs)."""
 
     def map(self, fn, items, *, name, weights=None):
-        progress = _Progress(name, weights or [1] * len(items))
+        progress = _Progress(name, weights, len(items))
         results: list[Any] = [None] * len(items)
         failures = []
         try:
@@ -223,7 +226,7 @@ class LocalExecutor(Executor):
         self._maps += 1
         map_id = self._maps
         pool = self._get_pool()
-        progress = _Progress(name, weights or [1] * len(items))
+        progress = _Progress(name, weights, len(items))
         stop = threading.Event()
         reports = self._reports
 
@@ -281,12 +284,25 @@ def _run_chunk(fn: TaskFn, chunk: list[Any]) -> list[tuple[bool, Any]]:
     return out
 
 
-class SlurmExecutor(Executor):
-    """Submits the items as one Slurm job array through submitit and waits for it."""
+class _RequeueableChunk(submitit.helpers.Checkpointable):
+    """An array task that submitit requeues on preemption or timeout (USR2 before the limit):
+    it runs its chunk again, so its task function must resume or skip finished work."""
 
-    def __init__(self, cfg: SlurmConfig, log_dir: str):
+    def __call__(self, fn: TaskFn, chunk: list[Any]) -> list[tuple[bool, Any]]:
+        return _run_chunk(fn, chunk)
+
+
+class SlurmExecutor(Executor):
+    """Submits the items as one Slurm job array through submitit and waits for it.
+
+    With ``requeue`` the array tasks are checkpointable: submitit requeues a task that is
+    preempted or reaches its time limit, up to ``max_requeues`` times.
+    """
+
+    def __init__(self, cfg: SlurmConfig, log_dir: str, requeue: bool = False):
         self.cfg = cfg
         self.log_dir = cfg.log_dir or log_dir
+        self.requeue = requeue
 
     def slurm_parameters(self, name: str) -> dict[str, Any]:
         """submitit ``SlurmExecutor`` parameters (sbatch options) for a map called ``name``."""
@@ -300,7 +316,7 @@ class SlurmExecutor(Executor):
             ntasks_per_node=1,
             array_parallelism=c.array_parallelism,
         )
-        for key in ("partition", "account", "qos", "constraint"):
+        for key in ("partition", "account", "qos", "constraint", "gpus_per_node"):
             if getattr(c, key):
                 params[key] = getattr(c, key)
         if c.extra:
@@ -311,10 +327,10 @@ class SlurmExecutor(Executor):
 
     def submitit_executor(self, name: str) -> Any:
         """The configured ``submitit.SlurmExecutor`` for a map called ``name``."""
-        import submitit
-
         try:
-            ex = submitit.SlurmExecutor(folder=os.path.join(self.log_dir, name, "%j"))
+            ex = submitit.SlurmExecutor(
+                folder=os.path.join(self.log_dir, name, "%j"), max_num_timeout=self.cfg.max_requeues
+            )
         except RuntimeError as e:
             raise PipelineError(
                 "executor.kind=slurm, but this machine has no Slurm (srun is not on PATH); "
@@ -330,14 +346,15 @@ class SlurmExecutor(Executor):
         bounds = [round(k * len(items) / n_chunks) for k in range(n_chunks + 1)]
         chunks = [list(range(bounds[k], bounds[k + 1])) for k in range(n_chunks)]
         ex = self.submitit_executor(name)
-        jobs = ex.map_array(_run_chunk, [fn] * n_chunks, [[items[i] for i in c] for c in chunks])
+        runner = _RequeueableChunk() if self.requeue else _run_chunk
+        jobs = ex.map_array(runner, [fn] * n_chunks, [[items[i] for i in c] for c in chunks])
         print(
             f"{name}: submitted Slurm job array {jobs[0].job_id.split('_')[0]} "
             f"({n_chunks} tasks, logs in {self.log_dir}/{name})",
             file=sys.stderr,
             flush=True,
         )
-        progress = _Progress(name, weights or [1] * len(items))
+        progress = _Progress(name, weights, len(items))
         results: list[Any] = [None] * len(items)
         failures: list[tuple[str, str]] = []
         pending = set(range(n_chunks))
@@ -375,10 +392,11 @@ class SlurmExecutor(Executor):
         return results
 
 
-def make_executor(cfg: ExecutorConfig, log_dir: str) -> Executor:
-    """The executor ``cfg`` asks for; ``log_dir`` holds Slurm logs unless the config names one."""
+def make_executor(cfg: ExecutorConfig, log_dir: str, requeue: bool = False) -> Executor:
+    """The executor ``cfg`` asks for; ``log_dir`` holds Slurm logs unless the config names one.
+    ``requeue``: Slurm array tasks are requeued on preemption or timeout (tasks must resume)."""
     if cfg.kind is ExecutorKind.inline:
         return InlineExecutor()
     if cfg.kind is ExecutorKind.local:
         return LocalExecutor(cfg.workers)
-    return SlurmExecutor(cfg.slurm, log_dir)
+    return SlurmExecutor(cfg.slurm, log_dir, requeue)

@@ -139,3 +139,30 @@ def fingerprint(values: dict[str, Any]) -> str:
     """sha256 over a canonical JSON rendering of ``values``: equal configs, equal fingerprints."""
     blob = json.dumps(values, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def config_from_dict(schema: type[T], values: dict[str, Any], origin: str = "") -> T:
+    """A ``schema`` instance from plain values (e.g. a saved config), with the same checks as files."""
+    cfg = _merge(
+        schema, OmegaConf.structured(schema), OmegaConf.create(values), origin or "in a saved config"
+    )
+    obj = OmegaConf.to_object(cfg)
+    _validate(obj)
+    return obj  # type: ignore[return-value]
+
+
+def override(obj: T, overrides: Sequence[str], origin: str) -> T:
+    """A copy of the config ``obj`` with ``key.sub=value`` overrides applied, type-checked and
+    validated like a file's (errors name the key and ``origin``)."""
+    schema = type(obj)
+    cfg = OmegaConf.structured(obj)
+    for item in overrides:
+        cfg = _merge(schema, cfg, OmegaConf.from_dotlist([item]), f"{origin}: {item}")
+    out = OmegaConf.to_object(cfg)
+    _validate(out)
+    return out  # type: ignore[return-value]
+
+
+def base_config(obj: Any, schema: type[T]) -> T:
+    """The ``schema`` part of a config that extends it (a job config minus how it is run)."""
+    return schema(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(schema)})

@@ -116,5 +116,16 @@ def test_print_config_shows_overrides(capsys):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    job = load_config(PrepareJob, str(path))
-    assert job.output and job.source.paths
+    from launch.finetune import FinetuneJob
+    from launch.pretrain import PretrainJob
+
+    if path.parent.name == "pretrain":
+        job = load_config(PretrainJob, str(path))
+        assert job.run_dir and job.data.path
+    elif path.parent.name == "finetune":
+        job = load_config(FinetuneJob, str(path))
+        assert job.out_dir and job.pretrained and job.grid["task"]
+        assert all(t.train.startswith(job.data_root) for t in job.tasks.values())
+    else:
+        job = load_config(PrepareJob, str(path))
+        assert job.output and job.source.paths

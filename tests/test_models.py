@@ -115,7 +115,8 @@ def paper_gru(m, x, state):
     return torch.stack(out, 1), h[None]
 
 
-def paper_attention(m, x, _):
+def paper_attention(m, x, _, visible=None):
+    """Causal attention; ``visible`` [T, T] (bool) narrows which earlier positions a query sees."""
     B, T, _ = x.shape
     H, K = m.n_heads, D // m.n_heads
     q, k, v = (t.view(B, T, H, K).transpose(1, 2) for t in (x @ m.qkv.weight.T).split(D, -1))
@@ -128,9 +129,10 @@ def paper_attention(m, x, _):
 
     q, k = rope(q), rope(k)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(K)
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    allowed = ~torch.ones(T, T, dtype=torch.bool).triu(1) if visible is None else visible
+    scores = scores.masked_fill(~allowed, float("-inf"))
     y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D)
-    return y @ m.out.weight.T, (k, v)
+    return y @ m.out.weight.T, (k, v, torch.tensor(T))
 
 
 PAPER = {
@@ -266,3 +268,21 @@ def test_parameter_count_and_matrix_flops(variant):
         )
         counted += lstm
     assert counted == formula["matmul"]
+
+
+def test_attention_memory_is_transformer_xl_segment_attention():
+    """With memory M, a segment's queries see the M positions before the segment and the segment
+    itself up to them: the same as full attention under that mask."""
+    torch.manual_seed(0)
+    mixer = make_mixer(MixerKind.attention, ModelConfig(d_model=D, n_heads=2, attention_memory=4)).double()
+    x = torch.randn(2, 15, D, dtype=torch.float64)
+    pieces, state = [], None
+    for a, b in ((0, 6), (6, 11), (11, 15)):
+        y, state = mixer(x[:, a:b], state)
+        pieces.append(y)
+    i, j = torch.arange(15)[:, None], torch.arange(15)[None, :]
+    segment_start = torch.tensor([0] * 6 + [6] * 5 + [11] * 4)[:, None]
+    visible = (j <= i) & (j >= segment_start - 4)
+    expected, _ = paper_attention(mixer, x, None, visible)
+    torch.testing.assert_close(torch.cat(pieces, 1), expected, rtol=1e-10, atol=1e-10)
+    assert state[0].shape[2] == 4 and int(state[2]) == 15

@@ -24,37 +24,42 @@ def rotary(x_BHTK: Tensor, start: int, base: float) -> Tensor:
 class Attention(Mixer):
     """``scaled_dot_product_attention`` over the cache and the new positions.
 
-    The state is (keys, values) [B, H, L, K] of every earlier position (rotated keys), so that
-    feeding a sequence in pieces gives what feeding it at once gives; it grows by T per call.
+    The state is (keys, values, position): the rotated keys and the values [B, H, L, K] of the
+    last L ≤ ``memory`` positions (all of them when ``memory`` is 0), and how many positions came
+    before, so rotary offsets stay right after old positions are dropped. With memory 0, feeding a
+    sequence in pieces gives what feeding it at once gives.
     """
 
-    def __init__(self, d_model: int, n_heads: int, rope_base: float = 10000.0):
+    def __init__(self, d_model: int, n_heads: int, rope_base: float = 10000.0, memory: int = 0):
         super().__init__(d_model)
         self.n_heads = n_heads
         self.rope_base = rope_base
+        self.memory = memory
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
     def init_state(self, batch, device=None, dtype=None):
         k = self.d_model // self.n_heads
         empty = torch.zeros(batch, self.n_heads, 0, k, device=device, dtype=dtype or torch.float32)
-        return empty, empty.clone()
+        return empty, empty.clone(), torch.zeros((), dtype=torch.int64, device=device)
 
     def forward(self, x_BTD: Tensor, state: State = None) -> tuple[Tensor, State]:
         B, T, D = x_BTD.shape
         H = self.n_heads
         q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in self.qkv(x_BTD).chunk(3, dim=-1))
-        past = 0 if state is None else state[0].shape[2]
-        q, k = rotary(q, past, self.rope_base), rotary(k, past, self.rope_base)
-        if state is not None and past:
+        position = 0 if state is None else int(state[2])
+        q, k = rotary(q, position, self.rope_base), rotary(k, position, self.rope_base)
+        cached = 0 if state is None else state[0].shape[2]
+        if cached:
             k = torch.cat([state[0].to(k.dtype), k], dim=2)
             v = torch.cat([state[1].to(v.dtype), v], dim=2)
-        if past:  # new position i sees cached positions and new ones up to itself
-            mask = (
-                torch.arange(past + T, device=x_BTD.device)[None, :]
-                <= past + torch.arange(T, device=x_BTD.device)[:, None]
-            )
+            # new position i sees every cached position and the new ones up to itself
+            rows = torch.arange(T, device=x_BTD.device)[:, None]
+            mask = torch.arange(cached + T, device=x_BTD.device)[None, :] <= cached + rows
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(B, T, D)), (k, v)
+        if self.memory:
+            k, v = k[:, :, -self.memory :], v[:, :, -self.memory :]
+        new_position = torch.tensor(position + T, dtype=torch.int64, device=x_BTD.device)
+        return self.out(y.transpose(1, 2).reshape(B, T, D)), (k, v, new_position)

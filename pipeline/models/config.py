@@ -38,6 +38,9 @@ class ModelConfig:
     attention_every: int = 0  # hybrid: every k-th layer is attention (0 = none)
     n_heads: int = 8  # attention layers
     rope_base: float = 10000.0
+    # Attention layers keep at most this many past positions in their state (Transformer-XL style
+    # memory); 0 = all of them. Pretraining in stream mode uses data.seq_len when this is 0.
+    attention_memory: int = 0
     vocab_size: int = 0  # 0 = from the dataset's manifest
 
     def validate(self) -> None:
@@ -45,8 +48,8 @@ class ModelConfig:
             raise ConfigError("model.n_layers and model.d_model must be positive")
         if self.mlp_ratio < 0 or not 0 <= self.dropout < 1:
             raise ConfigError("model.mlp_ratio must be >= 0 and model.dropout in [0, 1)")
-        if self.attention_every < 0:
-            raise ConfigError("model.attention_every must be >= 0")
+        if self.attention_every < 0 or self.attention_memory < 0:
+            raise ConfigError("model.attention_every and model.attention_memory must be >= 0")
         uses_attention = self.mixer is MixerKind.attention or self.attention_every > 0
         if uses_attention and (self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2):
             raise ConfigError(

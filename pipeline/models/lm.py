@@ -7,6 +7,7 @@ layer (see the mixers), so long streams are fed in segments. Knows nothing of De
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from pipeline.models.attention import Attention
@@ -27,7 +28,7 @@ _RECURRENT = {
 
 def make_mixer(kind: MixerKind, cfg: ModelConfig) -> Mixer:
     if kind is MixerKind.attention:
-        return Attention(cfg.d_model, cfg.n_heads, cfg.rope_base)
+        return Attention(cfg.d_model, cfg.n_heads, cfg.rope_base, cfg.attention_memory)
     return _RECURRENT[kind](cfg.d_model)
 
 
@@ -80,6 +81,8 @@ class LanguageModel(nn.Module):
             self.block_of_layer = list(range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, vocab, bias=False)
+        # Recompute each block's activations in backward instead of keeping them (memory for time).
+        self.gradient_checkpointing = False
         nn.init.normal_(self.embed.weight, std=0.02)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -90,12 +93,24 @@ class LanguageModel(nn.Module):
 
     def forward(self, tokens_BT: Tensor, state: list[State] | None = None) -> tuple[Tensor, list[State]]:
         """Logits [B, T, V] for the next token at every position, and the state after the last."""
+        h_BTD, new_state = self.hidden(tokens_BT, state)
+        return self.head(h_BTD), new_state
+
+    def hidden(self, tokens_BT: Tensor, state: list[State] | None = None) -> tuple[Tensor, list[State]]:
+        """The final-norm features [B, T, D] that the output layer reads, and the state after the last.
+
+        Fine-tuning heads read these instead of the logits.
+        """
         x_BTD = self.drop(self.embed(tokens_BT))
         new_state: list[State] = []
         for layer, b in enumerate(self.block_of_layer):
-            x_BTD, s = self.blocks[b](x_BTD, None if state is None else state[layer])
+            s = None if state is None else state[layer]
+            if self.gradient_checkpointing and self.training:
+                x_BTD, s = torch.utils.checkpoint.checkpoint(self.blocks[b], x_BTD, s, use_reentrant=False)
+            else:
+                x_BTD, s = self.blocks[b](x_BTD, s)
             new_state.append(s)
-        return self.head(self.norm(x_BTD)), new_state
+        return self.norm(x_BTD), new_state
 
     @torch.no_grad()
     def generate(

@@ -1,0 +1,89 @@
+"""The process group from the environment: Slurm, torchrun, or a single process. No ssh, no hostfile.
+
+:func:`init` sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from whichever launcher
+started this process and initializes torch.distributed (NCCL on GPUs, gloo on CPU) through
+DeepSpeed, so the training loop only ever sees torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    source: str  # torchrun | slurm | single
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm nodelist: ``gpu[03-05,9],cpu1`` → ``gpu03``."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot read the Slurm nodelist {nodelist!r}")
+    prefix, _, ranges = m.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect(environ: dict[str, str] | None = None) -> DistEnv:
+    """Where this process sits in the job, from environment variables."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, or rnnpipe's local launcher
+        return DistEnv(
+            int(env["RANK"]),
+            int(env.get("LOCAL_RANK", "0")),
+            int(env["WORLD_SIZE"]),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", "29500")),
+            "torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        job = int(env["SLURM_JOB_ID"])
+        port = 15000 + job % 20000  # the same on every task of the job, rarely the same across jobs
+        return DistEnv(
+            int(env["SLURM_PROCID"]),
+            int(env.get("SLURM_LOCALID", "0")),
+            int(env["SLURM_NTASKS"]),
+            first_host(nodelist),
+            port,
+            "slurm",
+        )
+    return DistEnv(0, 0, 1, "127.0.0.1", free_port(), "single")
+
+
+def init() -> DistEnv:
+    """Export the detected layout to the environment and initialize the process group."""
+    d = detect()
+    os.environ.update(
+        RANK=str(d.rank),
+        LOCAL_RANK=str(d.local_rank),
+        WORLD_SIZE=str(d.world_size),
+        MASTER_ADDR=d.master_addr,
+        MASTER_PORT=str(d.master_port),
+    )
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    else:
+        torch.cuda.set_device(d.local_rank)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return d

@@ -1,0 +1,115 @@
+"""Fine-tuning configs: a task (its files), a head, the optimiser, and one job of a sweep.
+
+A sweep file names its tasks once (``tasks: {sst2: {...}, conll: {...}}``), sets the job defaults
+(``job:``) and a grid of values for any ``job`` key (``grid: {task: [sst2, conll], seed: [0, 1]}``);
+:mod:`pipeline.finetune.sweep` expands it into :class:`JobConfig` s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+
+class TaskKind(Enum):
+    classification = "classification"  # GLUE-style TSV: a sentence column and a label column
+    tagging = "tagging"  # CoNLL-2003 columns: word ... tag
+    lm = "lm"  # word-level LM files (PTB): one sentence per line
+
+
+class Init(Enum):
+    pretrained = "pretrained"  # the backbone's weights from the pretrained model
+    scratch = "scratch"  # the same architecture, randomly initialised (the control)
+
+
+class Pooling(Enum):
+    last = "last"  # the feature at the last token
+    mean = "mean"  # the mean over the tokens
+    attentive = "attentive"  # softmax(v · tanh(W h_t)) weights over the tokens (seed 001)
+
+
+@dataclass
+class TaskConfig:
+    kind: TaskKind = TaskKind.classification
+    train: str = ""  # paths or URLs (fsspec; .gz/.bz2 decompressed by extension)
+    dev: str = ""
+    test: str = ""  # "" or an unlabelled file: no test metrics
+    text_column: str = "sentence"  # classification: the TSV header's column names
+    label_column: str = "label"
+    tag_column: int = -1  # tagging: which whitespace-separated column holds the tag (-1 = last)
+    max_train: int = 0  # use the first N training examples (lm: lines); 0 = all
+    max_dev: int = 0  # the first N dev examples (lm: lines); 0 = all
+    max_test: int = 0
+    # job keys set for this task only, after the grid: [head.bidirectional=true]
+    job_overrides: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.train or not self.dev:
+            raise ConfigError("a task needs train and dev paths (tasks.<name>.train, tasks.<name>.dev)")
+        if min(self.max_train, self.max_dev, self.max_test) < 0:
+            raise ConfigError("tasks.<name>.max_train/max_dev/max_test must be >= 0")
+
+
+@dataclass
+class HeadConfig:
+    pooling: Pooling = Pooling.attentive  # classification
+    bidirectional: bool = False  # also run the backbone over the reversed sequence and concatenate
+    dropout: float = 0.1  # on the features before the head
+
+    def validate(self) -> None:
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("job.head.dropout must be in [0, 1)")
+
+
+@dataclass
+class FinetuneOptim:
+    lr: float = 1e-3  # peak learning rate of the head; backbone layers get lr × layer_decay^depth
+    layer_decay: float = 1.0  # layer-wise decay: the top block × decay, the next × decay², ...
+    weight_decay: float = 0.01
+    warmup_steps: int = 50  # linear warm-up, then linear decay to 0 at max_steps
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    freeze_steps: int = 0  # backbone frozen for the first N steps (gradual unfreezing); -1 = always
+
+    def validate(self) -> None:
+        if self.lr <= 0 or not 0 < self.layer_decay <= 1:
+            raise ConfigError("job.optim.lr must be > 0 and job.optim.layer_decay in (0, 1]")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.freeze_steps < -1:
+            raise ConfigError("job.optim.warmup_steps, grad_clip >= 0 and freeze_steps >= -1")
+
+
+@dataclass
+class JobSpec:
+    """One fine-tuning job before its task is looked up: what a sweep's ``job`` and grid set."""
+
+    task: str = ""  # a key of the sweep's ``tasks``
+    init: Init = Init.pretrained
+    seed: int = 0
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optim: FinetuneOptim = field(default_factory=FinetuneOptim)
+    batch_size: int = 32  # examples (lm: streams) per step
+    max_len: int = 256  # classification/tagging: tokens per example, longer ones are truncated
+    seq_len: int = 128  # lm: tokens per truncated-BPTT segment
+    max_steps: int = 1000  # the schedule's length; training stops earlier on early stopping
+    eval_every: int = 100  # steps between dev evaluations (and checkpoints)
+    patience: int = 3  # stop after this many evaluations without a better dev metric (0 = never)
+    dropout: float = -1.0  # backbone dropout; -1 = the pretrained config's
+    save_model: bool = False  # also write the best weights as model.pt (a state dict) in the job dir
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.max_len < 2 or self.seq_len < 1:
+            raise ConfigError("job.batch_size >= 1, job.max_len >= 2 and job.seq_len >= 1")
+        if self.max_steps < 1 or self.eval_every < 1 or self.patience < 0:
+            raise ConfigError("job.max_steps, job.eval_every >= 1 and job.patience >= 0")
+
+
+@dataclass
+class JobConfig(JobSpec):
+    """A job ready to run: its spec, its task's files, the pretrained model and its directory."""
+
+    task_config: TaskConfig = field(default_factory=TaskConfig)
+    pretrained: str = ""  # an ``rnnpipe export`` directory
+    out_dir: str = ""  # the job's directory: result.json, checkpoint.pt, tensorboard/
+    hparams: dict[str, Any] = field(default_factory=dict)  # the grid values that made this job

@@ -1,0 +1,156 @@
+"""A fine-tuning sweep: a grid over job keys, expanded into jobs, run through an executor.
+
+    tasks: {sst2: {kind: classification, train: ..., dev: ...}, conll: {kind: tagging, ...}}
+    job:   {optim: {lr: 1e-3}, max_steps: 500, ...}            # defaults of every job
+    grid:  {task: [sst2, conll], init: [pretrained, scratch], seed: [0, 1, 2], optim.lr: [1e-3, 3e-4]}
+
+Every combination of the grid's values is one job in ``<out_dir>/jobs/<name>``, its name made of
+the values (``sst2-pretrained-lr0.0003-seed1``). Jobs that already have ``result.json`` are skipped,
+so a re-run only does what is missing; one failed job does not stop the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import fsio
+from pipeline.config import override
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.finetune.config import JobConfig, JobSpec, TaskConfig
+
+log = logging.getLogger("rnnpipe.finetune")
+
+
+@dataclass
+class SweepConfig:
+    out_dir: str = "runs/finetune"
+    pretrained: str = ""  # an ``rnnpipe export`` directory, or a pretrain run dir (exported first)
+    data_root: str = "../shared/data"  # for ${data_root} in task paths
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    job: JobSpec = field(default_factory=JobSpec)
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # job key -> values
+
+    def validate(self) -> None:
+        if not self.pretrained:
+            raise ConfigError("pretrained: set it to an rnnpipe export directory or a pretrain run dir")
+        if not self.tasks:
+            raise ConfigError("tasks: name at least one task (tasks.<name>.kind/train/dev/...)")
+        for key, values in self.grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"grid.{key} must be a non-empty list of values")
+
+
+def _short(key: str, value: Any) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in ("task", "init"):
+        return str(value)
+    return f"{leaf}{value}"
+
+
+def job_name(values: dict[str, Any]) -> str:
+    """A directory name from a job's grid values: task and init first, the seed last."""
+    keys = sorted(values, key=lambda k: (k != "task", k != "init", k == "seed", k))
+    name = "-".join(_short(k, values[k]) for k in keys) or "job"
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
+
+
+def expand(sweep: SweepConfig, pretrained: str) -> list[JobConfig]:
+    """Every job of the grid, in grid order, each with its task's files and its directory."""
+    keys = list(sweep.grid)
+    jobs = []
+    names: set[str] = set()
+    for combo in itertools.product(*(sweep.grid[k] for k in keys)):
+        values = dict(zip(keys, combo, strict=True))
+        spec = override(sweep.job, [f"{k}={v}" for k, v in values.items()], "in grid")
+        if spec.task not in sweep.tasks:
+            raise ConfigError(f"job task {spec.task!r} is not among tasks: {', '.join(sorted(sweep.tasks))}")
+        spec = override(spec, sweep.tasks[spec.task].job_overrides, f"in tasks.{spec.task}.job_overrides")
+        name = job_name(values)
+        if name in names:
+            raise ConfigError(f"grid: two jobs would share the directory {name}")
+        names.add(name)
+        fields = {f: getattr(spec, f) for f in JobSpec.__dataclass_fields__}
+        jobs.append(
+            JobConfig(
+                **fields,
+                task_config=sweep.tasks[spec.task],
+                pretrained=pretrained,
+                out_dir=fsio.join(sweep.out_dir, "jobs", name),
+                hparams={k: (v.value if hasattr(v, "value") else v) for k, v in values.items()},
+            )
+        )
+    return jobs
+
+
+def job_label(cfg: JobConfig) -> str:
+    return cfg.out_dir.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass
+class LabelledJob:
+    """A job config with the ``label`` that executors print for failures."""
+
+    cfg: JobConfig
+    label: str
+
+
+def run_one(item: LabelledJob, report: Callable[[int], None]) -> dict[str, Any]:
+    """Executor task: run one job; a failure carries the tail of the job's log."""
+    from pipeline.finetune.job import LOG, run_job
+
+    try:
+        return run_job(item.cfg)
+    except Exception as e:
+        path = fsio.join(item.cfg.out_dir, LOG)
+        tail = fsio.read_text(path).splitlines()[-15:] if fsio.exists(path) else []
+        msg = f"{e}" + ("\n  log tail (" + path + "):\n  " + "\n  ".join(tail) if tail else "")
+        raise PipelineError(msg) from e
+
+
+def pending(jobs: list[JobConfig]) -> tuple[list[JobConfig], list[JobConfig]]:
+    """(jobs with a result.json, jobs still to run)."""
+    from pipeline.finetune.job import RESULT
+
+    done = [j for j in jobs if fsio.exists(fsio.join(j.out_dir, RESULT))]
+    return done, [j for j in jobs if j not in done]
+
+
+def resolve_pretrained(sweep: SweepConfig) -> str:
+    """The export directory to load: ``pretrained`` itself, or (a pretrain run dir) its latest
+    checkpoint exported once into ``<out_dir>/pretrained``."""
+    from pipeline.models.pretrained import CONFIG
+
+    src = fsio.absolute(sweep.pretrained)
+    if fsio.exists(fsio.join(src, CONFIG)):
+        return src
+    if not fsio.exists(fsio.join(src, "checkpoints")):
+        raise PipelineError(
+            f"pretrained={sweep.pretrained}: neither an rnnpipe export (no {CONFIG}) "
+            "nor a pretrain run dir (no checkpoints/)"
+        )
+    from pipeline.train.export import export
+
+    dst = fsio.join(fsio.absolute(sweep.out_dir), "pretrained")
+    if not fsio.exists(fsio.join(dst, CONFIG)):
+        log.info("exporting %s to %s", src, dst)
+        export(src, dst)
+    return dst
+
+
+def run_sweep(sweep: SweepConfig, executor: Any) -> tuple[list[dict[str, Any]], int]:
+    """Run every job not yet complete; returns (all results, how many were skipped).
+    Raises :class:`TasksFailed` naming the failed jobs after all have ended."""
+    pretrained = resolve_pretrained(sweep)
+    jobs = expand(sweep, pretrained)
+    done, todo = pending(jobs)
+    log.info("%d job(s): %d complete, %d to run", len(jobs), len(done), len(todo))
+    items = [LabelledJob(j, job_label(j)) for j in todo]
+    results = executor.map(run_one, items, name="finetune") if items else []
+    from pipeline.finetune.job import run_job
+
+    return [run_job(j) for j in done] + results, len(done)

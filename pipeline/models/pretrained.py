@@ -1,0 +1,86 @@
+"""Loading an exported model (``rnnpipe export``) without DeepSpeed.
+
+An export directory holds ``model.safetensors`` (fp32), ``config.json`` (the model config, the
+vocabulary size and the tokenizer's description) and ``tokenizer/`` (its model file, if any).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import config_from_dict
+from pipeline.data.tokenizers import Tokenizer, tokenizer_from_manifest
+from pipeline.errors import PipelineError
+from pipeline.models.config import ModelConfig
+from pipeline.models.lm import LanguageModel
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def _config(path: Path) -> dict:
+    file = path / CONFIG
+    if not file.exists():
+        raise PipelineError(
+            f"{path} is not an rnnpipe export: it has no {CONFIG} (make one with rnnpipe export)"
+        )
+    return json.loads(file.read_text())
+
+
+def save_pretrained(
+    out: str | Path,
+    state: dict[str, torch.Tensor],
+    model: dict[str, Any],
+    tokenizer: dict[str, Any],
+    tokenizer_files: dict[str, bytes] | None = None,
+    source: dict[str, Any] | None = None,
+) -> Path:
+    """Write an export directory: ``state`` (a LanguageModel's state dict) as fp32 safetensors,
+    ``model`` (the ModelConfig as plain values), the tokenizer's manifest entry and its files
+    (path relative to ``out`` -> content), and where it came from."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+    if model.get("tie_embeddings", True):
+        state.pop("head.weight", None)
+    step = str((source or {}).get("step", ""))
+    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "step": step})
+    for rel, data in (tokenizer_files or {}).items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    meta = {
+        "model": model,
+        "vocab_size": tokenizer["vocab_size"],
+        "tokenizer": tokenizer,
+        "source": source or {},
+    }
+    (out / CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> LanguageModel:
+    """The exported model, in eval mode, with fp32 weights on ``device``."""
+    path = Path(path)
+    meta = _config(path)
+    cfg = config_from_dict(ModelConfig, meta["model"], f"in {path / CONFIG}")
+    model = LanguageModel(cfg, int(meta["vocab_size"]))
+    state = load_file(str(path / WEIGHTS), device="cpu")
+    if cfg.tie_embeddings:
+        state["head.weight"] = state["embed.weight"]  # stored once: safetensors keeps no shared tensors
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise PipelineError(
+            f"{path / WEIGHTS} does not match its config: missing {missing}, unexpected {unexpected}"
+        )
+    return model.to(device).eval()
+
+
+def load_pretrained_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer the exported model was trained with."""
+    path = Path(path)
+    meta = _config(path)
+    return tokenizer_from_manifest({"tokenizer": meta["tokenizer"]}, lambda rel: (path / rel).read_bytes())

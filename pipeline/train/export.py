@@ -1,0 +1,49 @@
+"""``rnnpipe export RUN_OR_CHECKPOINT OUT``: one fp32 safetensors file from any ZeRO checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline import fsio
+from pipeline.data.manifest import read_manifest
+from pipeline.errors import PipelineError
+from pipeline.models.pretrained import save_pretrained
+from pipeline.train import checkpoint
+
+log = logging.getLogger("rnnpipe")
+
+
+def export(source: str | Path, out: str | Path) -> Path:
+    """Consolidate a checkpoint (a run dir means its latest) into ``out``; returns ``out``."""
+    source, out = Path(source), Path(out)
+    ckpt = checkpoint.find_latest(source) if (source / "checkpoints").is_dir() else source
+    if ckpt is None or not (ckpt / checkpoint.COMPLETE).exists():
+        raise PipelineError(f"{source} is neither a run with a complete checkpoint nor a complete checkpoint")
+    # ZeRO 0-2 write mp_rank_00_model_states.pt, ZeRO-3 one per rank; rank 0's holds the client state.
+    candidates = [ckpt / "mp_rank_00_model_states.pt", ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    states = next((c for c in candidates if c.exists()), None)
+    if states is None:
+        raise PipelineError(f"{ckpt} has no model-states file: not a DeepSpeed checkpoint")
+    client = torch.load(states, map_location="cpu", weights_only=False)
+    cfg = client.get("config")
+    if cfg is None:
+        raise PipelineError(f"{ckpt} was not written by rnnpipe pretrain (no config in its client state)")
+    if any(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO 1, 2, 3: gather the fp32 partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:  # ZeRO 0: the module's weights are whole in the model-states file
+        state = client["module"]
+    manifest = read_manifest(cfg["data"]["path"])
+    tokenizer = manifest["tokenizer"]
+    files = {}
+    if tokenizer.get("model_file"):
+        root = fsio.absolute(cfg["data"]["path"])
+        files[tokenizer["model_file"]] = fsio.read_bytes(fsio.join(root, tokenizer["model_file"]))
+    source = {"checkpoint": str(ckpt), "step": client["step"], "data": cfg["data"]["path"]}
+    save_pretrained(out, state, cfg["model"], tokenizer, files, source)
+    log.info("exported step %d of %s to %s (%d tensors)", client["step"], ckpt, out, len(state))
+    return out

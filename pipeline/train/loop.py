@@ -1,0 +1,362 @@
+"""The pretrain loop, top to bottom: model, DeepSpeed engine, data, resume, then steps.
+
+``train(cfg)`` runs in every rank's process after the process group is set up (see
+:mod:`launch.distributed`); it knows nothing of Slurm. Its result says ``"done"`` or
+``"preempted"`` (a signal arrived: checkpointed, run again to continue) and holds the model.
+
+Two environment variables exist for tests only: RNNPIPE_TEST_STEP_DELAY (seconds to sleep after
+each step, so a test can signal or kill a run mid-way) and RNNPIPE_TEST_CHECKPOINT_DELAY (see
+:mod:`pipeline.train.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeline import __version__
+from pipeline.config import to_dict
+from pipeline.data.manifest import load_tokenizer
+from pipeline.errors import PipelineError
+from pipeline.models import LanguageModel, MixerKind, training_flops_per_token
+from pipeline.train import checkpoint
+from pipeline.train.config import DataMode, Precision, PretrainConfig, deepspeed_config
+from pipeline.train.data import IGNORE, ShuffleBatches, SplitReader, StreamBatches
+from pipeline.train.evaluate import evaluate
+from pipeline.train.metrics import Metrics
+from pipeline.train.signals import StopFlag
+
+log = logging.getLogger("rnnpipe.train")
+
+
+@dataclass
+class TrainResult:
+    status: str  # done | preempted
+    model: torch.nn.Module  # the trained module (partitioned under ZeRO-3 outside a forward)
+    step: int
+
+
+def train(cfg: PretrainConfig) -> TrainResult:
+    import deepspeed
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+
+    # Model: identical on every rank (same seed), then each rank its own random stream (dropout).
+    train_reader = SplitReader(cfg.data.path, "train")
+    valid_reader = SplitReader(cfg.data.path, "valid")
+    vocab = int(train_reader.manifest["tokenizer"]["vocab_size"])
+    torch.manual_seed(t.seed)
+    if (
+        cfg.data.mode is DataMode.stream
+        and not cfg.model.attention_memory
+        and MixerKind.attention in cfg.model.layer_kinds()
+    ):
+        cfg.model.attention_memory = cfg.data.seq_len  # an unbounded KV cache would grow all epoch
+    model = LanguageModel(cfg.model, vocab)
+    model.gradient_checkpointing = t.activation_checkpointing
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.startswith("embed.")]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not n.startswith("embed."))]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=groups, config=deepspeed_config(cfg, device.type == "cuda")
+    )
+    random.seed(t.seed + rank)
+    np.random.seed(t.seed + rank)
+    torch.manual_seed(t.seed + rank)
+
+    if cfg.data.mode is DataMode.stream:
+        loader: Any = StreamBatches(train_reader, rank, world, cfg.data.batch_size, cfg.data.seq_len)
+    else:
+        loader = ShuffleBatches(
+            train_reader, rank, world, cfg.data.batch_size, cfg.data.seq_len, cfg.data.seed, cfg.data.workers
+        )
+    hidden = None
+    tokens_seen = micro_index = nonfinite_total = 0
+
+    resume_from = checkpoint.resolve(run_dir, t.resume)
+    if resume_from is not None:
+        client, mine = checkpoint.load(engine, resume_from)
+        tokens_seen, micro_index = client["tokens_seen"], client["micro_index"]
+        nonfinite_total = client["nonfinite_total"]
+        loader.load_state_dict(mine["data"])
+        hidden = _to(mine["hidden"], device)
+        checkpoint.set_rng_state(mine["rng"])
+        if rank == 0:
+            log.info("resumed from %s at step %d", resume_from, engine.global_steps)
+    last_good = resume_from
+
+    start = engine.global_steps
+    metrics = Metrics(run_dir, rank == 0, start, t.steps)
+    flops_per_token = training_flops_per_token(cfg.model, vocab, cfg.data.seq_len)
+    peak = _peak_flops(device, t.precision, t.peak_tflops) * world  # tokens/s below is summed over ranks
+    bytes_per_token = train_reader.bytes / train_reader.tokens
+    stop = StopFlag().install()
+    window = {"loss": 0.0, "n": 0, "tokens": 0, "t": time.time()}
+    nonfinite_run = 0
+    status = "done"
+    step_delay = float(os.environ.get("RNNPIPE_TEST_STEP_DELAY", "0"))
+    started = time.time()
+
+    def save(step: int) -> Path:
+        client = {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "micro_index": micro_index,
+            "nonfinite_total": nonfinite_total,
+            "config": to_dict(cfg),
+            "rnnpipe": __version__,
+        }
+        mine = {
+            "data": loader.state_dict(),
+            "hidden": _to(hidden, torch.device("cpu")),
+            "rng": checkpoint.rng_state(),
+        }
+        return checkpoint.save(engine, run_dir, step, client, mine, t.keep_checkpoints)
+
+    def evaluate_split(reader: SplitReader, split: str, step: int, full: bool = False) -> dict[str, float]:
+        return _evaluate(
+            engine, cfg, reader, split, step, metrics, rank, world, device, sample=split == "valid", full=full
+        )
+
+    try:
+        while engine.global_steps < t.steps:
+            batch = next(loader)
+            micro_index += 1
+            if batch.reset:
+                hidden = None
+            logits, new_hidden = engine(batch.inputs_BT.to(device), hidden)
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), batch.targets_BT.to(device).flatten(), ignore_index=IGNORE
+            )
+            if micro_index in t.inject_nan_at:
+                loss = loss * float("nan")
+            if not _all(torch.isfinite(loss.detach()), device):
+                nonfinite_total += 1
+                nonfinite_run += 1
+                hidden = None  # the state may be non-finite too: restart the streams' state
+                if rank == 0:
+                    log.warning(
+                        "non-finite loss at micro-step %d (step %d): skipped (%d in a row, %d in all)",
+                        micro_index,
+                        engine.global_steps + 1,
+                        nonfinite_run,
+                        nonfinite_total,
+                    )
+                metrics.scalars(engine.global_steps + 1, {"train/nonfinite_total": nonfinite_total})
+                if nonfinite_run >= t.max_nonfinite:
+                    where = (
+                        f"the last good checkpoint is {last_good}"
+                        if last_good
+                        else "no checkpoint was written"
+                    )
+                    raise PipelineError(
+                        f"{nonfinite_run} non-finite losses in a row at step {engine.global_steps + 1}: "
+                        f"stopping; {where} (resume from it, e.g. with a lower optim.lr)"
+                    )
+                continue
+            nonfinite_run = 0
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            hidden = _detach(new_hidden)
+            counted = _sum(batch.targets, device)
+            tokens_seen += counted
+            window["loss"] += loss.item()
+            window["n"] += 1
+            window["tokens"] += counted
+            if not boundary:
+                continue
+            step = engine.global_steps
+            if step_delay:
+                time.sleep(step_delay)
+
+            if step % t.log_every == 0 or step == t.steps:
+                elapsed = time.time() - window["t"]
+                mean_loss = window["loss"] / window["n"]
+                tok_s = window["tokens"] / max(elapsed, 1e-9)
+                values = {
+                    "train/loss": mean_loss,
+                    "train/bpb": mean_loss / math.log(2) / bytes_per_token,
+                    "train/lr": engine.get_lr()[0],
+                    "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "train/tokens_per_s": tok_s,
+                    "train/tokens_seen": tokens_seen,
+                    "train/step_time_s": elapsed / max(window["n"] / t.grad_accum, 1e-9),
+                    "train/mfu": tok_s * flops_per_token / peak,
+                    "train/memory_gb": _memory_gb(device),
+                    "train/nonfinite_total": nonfinite_total,
+                }
+                metrics.scalars(step, values)
+                metrics.console(step, values)
+                window = {"loss": 0.0, "n": 0, "tokens": 0, "t": time.time()}
+
+            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                evaluate_split(valid_reader, "valid", step)
+            stopping = _any(bool(stop), device)
+            out_of_time = bool(t.time_limit_min) and _any(
+                time.time() - started > 60 * t.time_limit_min, device
+            )
+            if (
+                stopping
+                or out_of_time
+                or step == t.steps
+                or (t.checkpoint_every and step % t.checkpoint_every == 0)
+            ):
+                last_good = save(step)
+            if out_of_time and not stopping:
+                if rank == 0:
+                    log.info("train.time_limit_min=%g reached at step %d", t.time_limit_min, step)
+                break
+            if stopping:
+                status = "preempted"
+                if rank == 0:
+                    log.warning(
+                        "signal %s: checkpointed at step %d, exiting to be requeued", stop.signal, step
+                    )
+                break
+
+        if status == "done":
+            final = evaluate_split(valid_reader, "valid", engine.global_steps, full=True)
+            if "test" in train_reader.manifest["splits"]:
+                final.update(
+                    evaluate_split(SplitReader(cfg.data.path, "test"), "test", engine.global_steps, True)
+                )
+            metrics.hparams(_flat(to_dict(cfg)), final)
+    finally:
+        stop.restore()
+        metrics.close()
+    return TrainResult(status, engine.module, engine.global_steps)
+
+
+def _evaluate(engine, cfg, reader, split, step, metrics, rank, world, device, sample, full):
+    t = cfg.train
+    result = evaluate(
+        engine.module,
+        reader,
+        rank,
+        world,
+        t.eval_batch_size,
+        cfg.data.seq_len,
+        device,
+        0 if full else t.eval_max_tokens,
+    )
+    metrics.scalars(step, {f"{split}/{k}": v for k, v in result.items() if k != "tokens"})
+    if rank == 0:
+        log.info(
+            "%s at step %d: loss %.4f, %.4f bits per byte, perplexity %.2f",
+            split,
+            step,
+            result["loss"],
+            result["bpb"],
+            result["ppl"],
+        )
+    if sample and t.sample_tokens:
+        prompt = torch.from_numpy(reader.read(0, min(64, reader.tokens))).to(device)
+        gen = torch.Generator(device=device).manual_seed(t.seed)
+        engine.module.eval()
+        new = engine.module.generate(prompt, t.sample_tokens, temperature=0.8, top_k=40, generator=gen)
+        engine.module.train()
+        tok = load_tokenizer(cfg.data.path)
+        text = (
+            tok.decode(prompt.tolist()).decode("utf-8", "replace")
+            + " ⟶ "
+            + tok.decode(new[0].tolist()).decode("utf-8", "replace")
+        )
+        metrics.text(step, f"{split}/sample", "```\n" + text + "\n```")
+    return {f"{split}/{k}": v for k, v in result.items() if k != "tokens"}
+
+
+def _peak_flops(device: torch.device, precision: Precision, override_tflops: float) -> float:
+    """One rank's FLOP/s for MFU: the config's, a GPU's datasheet figure, or a measured CPU matmul rate."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        dense_bf16 = {
+            "H200": 989e12,
+            "H100": 989e12,
+            "A100": 312e12,
+            "A10": 125e12,
+            "L4": 121e12,
+            "V100": 125e12,
+        }
+        for key, bf16 in dense_bf16.items():
+            if key in name:
+                return bf16 if precision is Precision.bf16 else bf16 / 2  # TF32 runs at half the bf16 rate
+    # Its own generator: drawing from the global one would shift dropout after a resume. The best
+    # of several rounds: one timing on a shared CPU varies by 2x.
+    a = torch.randn(2048, 2048, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    a @ a
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048**3 / best
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def _all(flag: torch.Tensor, device: torch.device) -> bool:
+    x = flag.to(device=device, dtype=torch.int32).reshape(1)
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return bool(x.item())
+
+
+def _any(flag: bool, device: torch.device) -> bool:
+    x = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return bool(x.item())
+
+
+def _sum(n: int, device: torch.device) -> int:
+    x = torch.tensor([n], device=device, dtype=torch.int64)
+    dist.all_reduce(x)
+    return int(x.item())
+
+
+def _detach(state: Any) -> Any:
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    return type(state)(_detach(s) for s in state)
+
+
+def _to(state: Any, device: torch.device) -> Any:
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    return type(state)(_to(s, device) for s in state)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
