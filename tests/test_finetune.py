@@ -282,6 +282,11 @@ def test_sweep_runs_every_job_writes_the_table_and_skips_them_on_rerun(tmp_path,
     assert main(["-q", "finetune", str(cfg), "--executor", "local"]) == 0
     assert "0 job(s) run, 8 already complete" in capsys.readouterr().out
     assert stamps == [(j / "result.json").stat().st_mtime_ns for j in jobs]
+    # the same directory with another job config: refused, naming the job and the key
+    assert main(["-q", "finetune", str(cfg), "--executor", "inline", "job.max_steps=9"]) == 1
+    err = capsys.readouterr().err
+    assert "8 of 8 finetune task(s) failed" in err and "differs in: max_steps" in err
+    assert stamps == [(j / "result.json").stat().st_mtime_ns for j in jobs]
 
 
 def test_a_failed_job_does_not_stop_the_others(tmp_path, capsys):

@@ -202,6 +202,8 @@ def test_two_ranks_train_and_export_matches_the_training_model(stage, dataset, t
     final = [m for m in metrics(run_dir) if "valid/bpb" in m]
     assert len(final) == 2 and all(0 < m["valid/bpb"] < 8 for m in final)
     assert any("test/bpb" in m for m in metrics(run_dir))
+    norms = [m["train/grad_norm"] for m in metrics(run_dir) if "train/grad_norm" in m]
+    assert len(norms) == 6 and all(0 < n < 100 for n in norms)
 
     export = tmp_path / "export"
     done = run([sys.executable, "-m", "launch", "export", str(run_dir), str(export)])
@@ -248,6 +250,7 @@ def test_resume_after_kill_9_gives_the_same_losses(mode, dataset, tmp_path):
     assert sorted(b) == list(range(1, 17))  # no step twice in metrics.jsonl
     for step in range(9, 17):
         assert a[step] == b[step], (step, a[step], b[step])  # bit for bit
+    assert all(m["train/grad_norm"] > 0 for m in metrics(cut) if "train/grad_norm" in m)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from pipeline import fsio
 from pipeline.config import to_dict
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import PipelineError
 from pipeline.finetune import tasks
 from pipeline.finetune.config import Init, JobConfig, TaskKind
 from pipeline.finetune.conlleval import conlleval
@@ -207,7 +207,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     """Run (or finish, or skip when complete) one job; returns its result (also in result.json)."""
     out = cfg.out_dir
     if fsio.exists(fsio.join(out, RESULT)):
-        return json.loads(fsio.read_text(fsio.join(out, RESULT)))
+        result = json.loads(fsio.read_text(fsio.join(out, RESULT)))
+        check_same_config(out, RESULT, result.get("config", {}), to_dict(cfg))
+        return result
     fsio.makedirs(out)
     handler = logging.FileHandler(os.path.join(out, LOG)) if fsio.is_local(out) else None
     if handler:
@@ -225,10 +227,19 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             handler.close()
 
 
+def check_same_config(out: str, what: str, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Refuse to reuse a result or checkpoint written by a different job config."""
+    if saved == wanted:
+        return
+    keys = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    raise PipelineError(
+        f"{out}: its {what} was written by a different job config (differs in: {', '.join(keys)}); "
+        "delete that directory to run the job again, or give the sweep another out_dir"
+    )
+
+
 def _run(cfg: JobConfig) -> dict[str, Any]:
     out, kind = cfg.out_dir, cfg.task_config.kind
-    if kind is TaskKind.lm and cfg.optim.freeze_steps:
-        raise ConfigError("job.optim.freeze_steps: the lm task trains the backbone itself; set it to 0")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_pretrained_tokenizer(cfg.pretrained)
     data = load_task(cfg, tok)
@@ -248,6 +259,7 @@ def _run(cfg: JobConfig) -> dict[str, Any]:
     ckpt_path = fsio.join(out, CHECKPOINT)
     if fsio.exists(ckpt_path):
         ck = torch.load(io.BytesIO(fsio.read_bytes(ckpt_path)), map_location=device, weights_only=False)
+        check_same_config(out, CHECKPOINT, ck["config"], to_dict(cfg))
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -351,6 +363,7 @@ def _run(cfg: JobConfig) -> dict[str, Any]:
                 "lm_state": lm_state,
                 "streams": streams.state_dict() if streams is not None else None,
                 "rng": rng_state(),
+                "config": to_dict(cfg),
             },
         )
     st["wall"] += time.time() - t0

@@ -21,7 +21,7 @@ from typing import Any
 from pipeline import fsio
 from pipeline.config import override
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.finetune.config import JobConfig, JobSpec, TaskConfig
+from pipeline.finetune.config import JobConfig, JobSpec, TaskConfig, TaskKind
 
 log = logging.getLogger("rnnpipe.finetune")
 
@@ -70,6 +70,8 @@ def expand(sweep: SweepConfig, pretrained: str) -> list[JobConfig]:
         if spec.task not in sweep.tasks:
             raise ConfigError(f"job task {spec.task!r} is not among tasks: {', '.join(sorted(sweep.tasks))}")
         spec = override(spec, sweep.tasks[spec.task].job_overrides, f"in tasks.{spec.task}.job_overrides")
+        if sweep.tasks[spec.task].kind is TaskKind.lm and spec.optim.freeze_steps:
+            raise ConfigError(f"task {spec.task} (lm) trains the backbone itself: set optim.freeze_steps=0")
         name = job_name(values)
         if name in names:
             raise ConfigError(f"grid: two jobs would share the directory {name}")
@@ -113,10 +115,17 @@ def run_one(item: LabelledJob, report: Callable[[int], None]) -> dict[str, Any]:
 
 
 def pending(jobs: list[JobConfig]) -> tuple[list[JobConfig], list[JobConfig]]:
-    """(jobs with a result.json, jobs still to run)."""
+    """(jobs complete with their own config, the others: to run, or to fail saying why)."""
+    import json
+
+    from pipeline.config import to_dict
     from pipeline.finetune.job import RESULT
 
-    done = [j for j in jobs if fsio.exists(fsio.join(j.out_dir, RESULT))]
+    done = []
+    for j in jobs:
+        path = fsio.join(j.out_dir, RESULT)
+        if fsio.exists(path) and json.loads(fsio.read_text(path)).get("config") == to_dict(j):
+            done.append(j)
     return done, [j for j in jobs if j not in done]
 
 

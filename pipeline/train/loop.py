@@ -112,6 +112,9 @@ def train(cfg: PretrainConfig) -> TrainResult:
     nonfinite_run = 0
     status = "done"
     step_delay = float(os.environ.get("RNNPIPE_TEST_STEP_DELAY", "0"))
+    # DeepSpeed keeps the gradient norm where its optimizer wrappers clip (ZeRO >= 1); at ZeRO-0 it
+    # may clip without keeping it (fp32), so the loop takes the norm itself there.
+    own_grad_norm = t.zero_stage == 0
     started = time.time()
 
     def save(step: int) -> Path:
@@ -174,6 +177,10 @@ def train(cfg: PretrainConfig) -> TrainResult:
             nonfinite_run = 0
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
+            next_step = engine.global_steps + 1
+            own_norm = None
+            if boundary and own_grad_norm and (next_step % t.log_every == 0 or next_step == t.steps):
+                own_norm = _grad_norm(engine.module)  # before DeepSpeed clips the gradients
             engine.step()
             hidden = _detach(new_hidden)
             counted = _sum(batch.targets, device)
@@ -195,7 +202,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
                     "train/loss": mean_loss,
                     "train/bpb": mean_loss / math.log(2) / bytes_per_token,
                     "train/lr": engine.get_lr()[0],
-                    "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "train/grad_norm": _first_known(engine.get_global_grad_norm(), own_norm),
                     "train/tokens_per_s": tok_s,
                     "train/tokens_seen": tokens_seen,
                     "train/step_time_s": elapsed / max(window["n"] / t.grad_accum, 1e-9),
@@ -328,6 +335,16 @@ def _any(flag: bool, device: torch.device) -> bool:
     x = torch.tensor([int(flag)], device=device)
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return bool(x.item())
+
+
+def _first_known(*values: Any) -> float:
+    return float(next((v for v in values if v is not None), 0.0))
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    """The global L2 norm of the gradients (already all-reduced across ranks at ZeRO-0)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
 
 
 def _sum(n: int, device: torch.device) -> int:
