@@ -32,8 +32,15 @@ demo: install
 		echo "finetune skipped: it needs SST-2, CoNLL-2003 and PTB in $(DATA) (DATA=...)"; \
 	fi
 
+# As root (CI), the Slurm tests run against a real local cluster (slurm/local-cluster.sh: Debian
+# packages, 2 simulated nodes); elsewhere, or with SLURM_TESTS=0, they skip and say why.
+SLURM_TESTS ?= 1
+
 test: install
 	$(BIN)/ruff check .
+	@if [ "$(SLURM_TESTS)" = 1 ] && [ "$$(id -u)" = 0 ]; then \
+		slurm/local-cluster.sh start 2 || echo "make test: no local Slurm cluster; the Slurm tests will skip"; \
+	fi
 	RNNPIPE_DATA=$(DATA) $(BIN)/pytest -q
 
 lint: install

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
 from dataclasses import dataclass
 
 
@@ -32,6 +33,24 @@ def first_host(nodelist: str) -> str:
     if not ranges:
         return prefix
     return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def node_address(name: str) -> str:
+    """An address for the Slurm node ``name``: the name itself when it resolves (the usual case),
+    else the node's NodeAddr from ``scontrol`` (clusters whose node names are not hostnames)."""
+    try:
+        socket.getaddrinfo(name, None)
+        return name
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "node", name], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return name
+    m = re.search(r"NodeAddr=(\S+)", out)
+    return m.group(1) if m else name
 
 
 def free_port() -> int:
@@ -70,6 +89,8 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
 def init() -> DistEnv:
     """Export the detected layout to the environment and initialize the process group."""
     d = detect()
+    if d.source == "slurm":
+        d.master_addr = node_address(d.master_addr)
     os.environ.update(
         RANK=str(d.rank),
         LOCAL_RANK=str(d.local_rank),
