@@ -36,6 +36,7 @@ from pipeline.finetune.config import Init, JobConfig, TaskKind
 from pipeline.finetune.conlleval import conlleval
 from pipeline.finetune.model import FinetuneModel, parameter_groups, set_dropout
 from pipeline.models.lm import LanguageModel
+from pipeline.models.mixers import detach_state
 from pipeline.models.pretrained import load_pretrained, load_pretrained_tokenizer
 from pipeline.train.checkpoint import rng_state, set_rng_state
 from pipeline.train.data import IGNORE, StreamBatches
@@ -193,16 +194,6 @@ def _save(path: str, state: dict[str, Any]) -> None:
     fsio.write_bytes_atomic(path, buf.getvalue())
 
 
-def _detach(state: Any) -> Any:
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    if isinstance(state, (list, tuple)):
-        return type(state)(_detach(s) for s in state)
-    if isinstance(state, dict):
-        return {k: _detach(v) for k, v in state.items()}
-    return state
-
-
 def run_job(cfg: JobConfig) -> dict[str, Any]:
     """Run (or finish, or skip when complete) one job; returns its result (also in result.json)."""
     out = cfg.out_dir
@@ -292,7 +283,7 @@ def _run(cfg: JobConfig) -> dict[str, Any]:
             if batch.reset:
                 lm_state = None
             logits, lm_state = model.backbone(batch.inputs_BT.to(device), lm_state)
-            lm_state = _detach(lm_state)
+            lm_state = detach_state(lm_state)
             loss = F.cross_entropy(
                 logits.flatten(0, 1), batch.targets_BT.to(device).flatten(), ignore_index=IGNORE
             )

@@ -114,19 +114,23 @@ def run_one(item: LabelledJob, report: Callable[[int], None]) -> dict[str, Any]:
         raise PipelineError(msg) from e
 
 
-def pending(jobs: list[JobConfig]) -> tuple[list[JobConfig], list[JobConfig]]:
-    """(jobs complete with their own config, the others: to run, or to fail saying why)."""
+def pending(jobs: list[JobConfig]) -> tuple[list[dict[str, Any]], list[JobConfig]]:
+    """(the results of jobs complete with their own config, the other jobs: to run, or to fail
+    saying why)."""
     import json
 
     from pipeline.config import to_dict
     from pipeline.finetune.job import RESULT
 
-    done = []
+    done, todo = [], []
     for j in jobs:
         path = fsio.join(j.out_dir, RESULT)
-        if fsio.exists(path) and json.loads(fsio.read_text(path)).get("config") == to_dict(j):
-            done.append(j)
-    return done, [j for j in jobs if j not in done]
+        result = json.loads(fsio.read_text(path)) if fsio.exists(path) else None
+        if result is not None and result.get("config") == to_dict(j):
+            done.append(result)
+        else:
+            todo.append(j)
+    return done, todo
 
 
 def resolve_pretrained(sweep: SweepConfig) -> str:
@@ -160,6 +164,4 @@ def run_sweep(sweep: SweepConfig, executor: Any) -> tuple[list[dict[str, Any]], 
     log.info("%d job(s): %d complete, %d to run", len(jobs), len(done), len(todo))
     items = [LabelledJob(j, job_label(j)) for j in todo]
     results = executor.map(run_one, items, name="finetune") if items else []
-    from pipeline.finetune.job import run_job
-
-    return [run_job(j) for j in done] + results, len(done)
+    return done + results, len(done)

@@ -8,12 +8,23 @@ is a matrix product inside the recurrence) and torch's LSTM and GRU.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from kernels import linear_scan, lrn_recurrence, olrn_recurrence, sru_recurrence
 
 State = Tensor | tuple[Tensor, ...] | None
+
+
+def detach_state(state: Any) -> Any:
+    """A state (or a list of per-layer states) cut from the autograd graph, for truncated BPTT."""
+    if state is None:
+        return None
+    if isinstance(state, Tensor):
+        return state.detach()
+    return type(state)(detach_state(s) for s in state)
 
 
 class Mixer(nn.Module):

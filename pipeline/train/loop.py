@@ -31,6 +31,7 @@ from pipeline.config import to_dict
 from pipeline.data.manifest import load_tokenizer
 from pipeline.errors import PipelineError
 from pipeline.models import LanguageModel, MixerKind, training_flops_per_token
+from pipeline.models.mixers import detach_state
 from pipeline.train import checkpoint
 from pipeline.train.config import DataMode, Precision, PretrainConfig, deepspeed_config
 from pipeline.train.data import IGNORE, ShuffleBatches, SplitReader, StreamBatches
@@ -182,7 +183,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
             if boundary and own_grad_norm and (next_step % t.log_every == 0 or next_step == t.steps):
                 own_norm = _grad_norm(engine.module)  # before DeepSpeed clips the gradients
             engine.step()
-            hidden = _detach(new_hidden)
+            hidden = detach_state(new_hidden)
             counted = _sum(batch.targets, device)
             tokens_seen += counted
             window["loss"] += loss.item()
@@ -351,14 +352,6 @@ def _sum(n: int, device: torch.device) -> int:
     x = torch.tensor([n], device=device, dtype=torch.int64)
     dist.all_reduce(x)
     return int(x.item())
-
-
-def _detach(state: Any) -> Any:
-    if state is None:
-        return None
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    return type(state)(_detach(s) for s in state)
 
 
 def _to(state: Any, device: torch.device) -> Any:
