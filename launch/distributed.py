@@ -108,3 +108,19 @@ def init() -> DistEnv:
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return d
+
+
+def shutdown() -> None:
+    """End the process group cleanly after a rank's work succeeded.
+
+    Ranks finish at different times (rank 0 writes the last files). Without a barrier and an
+    explicit ``destroy_process_group``, an interpreter that exits while gloo's worker threads are
+    still joinable aborts with "terminate called without an active exception" (exit status -6),
+    so a run that trained and saved correctly would report failure. Not called after an error: a
+    barrier there would hang on the rank that died.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -60,6 +60,7 @@ def run_rank(cfg: PretrainConfig) -> int:
 
     distributed.init()
     result = train(cfg)
+    distributed.shutdown()
     return EXIT_PREEMPTED if result.status == "preempted" else 0
 
 

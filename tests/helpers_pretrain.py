@@ -30,6 +30,7 @@ def main(config: str, out: str, overrides: list[str]) -> None:
         logits, _ = result.model(fixed_tokens(result.model.vocab_size))
     if env.rank == 0:
         torch.save(logits.float(), out)
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

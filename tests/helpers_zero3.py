@@ -53,6 +53,9 @@ def main(mixer: str, out: str) -> None:
     with deepspeed.zero.GatheredParameters(params):
         if rank == 0:
             torch.save({n: p.detach().clone() for n, p in engine.module.named_parameters()}, out)
+    from launch.distributed import shutdown
+
+    shutdown()
 
 
 if __name__ == "__main__":
