@@ -19,18 +19,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The whole pipeline on this machine (local executor): prepare -> pretrain (2 ranks, ZeRO-2) ->
+# export -> fine-tune sweep -> the table. Re-running skips what is complete.
+FINETUNE_DATA := $(and $(wildcard $(DATA)/sst2),$(wildcard $(DATA)/conll2003),$(wildcard $(DATA)/ptb))
+
 demo: install
-	$(BIN)/rnnpipe prepare configs/demo.yaml output=$(DEMO_OUT)/data "source.paths=[$(DEMO_INPUT)]"
-	$(BIN)/rnnpipe verify $(DEMO_OUT)/data
-	$(BIN)/rnnpipe pretrain configs/pretrain/tiny-lrn.yaml run_dir=$(DEMO_OUT)/pretrain \
-		data.path=$(DEMO_OUT)/data distributed.nproc=2 train.zero_stage=2
-	$(BIN)/rnnpipe export $(DEMO_OUT)/pretrain $(DEMO_OUT)/model
-	@if [ -d "$(DATA)/sst2" ] && [ -d "$(DATA)/conll2003" ] && [ -d "$(DATA)/ptb" ]; then \
-		$(BIN)/rnnpipe finetune configs/finetune/demo.yaml out_dir=$(DEMO_OUT)/finetune \
-			pretrained=$(DEMO_OUT)/model data_root=$(DATA); \
-	else \
-		echo "finetune skipped: it needs SST-2, CoNLL-2003 and PTB in $(DATA) (DATA=...)"; \
-	fi
+	@$(if $(FINETUNE_DATA),,echo "demo: no SST-2/CoNLL-2003/PTB in $(DATA) (DATA=...): the pipeline stops after pretraining")
+	$(BIN)/rnnpipe run configs/pipeline/quickstart.yaml run_dir=$(DEMO_OUT) \
+		"prepare.source.paths=[$(DEMO_INPUT)]" finetune.data_root=$(DATA) \
+		$(if $(FINETUNE_DATA),,'finetune.config=""')
 
 # As root (CI), the Slurm tests run against a real local cluster (slurm/local-cluster.sh: Debian
 # packages, 2 simulated nodes); elsewhere, or with SLURM_TESTS=0, they skip and say why.

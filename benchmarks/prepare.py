@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("RNNPIPE_PROGRESS", "0")
 
-from launch.cli import PrepareJob, _stage_config  # noqa: E402
 from launch.executors import make_executor  # noqa: E402
+from launch.prepare import PrepareJob, stage_config  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.prepare import prepare  # noqa: E402
 
@@ -86,7 +86,7 @@ def run(
             t = time.perf_counter()
             with make_executor(job.executor, f"{tmp}/logs") as ex:
                 timed = TimedExecutor(ex)
-                prepare(_stage_config(job), timed)
+                prepare(stage_config(job), timed)
             times.append(time.perf_counter() - t)
             breakdowns.append(timed.stages)
     median = statistics.median(times)

@@ -6,6 +6,9 @@
     rnnpipe finetune SWEEP [key.sub=value ...] [--executor inline|local|slurm] [--print-config]
     rnnpipe collect DIR
     rnnpipe verify DIR [--quick]
+    rnnpipe run PIPELINE [key=value | stage.key=value ...] [--executor local|slurm] [--wait]
+    rnnpipe status RUN_DIR
+    rnnpipe plan PIPELINE [overrides]      (for slurm/pipeline.sh)
 
 Exit status: 0 done, 1 the data or a task failed (the message says which file, shard or task),
 2 the command line or config is wrong (the message names the key), 75 pretrain checkpointed on a
@@ -16,28 +19,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from dataclasses import dataclass, field
+import time
 
-from launch.executors import ExecutorConfig, make_executor
 from pipeline import __version__, fsio
-from pipeline.config import base_config, load_config, to_yaml
-from pipeline.data.config import PrepareConfig
+from pipeline.config import load_config, to_yaml
 from pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger("rnnpipe")
-
-
-@dataclass
-class PrepareJob(PrepareConfig):
-    """A prepare config plus how to run it; the stage itself never sees ``executor``."""
-
-    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
-
-
-def _stage_config(job: PrepareJob) -> PrepareConfig:
-    return base_config(job, PrepareConfig)
 
 
 def _load_job(schema: type, args: argparse.Namespace):
@@ -50,30 +39,13 @@ def _load_job(schema: type, args: argparse.Namespace):
     return job
 
 
-def _write_config(directory: str, job: object) -> None:
-    """The resolved job config as ``config.yaml`` in the stage's output directory."""
-    fsio.makedirs(directory)
-    fsio.write_text_atomic(fsio.join(directory, "config.yaml"), to_yaml(job))
-
-
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from pipeline.data.prepare import prepare
+    from launch.prepare import PrepareJob, run
 
     job = _load_job(PrepareJob, args)
     if job is None:
         return 0
-    text = to_yaml(job)
-    stage = _stage_config(job)
-    root = fsio.absolute(stage.output)
-    work = fsio.absolute(stage.work_dir) if stage.work_dir else fsio.join(root, ".work")
-    with make_executor(job.executor, fsio.join(work, "slurm")) as executor:
-        manifest = prepare(stage, executor, config_yaml=text)
-    for split, info in manifest["splits"].items():
-        print(
-            f"{split}: {info['tokens']:,} tokens, {info['bytes']:,} bytes, {info['documents']:,} documents, "
-            f"{info['samples']:,} samples in {len(info['shards'])} shard(s)"
-        )
-    print(f"dataset: {root}")
+    run(job)
     return 0
 
 
@@ -93,25 +65,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from launch.executors import ExecutorKind
-    from launch.pretrain import PretrainJob, launch
+    from launch.pretrain import PretrainJob, run
 
     job = _load_job(PretrainJob, args)
     if job is None:
         return 0
-    job.run_dir = fsio.absolute(job.run_dir)
-    job.data.path = fsio.absolute(job.data.path)
-    launcher = job.executor.kind is not ExecutorKind.inline
-    if launcher or os.environ.get("RANK", "0") == "0":
-        _write_config(job.run_dir, job)
-    argv = ["pretrain", args.config, *args.overrides]
-    code = launch(job, argv, wait=args.wait)
-    if code and launcher:
-        print(
-            f"rnnpipe: pretrain checkpointed on a signal (exit status {code}); run it again to continue",
-            file=sys.stderr,
-        )
-    return code
+    return run(job, ["pretrain", args.config, *args.overrides], wait=args.wait, export=args.export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -123,37 +82,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from launch.executors import ExecutorKind, TasksFailed
-    from launch.finetune import FinetuneJob, stage_config
-    from pipeline.finetune.collect import collect
-    from pipeline.finetune.sweep import run_sweep
+    from launch.finetune import FinetuneJob, run, run_only
 
     job = _load_job(FinetuneJob, args)
     if job is None:
         return 0
-    sweep = stage_config(job)
-    sweep.out_dir = fsio.absolute(sweep.out_dir)
-    _write_config(sweep.out_dir, job)
-    if job.executor.kind is ExecutorKind.local and "OMP_NUM_THREADS" not in os.environ:
-        # Each worker process trains one job: share the cores instead of oversubscribing them.
-        workers = job.executor.workers or len(os.sched_getaffinity(0))
-        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
-    failed: TasksFailed | None = None
-    with make_executor(job.executor, fsio.join(sweep.out_dir, "slurm"), requeue=True) as executor:
-        try:
-            results, skipped = run_sweep(sweep, executor)
-            print(f"finetune: {len(results) - skipped} job(s) run, {skipped} already complete")
-        except TasksFailed as e:
-            failed = e
-    try:
-        md, _ = collect(sweep.out_dir)
-        print(md, end="")
-        print(f"results: {fsio.join(sweep.out_dir, 'results.md')}")
-    except PipelineError:
-        if failed is None:
-            raise
-    if failed is not None:
-        raise failed
+    if args.only is not None:
+        run_only(job, args.only)
+    else:
+        run(job)
     return 0
 
 
@@ -164,6 +101,49 @@ def cmd_collect(args: argparse.Namespace) -> int:
     print(md, end="")
     print(f"{len(rows)} row(s) written to {fsio.join(fsio.absolute(args.dir), 'results.md')} and results.csv")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from launch import pipeline
+
+    p = pipeline.load(args.config, list(args.overrides), args.executor)
+    if args.print_config:
+        print(to_yaml(p.cfg), end="")
+        for name in pipeline.STAGES:
+            job = getattr(p, name)
+            if job is not None:
+                print(f"# ---- {name} ----\n{to_yaml(job)}", end="")
+        return 0
+    if p.cfg.executor.value == "slurm":
+        return pipeline.submit_slurm(p, wait=args.wait)
+    return pipeline.run_local(p)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from launch import pipeline, sbatch
+
+    print(sbatch.shell_plan(pipeline.load(args.config, list(args.overrides), "slurm")), end="")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from launch import pipeline, status
+
+    run_dir = fsio.absolute(args.run_dir)
+    if args.record:
+        stage, job_id, logs = args.record
+        entry = {
+            "job_id": job_id,
+            "logs": [logs],
+            "after": args.after or "",
+            "tasks": args.tasks or [],
+            "submitted_at": time.time(),
+        }
+        pipeline.record(run_dir, stage, entry)
+        return 0
+    if args.wait:
+        return pipeline.wait_for(run_dir, args.poll)
+    return status.show(run_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--executor", choices=["inline", "local", "slurm"], help="overrides executor.kind")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--wait", action="store_true", help="slurm: wait for the job to end")
+    t.add_argument(
+        "--export", action="store_true", help="when training is done, export the model to RUN_DIR/export"
+    )
     t.set_defaults(func=cmd_pretrain)
 
     e = sub.add_parser("export", help="a pretrain checkpoint as one fp32 safetensors file")
@@ -211,7 +194,52 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. job.max_steps=100")
     f.add_argument("--executor", choices=["inline", "local", "slurm"], help="overrides executor.kind")
     f.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    f.add_argument(
+        "--only",
+        type=int,
+        metavar="INDEX",
+        help="run only job INDEX of the grid (0-based, grid order) in this process: a task of an "
+        "sbatch array (slurm/finetune.sbatch)",
+    )
     f.set_defaults(func=cmd_finetune)
+
+    r = sub.add_parser(
+        "run",
+        help="run the whole pipeline: prepare → pretrain → finetune → collect",
+        description="Chain the stages: on this machine (local), or as Slurm jobs with dependencies "
+        "(slurm: submits and returns; --wait to wait). Re-running skips complete stages.",
+    )
+    r.add_argument("config", help="pipeline YAML (see configs/pipeline/)")
+    r.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value for the pipeline, stage.key=value for a stage (pretrain.train.steps=50)",
+    )
+    r.add_argument("--executor", choices=["local", "slurm"], help="overrides executor")
+    r.add_argument("--wait", action="store_true", help="slurm: wait for every job; exit 1 if one failed")
+    r.add_argument("--print-config", action="store_true", help="print the resolved configs and exit")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="the stages of a pipeline run: jobs, states, failures with log tails")
+    s.add_argument("run_dir", help="the pipeline's run_dir")
+    s.add_argument(
+        "--record",
+        nargs=3,
+        metavar=("STAGE", "JOB_ID", "LOG"),
+        help="record a submitted job (slurm/pipeline.sh)",
+    )
+    s.add_argument("--wait", action="store_true", help="wait until every job has ended; exit 1 if one failed")
+    s.add_argument("--poll", type=float, default=10.0, help="with --wait: seconds between looks")
+    s.add_argument("--after", help="with --record: the job's dependency")
+    s.add_argument("--tasks", nargs="*", help="with --record: the names of an array's tasks, in index order")
+    s.set_defaults(func=cmd_status)
+
+    pl = sub.add_parser(
+        "plan", help="the pipeline as bash variables for slurm/pipeline.sh (configs, sbatch options)"
+    )
+    pl.add_argument("config", help="pipeline YAML")
+    pl.add_argument("overrides", nargs="*", help="as for run")
+    pl.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("collect", help="aggregate a sweep's result.json files into a table")
     c.add_argument("dir", help="a sweep's out_dir (result.json files are found at any depth)")

@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import subprocess
+import warnings
 from dataclasses import dataclass
 
 
@@ -100,6 +101,8 @@ def init() -> DistEnv:
     )
     import torch
 
+    # DeepSpeed calls torch's renamed collectives: one FutureWarning per call would bury the log.
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     else:

@@ -272,15 +272,27 @@ class LocalExecutor(Executor):
         return results
 
 
-def _run_chunk(fn: TaskFn, chunk: list[Any]) -> list[tuple[bool, Any]]:
-    """One Slurm array task: runs its items in order; a failure is recorded, not raised."""
-    out: list[tuple[bool, Any]] = []
+class ChunkFailed(RuntimeError):
+    """An array task ran its items and some failed: the task exits non-zero, so Slurm (sacct, and
+    ``afterok`` dependencies) sees it FAILED. The message names each failed item with its error."""
+
+
+def _run_chunk(fn: TaskFn, chunk: list[Any]) -> list[Any]:
+    """One Slurm array task: runs every item of its chunk in order, then fails if any failed."""
+    from launch.slurm import task_setup
+
+    task_setup()
+    out: list[Any] = []
+    failures: list[str] = []
     for item in chunk:
         try:
-            out.append((True, fn(item, lambda n: None)))
+            out.append(fn(item, lambda n: None))
         except Exception as e:
             print(f"task {_label(item)} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-            out.append((False, _error_text(e)))
+            failures.append(f"task {_label(item)} failed: {_error_text(e).strip()}")
+            out.append(None)
+    if failures:
+        raise ChunkFailed("\n".join(failures))
     return out
 
 
@@ -288,8 +300,23 @@ class _RequeueableChunk(submitit.helpers.Checkpointable):
     """An array task that submitit requeues on preemption or timeout (USR2 before the limit):
     it runs its chunk again, so its task function must resume or skip finished work."""
 
-    def __call__(self, fn: TaskFn, chunk: list[Any]) -> list[tuple[bool, Any]]:
+    def __call__(self, fn: TaskFn, chunk: list[Any]) -> list[Any]:
         return _run_chunk(fn, chunk)
+
+
+@dataclass
+class SubmittedArray:
+    """A job array submitted for a map: its submitit jobs and which items each task runs."""
+
+    name: str
+    jobs: list[Any]
+    chunks: list[list[int]]
+    log_dir: str
+
+    @property
+    def job_id(self) -> str:
+        """The array's job id (what ``afterok:`` and ``sacct -j`` take)."""
+        return str(self.jobs[0].job_id).split("_")[0]
 
 
 class SlurmExecutor(Executor):
@@ -320,7 +347,9 @@ class SlurmExecutor(Executor):
             if getattr(c, key):
                 params[key] = getattr(c, key)
         if c.extra:
-            params["additional_parameters"] = dict(c.extra)
+            from launch.slurm import submitit_extra
+
+            params["additional_parameters"] = submitit_extra(c.extra)
         if c.setup:
             params["setup"] = list(c.setup)
         return params
@@ -339,25 +368,40 @@ class SlurmExecutor(Executor):
         ex.update_parameters(**self.slurm_parameters(name))
         return ex
 
-    def map(self, fn, items, *, name, weights=None):
-        if not items:
-            return []
+    def submit(self, fn: TaskFn, items: Sequence[Any], *, name: str, dependency: str = "") -> SubmittedArray:
+        """Submit ``items`` as one job array (at most ``max_array_size`` tasks) and return at once.
+        ``dependency``: an sbatch ``--dependency`` value (``afterok:123``); the array is then also
+        cancelled when the dependency can never be met (``--kill-on-invalid-dep``)."""
+        import submitit
+
         n_chunks = min(len(items), self.cfg.max_array_size)
         bounds = [round(k * len(items) / n_chunks) for k in range(n_chunks + 1)]
         chunks = [list(range(bounds[k], bounds[k + 1])) for k in range(n_chunks)]
         ex = self.submitit_executor(name)
+        if dependency:
+            extra = dict(ex.parameters.get("additional_parameters") or {})
+            extra.update({"dependency": dependency, "kill-on-invalid-dep": "yes"})
+            ex.update_parameters(additional_parameters=extra)
         runner = _RequeueableChunk() if self.requeue else _run_chunk
-        jobs = ex.map_array(runner, [fn] * n_chunks, [[items[i] for i in c] for c in chunks])
+        with submitit.helpers.clean_env():  # from inside a job, inherit none of its SLURM_* settings
+            jobs = ex.map_array(runner, [fn] * n_chunks, [[items[i] for i in c] for c in chunks])
+        return SubmittedArray(name, jobs, chunks, os.path.join(self.log_dir, name))
+
+    def map(self, fn, items, *, name, weights=None):
+        if not items:
+            return []
+        array = self.submit(fn, items, name=name)
+        jobs, chunks = array.jobs, array.chunks
         print(
-            f"{name}: submitted Slurm job array {jobs[0].job_id.split('_')[0]} "
-            f"({n_chunks} tasks, logs in {self.log_dir}/{name})",
+            f"{name}: submitted Slurm job array {array.job_id} "
+            f"({len(chunks)} tasks, logs in {array.log_dir})",
             file=sys.stderr,
             flush=True,
         )
         progress = _Progress(name, weights, len(items))
         results: list[Any] = [None] * len(items)
         failures: list[tuple[str, str]] = []
-        pending = set(range(n_chunks))
+        pending = set(range(len(chunks)))
         try:
             while pending:
                 for k in sorted(pending):
@@ -368,16 +412,12 @@ class SlurmExecutor(Executor):
                     try:
                         outcomes = job.result()
                     except Exception as e:
-                        tail = "\n".join((job.stderr() or "").splitlines()[-20:])
+                        failures.extend(_chunk_failures(job, e, [items[i] for i in chunks[k]]))
                         for i in chunks[k]:
-                            failures.append((_label(items[i]), f"job {job.job_id}: {e}\n{tail}"))
                             progress.finish(i)
                         continue
-                    for i, (ok, value) in zip(chunks[k], outcomes, strict=True):
-                        if ok:
-                            results[i] = value
-                        else:
-                            failures.append((_label(items[i]), f"job {job.job_id}: {value}"))
+                    for i, value in zip(chunks[k], outcomes, strict=True):
+                        results[i] = value
                         progress.finish(i)
                 if pending:
                     time.sleep(self.cfg.poll_s)
@@ -390,6 +430,27 @@ class SlurmExecutor(Executor):
         if failures:
             raise TasksFailed(name, failures, len(items))
         return results
+
+
+def _chunk_failures(job: Any, error: Exception, chunk: list[Any]) -> list[tuple[str, str]]:
+    """(label, error) for each item of a failed array task. A :class:`ChunkFailed` names its failed
+    items; the others of its chunk ran, but their results went with the task (a re-run skips their
+    finished work). A task that died another way (killed, out of memory) fails every item."""
+    text = str(error)
+    if "ChunkFailed: " in text:
+        message = text.split("ChunkFailed: ", 1)[1].split("\n----", 1)[0]
+        sections = message.split("\ntask ")
+        out = []
+        for item in chunk:
+            mine = [m for m in sections if m.removeprefix("task ").startswith(f"{_label(item)} failed:")]
+            if mine:
+                out.append((_label(item), f"job {job.job_id}: " + mine[0].split(" failed: ", 1)[1]))
+            else:
+                lost = "its result was lost with its array task (another item failed)"
+                out.append((_label(item), f"job {job.job_id}: {lost}"))
+        return out
+    tail = "\n".join((job.stderr() or "").splitlines()[-20:])
+    return [(_label(item), f"job {job.job_id}: {text}\n{tail}") for item in chunk]
 
 
 def make_executor(cfg: ExecutorConfig, log_dir: str, requeue: bool = False) -> Executor:

@@ -18,13 +18,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from launch.distributed import free_port
 from launch.executors import ExecutorConfig, ExecutorKind
 from pipeline.config import base_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.train.config import PretrainConfig
-from pipeline.train.signals import EXIT_PREEMPTED
+from pipeline.train.signals import EXIT_PREEMPTED, StopFlag, ignore_late_warnings
 
 log = logging.getLogger("rnnpipe")
 
@@ -53,15 +54,30 @@ def stage_config(job: PretrainJob) -> PretrainConfig:
     return base_config(job, PretrainConfig)
 
 
-def run_rank(cfg: PretrainConfig) -> int:
+def run_rank(cfg: PretrainConfig, stop: StopFlag | None = None) -> int:
     """This process's part of the run; returns the exit status (0, or EXIT_PREEMPTED)."""
     from launch import distributed
     from pipeline.train.loop import train
 
     distributed.init()
-    result = train(cfg)
+    result = train(cfg, stop)
     distributed.shutdown()
     return EXIT_PREEMPTED if result.status == "preempted" else 0
+
+
+def export_dir(cfg: PretrainConfig) -> str:
+    """Where ``--export`` puts the final model: ``<run_dir>/export``."""
+    return os.path.join(cfg.run_dir, "export")
+
+
+def export_final(cfg: PretrainConfig) -> str:
+    """Export the finished run's last checkpoint to :func:`export_dir`."""
+    from pipeline.train.export import export
+
+    out = export_dir(cfg)
+    export(cfg.run_dir, out)
+    log.info("exported the final model to %s", out)
+    return out
 
 
 def run_local(argv: list[str], nproc: int) -> int:
@@ -115,29 +131,47 @@ def run_local(argv: list[str], nproc: int) -> int:
     return EXIT_PREEMPTED if EXIT_PREEMPTED in codes.values() else 0
 
 
-def _slurm_task(cfg: PretrainConfig) -> int:
-    code = run_rank(cfg)
+def slurm_task(cfg: PretrainConfig, export: bool = False) -> int:
+    """One task of the Slurm job (run by submitit through srun on every node)."""
+    # First of all: a USR2 or TERM that arrives while torch and DeepSpeed load is kept, not lost
+    # (or, worse, taken by submitit's own handler, which would end the job as failed).
+    stop = StopFlag().install()
+    from launch.slurm import task_setup
+
+    task_setup()
+    code = run_rank(cfg, stop)
+    if code == 0:
+        ignore_late_warnings()
+    rank0 = os.environ.get("SLURM_PROCID") == "0"
     # Checkpointed on a signal: rank 0 asks Slurm to run the job again (it was submitted --requeue).
-    if code == EXIT_PREEMPTED and os.environ.get("SLURM_PROCID") == "0":
+    if code == EXIT_PREEMPTED and rank0:
         subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+    if code == 0 and export and rank0:
+        export_final(cfg)
     return code
 
 
-def submit_slurm(job: PretrainJob, wait: bool) -> int:
+def slurm_executor(job: PretrainJob, folder: str, dependency: str = "") -> Any:
+    """The submitit executor for the pretrain job: nodes × tasks through srun, USR2 ahead of the
+    time limit, --requeue; ``dependency`` (``afterok:123``) also cancels it if never met."""
     import submitit
 
     c, d = job.executor.slurm, job.distributed
-    tasks = d.gpus_per_node or max(1, d.nproc)
-    ex = submitit.SlurmExecutor(folder=os.path.join(job.run_dir, "slurm", "%j"), max_num_timeout=0)
-    params = dict(
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
+    from launch.slurm import submitit_extra
+
+    extra: dict[str, Any] = {"requeue": True, **submitit_extra(c.extra)}
+    if dependency:
+        extra.update({"dependency": dependency, "kill-on-invalid-dep": "yes"})
+    params: dict[str, Any] = dict(
         job_name="rnnpipe-pretrain",
         nodes=d.nodes,
-        ntasks_per_node=tasks,
+        ntasks_per_node=tasks_per_node(job),
         cpus_per_task=c.cpus_per_task,
         mem=f"{c.mem_gb:g}GB",
         time=c.time_min,
         signal_delay_s=d.signal_grace_s,
-        additional_parameters={"requeue": True, **c.extra},
+        additional_parameters=extra,
     )
     if d.gpus_per_node:
         params["gpus_per_node"] = d.gpus_per_node
@@ -147,9 +181,24 @@ def submit_slurm(job: PretrainJob, wait: bool) -> int:
     if c.setup:
         params["setup"] = list(c.setup)
     ex.update_parameters(**params)
-    sjob = ex.submit(_slurm_task, stage_config(job))
+    return ex
+
+
+def tasks_per_node(job: PretrainJob) -> int:
+    """Ranks per node: one per GPU, else ``distributed.nproc`` (at least 1)."""
+    d = job.distributed
+    return d.gpus_per_node or max(1, d.nproc)
+
+
+def submit_slurm(job: PretrainJob, wait: bool, export: bool = False) -> int:
+    import submitit
+
+    ex = slurm_executor(job, os.path.join(job.run_dir, "slurm", "%j"))
+    with submitit.helpers.clean_env():
+        sjob = ex.submit(slurm_task, stage_config(job), export)
     print(
-        f"submitted Slurm job {sjob.job_id}: {d.nodes} node(s) × {tasks} task(s); logs in {job.run_dir}/slurm"
+        f"submitted Slurm job {sjob.job_id}: {job.distributed.nodes} node(s) × {tasks_per_node(job)} "
+        f"task(s); logs in {job.run_dir}/slurm"
     )
     if not wait:
         return 0
@@ -157,10 +206,44 @@ def submit_slurm(job: PretrainJob, wait: bool) -> int:
     return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
 
 
-def launch(job: PretrainJob, argv: list[str], wait: bool = False) -> int:
+def launch(job: PretrainJob, argv: list[str], wait: bool = False, export: bool = False) -> int:
+    """Run the stage with ``job.executor``; ``export``: write ``<run_dir>/export`` once it is done."""
     kind = job.executor.kind
+    if kind is ExecutorKind.slurm:
+        return submit_slurm(job, wait, export)
     if kind is ExecutorKind.inline:
-        return run_rank(stage_config(job))
-    if kind is ExecutorKind.local:
-        return run_local(argv, job.distributed.nproc)
-    return submit_slurm(job, wait)
+        stop = StopFlag().install()  # before torch loads: see slurm_task
+        if "SLURM_JOB_ID" in os.environ:  # a task of srun (slurm/pretrain.sbatch)
+            from launch.slurm import task_setup
+
+            task_setup()
+        code = run_rank(stage_config(job), stop)
+        if code == 0:
+            ignore_late_warnings()
+        rank0 = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    else:
+        code = run_local(argv, job.distributed.nproc)
+        rank0 = True
+    if code == 0 and export and rank0:
+        export_final(stage_config(job))
+    return code
+
+
+def run(job: PretrainJob, argv: list[str], wait: bool = False, export: bool = False) -> int:
+    """The ``rnnpipe pretrain`` command: absolute paths, ``config.yaml`` in the run dir, launch."""
+    from pipeline import fsio
+    from pipeline.config import to_yaml
+
+    job.run_dir = fsio.absolute(job.run_dir)
+    job.data.path = fsio.absolute(job.data.path)
+    launcher = job.executor.kind is not ExecutorKind.inline
+    if launcher or os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        fsio.makedirs(job.run_dir)
+        fsio.write_text_atomic(fsio.join(job.run_dir, "config.yaml"), to_yaml(job))
+    code = launch(job, argv, wait=wait, export=export)
+    if code and launcher:
+        print(
+            f"rnnpipe: pretrain checkpointed on a signal (exit status {code}); run it again to continue",
+            file=sys.stderr,
+        )
+    return code

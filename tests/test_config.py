@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch.cli import PrepareJob
+from launch.prepare import PrepareJob
 from pipeline.config import load_config, to_yaml
 from pipeline.data.config import SourceKind, TokenizerKind
 from pipeline.errors import ConfigError
@@ -119,7 +119,12 @@ def test_every_shipped_config_loads(path):
     from launch.finetune import FinetuneJob
     from launch.pretrain import PretrainJob
 
-    if path.parent.name == "pretrain":
+    if path.parent.name == "pipeline":
+        from launch.pipeline import load
+
+        p = load(str(path), [])  # every stage file it names loads too
+        assert p.prepare.output.startswith(p.run_dir) and p.finetune is not None
+    elif path.parent.name == "pretrain":
         job = load_config(PretrainJob, str(path))
         assert job.run_dir and job.data.path
     elif path.parent.name == "finetune":

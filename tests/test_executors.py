@@ -85,3 +85,28 @@ def test_make_executor_follows_config(tmp_path):
     assert isinstance(local, LocalExecutor) and local.workers == 3
     slurm = make_executor(ExecutorConfig(kind=ExecutorKind.slurm), str(tmp_path / "logs"))
     assert isinstance(slurm, SlurmExecutor) and slurm.log_dir == str(tmp_path / "logs")
+
+
+def test_an_array_task_runs_all_its_items_then_fails_naming_the_failed_ones(capsys):
+    """On Slurm a failed item makes its array task exit non-zero (sacct: FAILED, afterok unmet);
+    the submitting side still names each failed item with its own error."""
+    from launch.executors import ChunkFailed, _chunk_failures, _run_chunk
+
+    assert _run_chunk(square_or_fail, [2, 4]) == [4, 16]
+    with pytest.raises(ChunkFailed) as e:
+        _run_chunk(square_or_fail, [3, 2, 3])
+    assert str(e.value).count("task 3 failed:") == 2 and "three is not allowed" in str(e.value)
+    assert "task 3 failed:" in capsys.readouterr().err  # the traceback goes to the task's log
+
+    class Job:  # what submitit's job.result() raised, as text
+        job_id = "41_7"
+
+        def stderr(self):
+            return "log"
+
+    trace = f"Job failed\n----\nTraceback ...\nlaunch.executors.ChunkFailed: {e.value}\n----\nlogs at"
+    failures = dict(_chunk_failures(Job(), RuntimeError(trace), [3, 2]))
+    assert failures["3"].startswith("job 41_7: ") and "three is not allowed" in failures["3"]
+    assert "lost with its array task" in failures["2"]
+    killed = dict(_chunk_failures(Job(), RuntimeError("job 41_7 was killed (OUT_OF_MEMORY)"), [5]))
+    assert "OUT_OF_MEMORY" in killed["5"] and killed["5"].endswith("log")

@@ -307,6 +307,33 @@ def test_sigusr2_checkpoints_and_exits_to_be_requeued(dataset, tmp_path):
     assert sorted(losses(run_dir)) == list(range(1, 41))
 
 
+def test_a_signal_during_the_final_evaluation_requeues_and_the_rerun_evaluates(dataset, tmp_path):
+    """The last checkpoint is written before the final evaluation: a signal then must not leave the
+    job to run into its time limit, but exit to be requeued; the rerun only evaluates."""
+    run_dir = tmp_path / "run"
+    cmd = pretrain_cmd(run_dir, dataset, "train.steps=6", "train.log_every=1", "train.eval_every=0")
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RNNPIPE_TEST_EVAL_DELAY": "0.05"},
+    )
+    wait_for(lambda: (run_dir / "checkpoints/step00000006/COMPLETE").exists(), proc, "the last checkpoint")
+    time.sleep(1.0)  # into the final evaluation of valid (hundreds of batches at 0.05 s)
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert "during the final evaluation: exiting to be requeued" in err
+    assert not [m for m in metrics(run_dir) if "valid/loss" in m]  # nothing half-reported
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and "step00000006" in again.stderr
+    finals = [m for m in metrics(run_dir) if "valid/loss" in m or "test/loss" in m]
+    assert [(m["step"], "valid/loss" in m) for m in finals] == [(6, True), (6, False)]  # once each
+    assert sorted(losses(run_dir)) == list(range(1, 7))
+
+
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(dataset, tmp_path):
     run_dir = tmp_path / "run"
     cmd = pretrain_cmd(

@@ -12,10 +12,11 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, data_file
+from tests.conftest import DATA, REPO, data_file
 from tests.test_finetune import sweep_yaml
 
 
@@ -140,3 +141,238 @@ def test_finetune_sweep_as_a_job_array(slurm, tmp_path):
     array = done.stderr.split("submitted Slurm job array ")[1].split()[0]
     states = sacct_states(array)
     assert [v.split("|")[0] for k, v in states.items() if "." not in k] == ["COMPLETED"] * 4, states
+
+
+# ------------------------------------------------------------------------------- the pipeline
+
+
+def rnnpipe_command() -> str:
+    """The rnnpipe executable beside this Python (the .venv's), for slurm/pipeline.sh."""
+    exe = Path(sys.executable).parent / "rnnpipe"
+    return str(exe) if exe.exists() else "rnnpipe"
+
+
+LOCAL_SLURM = REPO / "configs" / "pipeline" / "local-slurm.yaml"
+
+
+def pipeline_args(tmp_path: Path, prepare: str = "", sources: list[str] | None = None) -> list[str]:
+    """configs/pipeline/local-slurm.yaml, shortened: enwik8-head → 20 steps of a tiny LRN on 2
+    ranks (one per node) → 2 tasks × {pretrained, scratch} for 10 steps → the table."""
+    sources = sources or [str(data_file("enwik8-head/enwik8-head.txt"))]
+    return [
+        str(LOCAL_SLURM),
+        f"run_dir={tmp_path / 'run'}",
+        *([f"prepare.config={REPO / prepare}"] if prepare else []),
+        f"prepare.source.paths=[{','.join(sources)}]",
+        "pretrain.train.steps=20",
+        "pretrain.train.eval_every=10",
+        "pretrain.train.checkpoint_every=10",
+        "pretrain.train.log_every=10",
+        "pretrain.train.eval_max_tokens=20000",
+        f"finetune.data_root={DATA}",
+        "finetune.grid.task=[sst2,ptb]",
+        "finetune.job.max_steps=10",
+        "finetune.job.eval_every=5",
+        "finetune.tasks.sst2.max_train=256",
+        "finetune.tasks.sst2.max_dev=128",
+        "finetune.tasks.ptb.max_train=256",
+    ]
+
+
+def recorded_jobs(run_dir: Path) -> dict[str, str]:
+    state = json.loads((run_dir / "pipeline.json").read_text())
+    return {k: v["job_id"] for k, v in state["stages"].items() if v.get("job_id")}
+
+
+def assert_pipeline_completed(run_dir: Path) -> None:
+    """Every job and array task COMPLETED in sacct, pretrain as 2 ranks on 2 nodes, and the table."""
+    jobs = recorded_jobs(run_dir)
+    assert sorted(jobs) == ["collect", "finetune", "prepare", "pretrain"]
+    for stage, job_id in jobs.items():
+        states = sacct_states(job_id)
+        top = {k: v for k, v in states.items() if "." not in k}
+        assert top and all(v.startswith("COMPLETED|") for v in top.values()), (stage, states)
+    pre = jobs["pretrain"]
+    steps = {
+        k: v for k, v in sacct_states(pre).items() if k.startswith(f"{pre}.") and k[len(pre) + 1 :].isdigit()
+    }
+    assert list(steps.values()) == ["COMPLETED|n[1-2]"], steps  # one srun step, over both nodes
+    ckpt = run_dir / "pretrain" / "checkpoints" / "step00000020"
+    assert sorted(p.name for p in ckpt.glob("rank*.pt")) == ["rank00000.pt", "rank00001.pt"]  # world size 2
+    assert len(sacct_states(jobs["finetune"])) >= 4  # the array's 4 tasks (and their steps)
+    md = (run_dir / "finetune" / "results.md").read_text()
+    for row in ("| ptb | pretrained |", "| ptb | scratch |", "| sst2 | pretrained |", "| sst2 | scratch |"):
+        assert row in md
+
+
+def test_pipeline_through_rnnpipe_run(slurm, tmp_path):
+    args = pipeline_args(tmp_path)
+    run_dir = tmp_path / "run"
+    done = rnnpipe("run", *args, "--wait", timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert_pipeline_completed(run_dir)
+    driver_log = next((run_dir / "slurm").glob("*/prepare/*/*_0_log.err")).read_text()
+    assert (
+        "encode: submitted Slurm job array" in driver_log and "pack: submitted Slurm job array" in driver_log
+    )
+    status = rnnpipe("status", str(run_dir))
+    assert status.returncode == 0 and status.stdout.count("COMPLETED") >= 4, status.stdout
+    # again: nothing to do, nothing submitted
+    again = rnnpipe("run", *args)
+    assert again.returncode == 0 and "every stage is complete" in again.stdout, again.stdout + again.stderr
+    assert recorded_jobs(run_dir) == {}
+
+
+def test_pipeline_through_plain_sbatch(slurm, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RNNPIPE": rnnpipe_command(), "RNNPIPE_PROGRESS": "0"}
+    done = subprocess.run(
+        ["bash", str(REPO / "slurm" / "pipeline.sh"), *pipeline_args(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "collect: Slurm job" in done.stdout
+    waited = rnnpipe("status", str(run_dir), "--wait", "--poll", "1", timeout=900)
+    assert waited.returncode == 0, waited.stdout[-3000:]
+    assert_pipeline_completed(run_dir)
+    assert "exported the final model" in next((run_dir / "logs").glob("pretrain-*.out")).read_text()
+
+
+def final_metrics(run_dir: Path) -> dict[tuple[int, str], float]:
+    return {
+        (m["step"], k): v
+        for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        for k, v in m.items()
+        if k.endswith(("loss", "bpb", "ppl"))
+    }
+
+
+def test_a_requeued_pretrain_job_resumes_and_ends_as_an_uninterrupted_run(slurm, tmp_path):
+    """Requeued twice over: by `scontrol requeue`, and by its time limit's USR2. Both runs, and a
+    run of the same 2 ranks on local processes, end with bit-identical metrics."""
+    data = tmp_path / "data"
+    src = data_file("enwik8-head/enwik8-head.txt")
+    assert rnnpipe("prepare", "configs/demo.yaml", f"output={data}", f"source.paths=[{src}]").returncode == 0
+    common = [
+        "pretrain",
+        "configs/pretrain/tiny-lrn.yaml",
+        f"data.path={data}",
+        "train.steps=60",
+        "train.log_every=5",
+        "train.eval_every=0",
+        "train.checkpoint_every=10",
+        "train.eval_max_tokens=20000",
+        "distributed.nodes=2",
+        "distributed.nproc=1",
+        *SMALL[:2],
+    ]
+
+    def submit(run_dir: Path, delay: str, *extra: str) -> str:
+        env = {**os.environ, "RNNPIPE_PROGRESS": "0", "RNNPIPE_TEST_STEP_DELAY": delay}
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "launch",
+                "-q",
+                *common,
+                f"run_dir={run_dir}",
+                *extra,
+                "--executor",
+                "slurm",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.split("submitted Slurm job ")[1].split(":")[0]
+
+    requeued, timed = tmp_path / "requeued", tmp_path / "timed"
+    a = submit(requeued, "0.5")
+    # Slurm sends USR2 at 50 s or up to 30 s earlier; the run needs more than 60 s.
+    b = submit(timed, "1.0", "executor.slurm.time_min=1", "distributed.signal_grace_s=10")
+    reference = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launch",
+            "-q",
+            *common,
+            f"run_dir={tmp_path / 'ref'}",
+            "distributed.nproc=2",
+            "--executor",
+            "local",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (requeued / "metrics.jsonl").exists() or len(final_metrics(requeued)) < 4:
+        assert time.time() < deadline, "the first job never logged 4 times"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "requeue", a], check=True)
+    _, err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err[-3000:]
+    for job_id in (a, b):
+        deadline = time.time() + 600
+        while (
+            not sacct_states(job_id)
+            .get(job_id, "")
+            .startswith(("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+        ):
+            assert time.time() < deadline, f"job {job_id} did not end"
+            time.sleep(2)
+        assert sacct_states(job_id)[job_id].startswith("COMPLETED"), sacct_states(job_id)
+    ref = final_metrics(tmp_path / "ref")
+    assert (60, "test/bpb") in ref
+    for run_dir, signal_line in ((requeued, "signal 15: checkpointed"), (timed, "signal 12: checkpointed")):
+        log = (run_dir / "slurm").glob("*/*_0_log.err")
+        text = "\n".join(p.read_text() for p in log)
+        assert signal_line in text and "resumed from" in text, text[-3000:]
+        assert final_metrics(run_dir) == ref  # every logged loss, and valid/test at the end, bit for bit
+
+
+def test_a_failed_prepare_task_cancels_the_stages_after_it(slurm, tmp_path):
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("To be, or not to be, that is the question.\n" * 200)
+    bad.write_bytes(b"fine text\n" * 10 + b"broken \xff byte\n")
+    args = pipeline_args(tmp_path, "configs/prepare/tinyshakespeare.yaml", [str(good), str(bad)])
+    run_dir = tmp_path / "run"
+    done = rnnpipe("run", *args, "--wait", timeout=600)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    jobs = recorded_jobs(run_dir)
+    assert sacct_states(jobs["prepare"])[jobs["prepare"]].startswith("FAILED")
+    for later in ("pretrain", "finetune", "collect"):  # the array shows as 123_[0-3]
+        states = [v for k, v in sacct_states(jobs[later]).items() if "." not in k]
+        assert states and all(v.startswith("CANCELLED") for v in states), (later, states)
+    status = rnnpipe("status", str(run_dir))
+    assert status.returncode == 1
+    out = status.stdout
+    assert "prepare FAILED" in out and f"{bad}: invalid UTF-8 at byte 107" in out, out
+    assert "task" in out.split("prepare FAILED")[1]  # the failed task is named, with its log tail
+    assert out.count("cancelled: a stage it depends on failed") == 3, out
+    assert not (run_dir / "data" / "manifest.json").exists()
+
+
+def test_a_submission_that_fails_half_way_leaves_no_job_behind(slurm, tmp_path):
+    args = pipeline_args(tmp_path)
+    done = rnnpipe("run", *args, "finetune.executor.slurm.partition=no-such-partition")
+    assert done.returncode == 1
+    assert "submitting the pipeline failed" in done.stderr, done.stderr[-3000:]
+    assert "invalid partition" in done.stderr.lower(), done.stderr[-3000:]  # sbatch's own reason
+    jobs = recorded_jobs(tmp_path / "run")
+    assert sorted(jobs) == ["prepare", "pretrain"]  # submitted before the failure...
+    for job_id in jobs.values():  # ...and cancelled, not left waiting
+        deadline = time.time() + 60
+        while not sacct_states(job_id).get(job_id, "").startswith("CANCELLED"):
+            assert time.time() < deadline, sacct_states(job_id)
+            time.sleep(1)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -21,19 +24,31 @@ def evaluate(
     seq_len: int,
     device: torch.device,
     max_tokens: int = 0,
-) -> dict[str, float]:
+    should_stop: Callable[[], bool] | None = None,
+    check_every: int = 16,
+) -> dict[str, float] | None:
     """Loss (nats per token), bits per byte and perplexity of ``model`` on a split.
 
     The split is cut into world × ``streams`` contiguous streams; each is read from its start with
     the state carried from segment to segment. Every rank runs the same number of forward passes
     (ZeRO-3 gathers parameters collectively). Bits per byte use the split's UTF-8 byte count from
     the shards, so they compare across tokenizers.
+
+    ``should_stop`` is asked every ``check_every`` batches (all ranks agree): when it says yes —
+    a preemption signal arrived — the evaluation is abandoned and ``None`` returned, so that the
+    job can still checkpoint and requeue within the signal's grace period.
     """
     was_training = model.training
     model.eval()
     state = None
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # nats, targets
-    for batch in eval_batches(reader, rank, world, streams, seq_len, max_tokens):
+    delay = float(os.environ.get("RNNPIPE_TEST_EVAL_DELAY", "0"))  # tests: a slow evaluation
+    for i, batch in enumerate(eval_batches(reader, rank, world, streams, seq_len, max_tokens)):
+        if should_stop is not None and i % check_every == check_every - 1 and _anyone(should_stop(), device):
+            model.train(was_training)
+            return None
+        if delay:
+            time.sleep(delay)
         logits, state = model(batch.inputs_BT.to(device), state)
         targets = batch.targets_BT.to(device)
         totals[0] += F.cross_entropy(
@@ -52,3 +67,10 @@ def evaluate(
         "ppl": math.exp(min(loss, 50.0)),
         "tokens": targets,
     }
+
+
+def _anyone(flag: bool, device: torch.device) -> bool:
+    x = torch.tensor([float(flag)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return bool(x.item())

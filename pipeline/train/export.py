@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -10,15 +11,20 @@ import torch
 from pipeline import fsio
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import PipelineError
-from pipeline.models.pretrained import save_pretrained
+from pipeline.models.pretrained import CONFIG, save_pretrained
 from pipeline.train import checkpoint
 
 log = logging.getLogger("rnnpipe")
 
 
 def export(source: str | Path, out: str | Path) -> Path:
-    """Consolidate a checkpoint (a run dir means its latest) into ``out``; returns ``out``."""
+    """Consolidate a checkpoint (a run dir means its latest) into ``out``; returns ``out``.
+
+    Written beside ``out`` and renamed into place, so a killed export never leaves a directory
+    that looks like a finished one; an earlier export in ``out`` is replaced."""
     source, out = Path(source), Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / CONFIG).exists():
+        raise PipelineError(f"{out} holds files that are not an rnnpipe export: choose another directory")
     ckpt = checkpoint.find_latest(source) if (source / "checkpoints").is_dir() else source
     if ckpt is None or not (ckpt / checkpoint.COMPLETE).exists():
         raise PipelineError(f"{source} is neither a run with a complete checkpoint nor a complete checkpoint")
@@ -44,6 +50,11 @@ def export(source: str | Path, out: str | Path) -> Path:
         root = fsio.absolute(cfg["data"]["path"])
         files[tokenizer["model_file"]] = fsio.read_bytes(fsio.join(root, tokenizer["model_file"]))
     source = {"checkpoint": str(ckpt), "step": client["step"], "data": cfg["data"]["path"]}
-    save_pretrained(out, state, cfg["model"], tokenizer, files, source)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(tmp, state, cfg["model"], tokenizer, files, source)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
     log.info("exported step %d of %s to %s (%d tensors)", client["step"], ckpt, out, len(state))
     return out

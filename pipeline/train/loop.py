@@ -4,8 +4,9 @@
 :mod:`launch.distributed`); it knows nothing of Slurm. Its result says ``"done"`` or
 ``"preempted"`` (a signal arrived: checkpointed, run again to continue) and holds the model.
 
-Two environment variables exist for tests only: RNNPIPE_TEST_STEP_DELAY (seconds to sleep after
-each step, so a test can signal or kill a run mid-way) and RNNPIPE_TEST_CHECKPOINT_DELAY (see
+Three environment variables exist for tests only: RNNPIPE_TEST_STEP_DELAY (seconds to sleep after
+each step, so a test can signal or kill a run mid-way), RNNPIPE_TEST_EVAL_DELAY (the same per
+evaluation batch, see :mod:`pipeline.train.evaluate`) and RNNPIPE_TEST_CHECKPOINT_DELAY (see
 :mod:`pipeline.train.checkpoint`).
 """
 
@@ -49,7 +50,10 @@ class TrainResult:
     step: int
 
 
-def train(cfg: PretrainConfig) -> TrainResult:
+def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
+    """Train on this rank until ``train.steps`` or a signal. ``stop``: a flag the caller installed
+    earlier (so a signal that arrives while this process starts up is not lost); by default the
+    loop installs its own for its duration."""
     import deepspeed
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -90,6 +94,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
         )
     hidden = None
     tokens_seen = micro_index = nonfinite_total = 0
+    logged_loss = (0.0, 0)  # (sum, micro-steps) of the loss since the last log line
 
     resume_from = checkpoint.resolve(run_dir, t.resume)
     if resume_from is not None:
@@ -99,6 +104,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
         loader.load_state_dict(mine["data"])
         hidden = _to(mine["hidden"], device)
         checkpoint.set_rng_state(mine["rng"])
+        logged_loss = tuple(mine.get("logged_loss", logged_loss))  # the next log line's mean, exactly
         if rank == 0:
             log.info("resumed from %s at step %d", resume_from, engine.global_steps)
     last_good = resume_from
@@ -108,8 +114,11 @@ def train(cfg: PretrainConfig) -> TrainResult:
     flops_per_token = training_flops_per_token(cfg.model, vocab, cfg.data.seq_len)
     peak = _peak_flops(device, t.precision, t.peak_tflops) * world  # tokens/s below is summed over ranks
     bytes_per_token = train_reader.bytes / train_reader.tokens
-    stop = StopFlag().install()
-    window = {"loss": 0.0, "n": 0, "tokens": 0, "t": time.time()}
+    own_flag = stop is None
+    if stop is None:
+        stop = StopFlag().install()
+    # The loss since the last log line (carried over a resume) and the speed since then (not).
+    window = {"loss": logged_loss[0], "n": logged_loss[1], "timed": 0, "tokens": 0, "t": time.time()}
     nonfinite_run = 0
     status = "done"
     step_delay = float(os.environ.get("RNNPIPE_TEST_STEP_DELAY", "0"))
@@ -131,12 +140,22 @@ def train(cfg: PretrainConfig) -> TrainResult:
             "data": loader.state_dict(),
             "hidden": _to(hidden, torch.device("cpu")),
             "rng": checkpoint.rng_state(),
+            "logged_loss": (window["loss"], window["n"]),
         }
         return checkpoint.save(engine, run_dir, step, client, mine, t.keep_checkpoints)
 
-    def evaluate_split(reader: SplitReader, split: str, step: int, full: bool = False) -> dict[str, float]:
-        return _evaluate(
-            engine, cfg, reader, split, step, metrics, rank, world, device, sample=split == "valid", full=full
+    def evaluate_split(reader: SplitReader, full: bool = False) -> dict[str, float] | None:
+        """The split's metrics; None when a signal cut the evaluation short."""
+        return evaluate(
+            engine.module,
+            reader,
+            rank,
+            world,
+            t.eval_batch_size,
+            cfg.data.seq_len,
+            device,
+            0 if full else t.eval_max_tokens,
+            should_stop=lambda: bool(stop),
         )
 
     try:
@@ -188,6 +207,7 @@ def train(cfg: PretrainConfig) -> TrainResult:
             tokens_seen += counted
             window["loss"] += loss.item()
             window["n"] += 1
+            window["timed"] += 1
             window["tokens"] += counted
             if not boundary:
                 continue
@@ -206,17 +226,19 @@ def train(cfg: PretrainConfig) -> TrainResult:
                     "train/grad_norm": _first_known(engine.get_global_grad_norm(), own_norm),
                     "train/tokens_per_s": tok_s,
                     "train/tokens_seen": tokens_seen,
-                    "train/step_time_s": elapsed / max(window["n"] / t.grad_accum, 1e-9),
+                    "train/step_time_s": elapsed / max(window["timed"] / t.grad_accum, 1e-9),
                     "train/mfu": tok_s * flops_per_token / peak,
                     "train/memory_gb": _memory_gb(device),
                     "train/nonfinite_total": nonfinite_total,
                 }
                 metrics.scalars(step, values)
                 metrics.console(step, values)
-                window = {"loss": 0.0, "n": 0, "tokens": 0, "t": time.time()}
+                window = {"loss": 0.0, "n": 0, "timed": 0, "tokens": 0, "t": time.time()}
 
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                evaluate_split(valid_reader, "valid", step)
+                result = evaluate_split(valid_reader)
+                if result is not None:  # else a signal came: checkpoint below, without it
+                    _report(engine, cfg, "valid", step, result, metrics, rank, device)
             stopping = _any(bool(stop), device)
             out_of_time = bool(t.time_limit_min) and _any(
                 time.time() - started > 60 * t.time_limit_min, device
@@ -241,30 +263,31 @@ def train(cfg: PretrainConfig) -> TrainResult:
                 break
 
         if status == "done":
-            final = evaluate_split(valid_reader, "valid", engine.global_steps, full=True)
-            if "test" in train_reader.manifest["splits"]:
-                final.update(
-                    evaluate_split(SplitReader(cfg.data.path, "test"), "test", engine.global_steps, True)
-                )
-            metrics.hparams(_flat(to_dict(cfg)), final)
+            # The last checkpoint is already written: a signal during the final evaluation ends
+            # the job to be requeued (it evaluates again) rather than risk its time limit.
+            results = {"valid": evaluate_split(valid_reader, full=True)}
+            if "test" in train_reader.manifest["splits"] and results["valid"] is not None:
+                results["test"] = evaluate_split(SplitReader(cfg.data.path, "test"), full=True)
+            if any(r is None for r in results.values()):
+                status = "preempted"
+                if rank == 0:
+                    log.warning("signal %s during the final evaluation: exiting to be requeued", stop.signal)
+            else:
+                final: dict[str, float] = {}
+                for split, result in results.items():
+                    step = engine.global_steps
+                    final.update(_report(engine, cfg, split, step, result, metrics, rank, device))
+                metrics.hparams(_flat(to_dict(cfg)), final)
     finally:
-        stop.restore()
+        if own_flag:
+            stop.restore()
         metrics.close()
     return TrainResult(status, engine.module, engine.global_steps)
 
 
-def _evaluate(engine, cfg, reader, split, step, metrics, rank, world, device, sample, full):
+def _report(engine, cfg, split, step, result, metrics, rank, device) -> dict[str, float]:
+    """Log and record a split's evaluation (and, for valid, a generated sample)."""
     t = cfg.train
-    result = evaluate(
-        engine.module,
-        reader,
-        rank,
-        world,
-        t.eval_batch_size,
-        cfg.data.seq_len,
-        device,
-        0 if full else t.eval_max_tokens,
-    )
     metrics.scalars(step, {f"{split}/{k}": v for k, v in result.items() if k != "tokens"})
     if rank == 0:
         log.info(
@@ -275,7 +298,8 @@ def _evaluate(engine, cfg, reader, split, step, metrics, rank, world, device, sa
             result["bpb"],
             result["ppl"],
         )
-    if sample and t.sample_tokens:
+    if split == "valid" and t.sample_tokens:
+        reader = SplitReader(cfg.data.path, "valid")
         prompt = torch.from_numpy(reader.read(0, min(64, reader.tokens))).to(device)
         gen = torch.Generator(device=device).manual_seed(t.seed)
         engine.module.eval()

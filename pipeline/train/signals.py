@@ -31,3 +31,10 @@ class StopFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def ignore_late_warnings() -> None:
+    """After the work is done: ignore a USR2 (Slurm's time-limit warning) from now on. Python puts
+    its handlers back to the default as the interpreter exits, and by default USR2 kills: a warning
+    that arrives then would fail a job that has finished."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
