@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from launch.distributed import detect, first_host
+from pipeline.errors import PipelineError
 from pipeline.train.config import PretrainConfig, deepspeed_config
-from pipeline.train.data import IGNORE, StreamBatches
+from pipeline.train.data import IGNORE, ShuffleBatches, SplitReader, StreamBatches
 from tests.conftest import REPO, data_file, prepare
 
 pytest.importorskip("deepspeed")
@@ -148,6 +149,15 @@ def test_deepspeed_config_is_derived_and_can_be_overridden():
 
 
 # ------------------------------------------------------------------------ real runs (DeepSpeed)
+
+
+def test_shuffle_mode_refuses_more_ranks_times_workers_than_shards(dataset):
+    """A rank or worker dealt no shard would wait forever in the first collective: refuse up front."""
+    reader = SplitReader(str(dataset), "train")
+    n = len(reader.shard_samples())
+    ShuffleBatches(reader, 0, n // 2, 2, 32, 0, 2)  # exactly enough: fine
+    with pytest.raises(PipelineError, match=rf"{n} shard\(s\), fewer than {n // 2 + 1} rank\(s\) × 2 worker"):
+        ShuffleBatches(reader, 0, n // 2 + 1, 2, 32, 0, 2)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
