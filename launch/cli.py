@@ -1,13 +1,13 @@
 """The ``rnnpipe`` command.
 
     rnnpipe prepare CONFIG [key.sub=value ...] [--executor inline|local|slurm] [--print-config]
-    rnnpipe pretrain CONFIG [key.sub=value ...] [--executor inline|local|slurm] [--wait]
+    rnnpipe pretrain CONFIG [key.sub=value ...] [--executor inline|local|slurm] [--wait] [--export]
     rnnpipe export RUN_OR_CHECKPOINT OUT
-    rnnpipe finetune SWEEP [key.sub=value ...] [--executor inline|local|slurm] [--print-config]
+    rnnpipe finetune SWEEP [key.sub=value ...] [--executor inline|local|slurm] [--only INDEX]
     rnnpipe collect DIR
     rnnpipe verify DIR [--quick]
     rnnpipe run PIPELINE [key=value | stage.key=value ...] [--executor local|slurm] [--wait]
-    rnnpipe status RUN_DIR
+    rnnpipe status RUN_DIR [--wait]
     rnnpipe plan PIPELINE [overrides]      (for slurm/pipeline.sh)
 
 Exit status: 0 done, 1 the data or a task failed (the message says which file, shard or task),
