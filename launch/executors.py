@@ -377,11 +377,9 @@ class SlurmExecutor(Executor):
         n_chunks = min(len(items), self.cfg.max_array_size)
         bounds = [round(k * len(items) / n_chunks) for k in range(n_chunks + 1)]
         chunks = [list(range(bounds[k], bounds[k + 1])) for k in range(n_chunks)]
-        ex = self.submitit_executor(name)
-        if dependency:
-            extra = dict(ex.parameters.get("additional_parameters") or {})
-            extra.update({"dependency": dependency, "kill-on-invalid-dep": "yes"})
-            ex.update_parameters(additional_parameters=extra)
+        from launch.slurm import with_dependency
+
+        ex = with_dependency(self.submitit_executor(name), dependency)
         runner = _RequeueableChunk() if self.requeue else _run_chunk
         with submitit.helpers.clean_env():  # from inside a job, inherit none of its SLURM_* settings
             jobs = ex.map_array(runner, [fn] * n_chunks, [[items[i] for i in c] for c in chunks])

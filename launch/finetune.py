@@ -26,9 +26,15 @@ def stage_config(job: FinetuneJob) -> SweepConfig:
     return base_config(job, SweepConfig)
 
 
-def _prepared(job: FinetuneJob, write_config: bool = True) -> SweepConfig:
+def sweep_config(job: FinetuneJob) -> SweepConfig:
+    """The sweep part of ``job``, its ``out_dir`` made absolute (jobs run from elsewhere)."""
     sweep = stage_config(job)
     sweep.out_dir = fsio.absolute(sweep.out_dir)
+    return sweep
+
+
+def _prepared(job: FinetuneJob, write_config: bool = True) -> SweepConfig:
+    sweep = sweep_config(job)
     fsio.makedirs(sweep.out_dir)
     if write_config:
         fsio.write_text_atomic(fsio.join(sweep.out_dir, "config.yaml"), to_yaml(job))
@@ -88,8 +94,7 @@ def grid_jobs(job: FinetuneJob) -> tuple[list[str], list[int]]:
     """(every job's name in grid order, the indices of those not yet complete)."""
     from pipeline.finetune.sweep import expand, job_label, pending
 
-    sweep = stage_config(job)
-    sweep.out_dir = fsio.absolute(sweep.out_dir)
+    sweep = sweep_config(job)
     jobs = expand(sweep, fsio.absolute(sweep.pretrained))
     _, todo = pending(jobs)
     todo_dirs = {j.out_dir for j in todo}

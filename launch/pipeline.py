@@ -121,10 +121,11 @@ def load(path: str, overrides: list[str], executor: str | None = None) -> Pipeli
         finetune.out_dir = fsio.join(run_dir, "finetune")
         finetune.pretrained = fsio.join(pretrain.run_dir, "export")
         finetune.executor.kind = cfg.executor
-        from launch.finetune import grid_jobs
+        from launch.finetune import sweep_config
+        from pipeline.finetune.sweep import expand
 
         try:  # the grid's keys are checked when it is expanded: do it now, before any stage runs
-            grid_jobs(finetune)
+            expand(sweep_config(finetune), finetune.pretrained)
         except ConfigError as e:
             raise ConfigError(f"finetune stage ({cfg.finetune.config}): {e}") from e
     return Pipeline(cfg, run_dir, prepare, pretrain, finetune)
@@ -275,18 +276,19 @@ def _cli_task(argv: list[str]) -> None:
 
 def _small_executor(p: Pipeline, folder: str, name: str, dependency: str) -> Any:
     from launch.executors import SlurmExecutor
+    from launch.slurm import with_dependency
 
-    ex = SlurmExecutor(p.cfg.slurm, folder).submitit_executor(name)
-    if dependency:
-        extra = dict(ex.parameters.get("additional_parameters") or {})
-        extra.update({"dependency": dependency, "kill-on-invalid-dep": "yes"})
-        ex.update_parameters(additional_parameters=extra)
-    return ex
+    return with_dependency(SlurmExecutor(p.cfg.slurm, folder).submitit_executor(name), dependency)
 
 
 # How long a job may be missing from sacct and squeue after its submission before it counts as
 # gone: accounting records a new job a moment after sbatch returns.
 ACCOUNTING_LAG_S = 120
+
+
+def recently_submitted(entry: dict[str, Any]) -> bool:
+    """Submitted so recently that accounting may not know the job yet."""
+    return time.time() - entry.get("submitted_at", 0) < ACCOUNTING_LAG_S
 
 
 def active_jobs(state: dict[str, Any]) -> list[str]:
@@ -301,7 +303,7 @@ def active_jobs(state: dict[str, Any]) -> list[str]:
     for e in entries:
         mine = of_job(states, e["job_id"])
         live = [s.state for s in mine if not s.ended]
-        if not mine and time.time() - e.get("submitted_at", 0) < ACCOUNTING_LAG_S:
+        if not mine and recently_submitted(e):
             live = ["SUBMITTED"]
         if live:
             out.append(f"{e['stage']} (job {e['job_id']}, {live[0]})")
@@ -380,6 +382,7 @@ def _submit_stages(p: Pipeline, done: dict[str, Any], folder: str, add: Any, ski
 
     from launch import pretrain as pretrain_launch
     from launch.executors import SlurmExecutor
+    from launch.finetune import sweep_config
     from pipeline.finetune.sweep import LabelledJob, expand, job_label, run_one
 
     if done["prepare"]:
@@ -407,7 +410,7 @@ def _submit_stages(p: Pipeline, done: dict[str, Any], folder: str, add: Any, ski
         if not done["finetune"]:
             skip("finetune", "every job complete")
         else:
-            sweep = _sweep(ft)
+            sweep = sweep_config(ft)
             jobs = expand(sweep, sweep.pretrained)
             items = [LabelledJob(jobs[i], job_label(jobs[i])) for i in done["finetune"]]
             executor = SlurmExecutor(ft.executor.slurm, folder, requeue=True)
@@ -425,14 +428,6 @@ def _submit_stages(p: Pipeline, done: dict[str, Any], folder: str, add: Any, ski
             add("collect", job.job_id, [str(job.paths.stderr)])
         else:
             skip("collect", "results.md is up to date")
-
-
-def _sweep(ft: FinetuneJob) -> Any:
-    from launch.finetune import stage_config
-
-    sweep = stage_config(ft)
-    sweep.out_dir = fsio.absolute(sweep.out_dir)
-    return sweep
 
 
 def wait_for(run_dir: str, poll_s: float) -> int:

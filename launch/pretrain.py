@@ -62,7 +62,26 @@ def run_rank(cfg: PretrainConfig, stop: StopFlag | None = None) -> int:
     distributed.init()
     result = train(cfg, stop)
     distributed.shutdown()
-    return EXIT_PREEMPTED if result.status == "preempted" else 0
+    if result.status == "preempted":
+        return EXIT_PREEMPTED
+    ignore_late_warnings()
+    return 0
+
+
+def _start_rank() -> StopFlag:
+    """What a rank started by srun does first: the stop flag, installed before torch and DeepSpeed
+    load so that a signal arriving meanwhile is kept (and not taken by submitit's own handler,
+    which would end the job as failed); then the node-local caches, threads and logging."""
+    stop = StopFlag().install()
+    if "SLURM_JOB_ID" in os.environ:
+        from launch.slurm import task_setup
+
+        task_setup()
+    return stop
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def export_dir(cfg: PretrainConfig) -> str:
@@ -133,15 +152,7 @@ def run_local(argv: list[str], nproc: int) -> int:
 
 def slurm_task(cfg: PretrainConfig, export: bool = False) -> int:
     """One task of the Slurm job (run by submitit through srun on every node)."""
-    # First of all: a USR2 or TERM that arrives while torch and DeepSpeed load is kept, not lost
-    # (or, worse, taken by submitit's own handler, which would end the job as failed).
-    stop = StopFlag().install()
-    from launch.slurm import task_setup
-
-    task_setup()
-    code = run_rank(cfg, stop)
-    if code == 0:
-        ignore_late_warnings()
+    code = run_rank(cfg, _start_rank())
     rank0 = os.environ.get("SLURM_PROCID") == "0"
     # Checkpointed on a signal: rank 0 asks Slurm to run the job again (it was submitted --requeue).
     if code == EXIT_PREEMPTED and rank0:
@@ -156,32 +167,25 @@ def slurm_executor(job: PretrainJob, folder: str, dependency: str = "") -> Any:
     time limit, --requeue; ``dependency`` (``afterok:123``) also cancels it if never met."""
     import submitit
 
-    c, d = job.executor.slurm, job.distributed
-    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
-    from launch.slurm import submitit_extra
+    from launch.executors import SlurmExecutor
+    from launch.slurm import with_dependency
 
-    extra: dict[str, Any] = {"requeue": True, **submitit_extra(c.extra)}
-    if dependency:
-        extra.update({"dependency": dependency, "kill-on-invalid-dep": "yes"})
-    params: dict[str, Any] = dict(
-        job_name="rnnpipe-pretrain",
+    d = job.distributed
+    # The resources every rnnpipe Slurm job takes from executor.slurm, then what makes this one a
+    # multi-node, requeueable job rather than an array.
+    params = SlurmExecutor(job.executor.slurm, folder).slurm_parameters("pretrain")
+    params.pop("array_parallelism")
+    params.update(
         nodes=d.nodes,
         ntasks_per_node=tasks_per_node(job),
-        cpus_per_task=c.cpus_per_task,
-        mem=f"{c.mem_gb:g}GB",
-        time=c.time_min,
         signal_delay_s=d.signal_grace_s,
-        additional_parameters=extra,
+        additional_parameters={"requeue": True, **params.get("additional_parameters", {})},
     )
     if d.gpus_per_node:
         params["gpus_per_node"] = d.gpus_per_node
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(c, key):
-            params[key] = getattr(c, key)
-    if c.setup:
-        params["setup"] = list(c.setup)
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
     ex.update_parameters(**params)
-    return ex
+    return with_dependency(ex, dependency)
 
 
 def tasks_per_node(job: PretrainJob) -> int:
@@ -211,16 +215,9 @@ def launch(job: PretrainJob, argv: list[str], wait: bool = False, export: bool =
     kind = job.executor.kind
     if kind is ExecutorKind.slurm:
         return submit_slurm(job, wait, export)
-    if kind is ExecutorKind.inline:
-        stop = StopFlag().install()  # before torch loads: see slurm_task
-        if "SLURM_JOB_ID" in os.environ:  # a task of srun (slurm/pretrain.sbatch)
-            from launch.slurm import task_setup
-
-            task_setup()
-        code = run_rank(stage_config(job), stop)
-        if code == 0:
-            ignore_late_warnings()
-        rank0 = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    if kind is ExecutorKind.inline:  # one rank: of torchrun, srun (slurm/pretrain.sbatch) or alone
+        code = run_rank(stage_config(job), _start_rank())
+        rank0 = _is_rank0()
     else:
         code = run_local(argv, job.distributed.nproc)
         rank0 = True
@@ -237,7 +234,7 @@ def run(job: PretrainJob, argv: list[str], wait: bool = False, export: bool = Fa
     job.run_dir = fsio.absolute(job.run_dir)
     job.data.path = fsio.absolute(job.data.path)
     launcher = job.executor.kind is not ExecutorKind.inline
-    if launcher or os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+    if launcher or _is_rank0():
         fsio.makedirs(job.run_dir)
         fsio.write_text_atomic(fsio.join(job.run_dir, "config.yaml"), to_yaml(job))
     code = launch(job, argv, wait=wait, export=export)

@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,9 +72,10 @@ def threads_per_task(environ: Any = None) -> None:
     if cpus and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = cpus
     threads = env.get("OMP_NUM_THREADS")
-    if threads and environ is None:
-        import torch  # already loaded by the task's imports: the variable alone comes too late
-
+    torch = sys.modules.get("torch")
+    if threads and environ is None and torch is not None:
+        # torch read the variable when it loaded; a task that has not loaded it (a prepare task)
+        # need not pay for loading it here
         torch.set_num_threads(int(threads))
 
 
@@ -164,6 +166,17 @@ def sbatch_flags(
     for key, value in c.extra.items():
         flags.append(f"--{key}" if value in ("", None) else f"--{key}={value}")
     return flags
+
+
+def with_dependency(ex: Any, dependency: str) -> Any:
+    """``ex`` (a submitit SlurmExecutor) made to wait on ``dependency`` (``afterok:123``), and to be
+    cancelled when it can never be met (``--kill-on-invalid-dep``; without it Slurm 22.05 leaves the
+    job pending forever). No dependency: ``ex`` as it is."""
+    if dependency:
+        extra = dict(ex.parameters.get("additional_parameters") or {})
+        extra.update({"dependency": dependency, "kill-on-invalid-dep": "yes"})
+        ex.update_parameters(additional_parameters=extra)
+    return ex
 
 
 def submitit_extra(extra: dict[str, str]) -> dict[str, Any]:

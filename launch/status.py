@@ -8,10 +8,9 @@ record the run kept as it went.
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any, TextIO
 
-from launch.pipeline import ACCOUNTING_LAG_S, read_state
+from launch.pipeline import read_state, recently_submitted
 from launch.slurm import JobState, job_states, log_tail, of_job
 
 ORDER = ("prepare", "pretrain", "finetune", "collect")
@@ -85,9 +84,9 @@ def show(run_dir: str, out: TextIO = sys.stdout) -> int:
             continue
         mine = of_job(states, e["job_id"])
         if not mine:
-            recent = time.time() - e.get("submitted_at", 0) < ACCOUNTING_LAG_S
+            known = "SUBMITTED" if recently_submitted(e) else "UNKNOWN (not in sacct)"
             print(
-                f"  {e['stage']:<9} {e['job_id']:>8}  {'SUBMITTED' if recent else 'UNKNOWN (not in sacct)'}",
+                f"  {e['stage']:<9} {e['job_id']:>8}  {known}",
                 file=out,
             )
             continue

@@ -83,6 +83,18 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in metrics(run_dir) if "train/loss" in m}
 
 
+def signalled(cmd: list[str], until, what: str, **env: str) -> str:
+    """Start a run, send it SIGUSR2 once ``until()`` holds, expect the requeue status; its stderr."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
+    )
+    wait_for(until, proc, what)
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    return err
+
+
 def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -297,17 +309,12 @@ def test_sigusr2_checkpoints_and_exits_to_be_requeued(dataset, tmp_path):
         "train.eval_every=0",
         "train.checkpoint_every=0",
     )
-    proc = subprocess.Popen(
+    err = signalled(
         cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "RNNPIPE_TEST_STEP_DELAY": "0.2"},
+        lambda: (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 5,
+        "step 5",
+        RNNPIPE_TEST_STEP_DELAY="0.2",
     )
-    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 5, proc, "step 5")
-    proc.send_signal(signal.SIGUSR2)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-3000:]
     assert "checkpointed on a signal" in err
     latest = (run_dir / "checkpoints/latest").read_text()
     stopped = int(latest.removeprefix("step"))
@@ -322,18 +329,14 @@ def test_a_signal_during_the_final_evaluation_requeues_and_the_rerun_evaluates(d
     job to run into its time limit, but exit to be requeued; the rerun only evaluates."""
     run_dir = tmp_path / "run"
     cmd = pretrain_cmd(run_dir, dataset, "train.steps=6", "train.log_every=1", "train.eval_every=0")
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "RNNPIPE_TEST_EVAL_DELAY": "0.05"},
-    )
-    wait_for(lambda: (run_dir / "checkpoints/step00000006/COMPLETE").exists(), proc, "the last checkpoint")
-    time.sleep(1.0)  # into the final evaluation of valid (hundreds of batches at 0.05 s)
-    proc.send_signal(signal.SIGUSR2)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-3000:]
+
+    def in_final_evaluation() -> bool:
+        if not (run_dir / "checkpoints/step00000006/COMPLETE").exists():
+            return False
+        time.sleep(1.0)  # into the final evaluation of valid (hundreds of batches at 0.05 s)
+        return True
+
+    err = signalled(cmd, in_final_evaluation, "the last checkpoint", RNNPIPE_TEST_EVAL_DELAY="0.05")
     assert "during the final evaluation: exiting to be requeued" in err
     assert not [m for m in metrics(run_dir) if "valid/loss" in m]  # nothing half-reported
     again = run(cmd)
