@@ -4,15 +4,16 @@
     rnnpipe pretrain CONFIG [key.sub=value ...] [--executor inline|local|slurm] [--wait] [--export]
     rnnpipe export RUN_OR_CHECKPOINT OUT
     rnnpipe finetune SWEEP [key.sub=value ...] [--executor inline|local|slurm] [--only INDEX]
-    rnnpipe collect DIR
+    rnnpipe collect DIR | SWEEP.yaml
     rnnpipe verify DIR [--quick]
-    rnnpipe run PIPELINE [key=value | stage.key=value ...] [--executor local|slurm] [--wait]
+    rnnpipe run PIPELINE [key=value | stage.key=value ...] [--executor local|slurm] [--wait] [--dry-run]
     rnnpipe status RUN_DIR [--wait]
     rnnpipe plan PIPELINE [overrides]      (for slurm/pipeline.sh)
 
 Exit status: 0 done, 1 the data or a task failed (the message says which file, shard or task),
-2 the command line or config is wrong (the message names the key), 75 pretrain checkpointed on a
-signal (SIGUSR2/SIGTERM) and should be run again (requeued) to continue.
+2 the command line or config is wrong, or a check before any work refused it (the message names
+the key or path: a missing dataset, a run dir holding another model), 75 pretrain checkpointed on
+a signal (SIGUSR2/SIGTERM) and should be run again (requeued) to continue.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ def _load_job(schema: type, args: argparse.Namespace):
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from launch.prepare import PrepareJob, run
+    from launch import prepare
 
-    job = _load_job(PrepareJob, args)
+    job = _load_job(prepare.PrepareJob, args)
     if job is None:
         return 0
-    run(job)
+    prepare.check(job)
+    prepare.run(job)
     return 0
 
 
@@ -65,12 +67,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from launch.pretrain import PretrainJob, run
+    from launch import pretrain
 
-    job = _load_job(PretrainJob, args)
+    job = _load_job(pretrain.PretrainJob, args)
     if job is None:
         return 0
-    return run(job, ["pretrain", args.config, *args.overrides], wait=args.wait, export=args.export)
+    return pretrain.command(job, wait=args.wait, export=args.export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -82,52 +84,63 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from launch.finetune import FinetuneJob, run, run_only
+    from launch import finetune
 
-    job = _load_job(FinetuneJob, args)
+    job = _load_job(finetune.FinetuneJob, args)
     if job is None:
         return 0
     if args.only is not None:
-        run_only(job, args.only)
-    else:
-        run(job)
+        finetune.run_only(job, args.only)
+        return 0
+    upstream = not fsio.exists(fsio.join(fsio.absolute(job.pretrained), "config.json"))  # a run dir
+    finetune.check(job, upstream)
+    finetune.run_sweep(job)
     return 0
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
     from pipeline.finetune.collect import collect
 
-    md, rows = collect(args.dir)
+    target = args.dir
+    if target.endswith((".yaml", ".yml", ".json")) and fsio.exists(target):  # a sweep: its grid's table
+        from launch import collect as collect_stage
+        from launch.finetune import FinetuneJob
+
+        collect_stage.run(collect_stage.CollectJob(load_config(FinetuneJob, target)))
+        return 0
+    md, rows = collect(target)
     print(md, end="")
-    print(f"{len(rows)} row(s) written to {fsio.join(fsio.absolute(args.dir), 'results.md')} and results.csv")
+    print(f"{len(rows)} row(s) written to {fsio.join(fsio.absolute(target), 'results.md')} and results.csv")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from launch import pipeline
+    from launch import workflow
 
-    p = pipeline.load(args.config, list(args.overrides), args.executor)
+    p = workflow.load(args.config, list(args.overrides), args.executor)
     if args.print_config:
         print(to_yaml(p.cfg), end="")
-        for name in pipeline.STAGES:
-            job = getattr(p, name)
+        for name in workflow.CONFIGURED:
+            job = p.jobs.get(name)
             if job is not None:
                 print(f"# ---- {name} ----\n{to_yaml(job)}", end="")
         return 0
+    if args.dry_run:
+        return workflow.dry_run(p)
     if p.cfg.executor.value == "slurm":
-        return pipeline.submit_slurm(p, wait=args.wait)
-    return pipeline.run_local(p)
+        return workflow.submit_slurm(p, wait=args.wait)
+    return workflow.run_local(p)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launch import pipeline, sbatch
+    from launch import sbatch, workflow
 
-    print(sbatch.shell_plan(pipeline.load(args.config, list(args.overrides), "slurm")), end="")
+    print(sbatch.shell_plan(workflow.load(args.config, list(args.overrides), "slurm")), end="")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from launch import pipeline, status
+    from launch import record, status
 
     run_dir = fsio.absolute(args.run_dir)
     if args.record:
@@ -139,10 +152,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             "tasks": args.tasks or [],
             "submitted_at": time.time(),
         }
-        pipeline.record(run_dir, stage, entry)
+        record.record(run_dir, stage, entry)
         return 0
     if args.wait:
-        return pipeline.wait_for(run_dir, args.poll)
+        from launch.workflow import wait_for
+
+        return wait_for(run_dir, args.poll)
     return status.show(run_dir)
 
 
@@ -218,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=["local", "slurm"], help="overrides executor")
     r.add_argument("--wait", action="store_true", help="slurm: wait for every job; exit 1 if one failed")
     r.add_argument("--print-config", action="store_true", help="print the resolved configs and exit")
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print every stage with run/skip and why (fingerprints, differing keys); run and submit nothing",
+    )
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("status", help="the stages of a pipeline run: jobs, states, failures with log tails")
@@ -242,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("collect", help="aggregate a sweep's result.json files into a table")
-    c.add_argument("dir", help="a sweep's out_dir (result.json files are found at any depth)")
+    c.add_argument(
+        "dir",
+        help="a sweep's out_dir (every result.json at any depth), or its YAML (exactly its grid's results)",
+    )
     c.set_defaults(func=cmd_collect)
 
     v = sub.add_parser("verify", help="check a dataset's shards against its manifest")

@@ -13,6 +13,7 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -29,6 +30,15 @@ from pipeline.errors import ConfigError, PipelineError
 
 Report = Callable[[int], None]
 TaskFn = Callable[[Any, Report], Any]
+
+
+_SBATCH_OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
+
+
+def _one_line(key: str, value: str) -> None:
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ConfigError(f"{key}: {value!r} holds a control character ({bad!r}); Slurm values are one line")
 
 
 class ExecutorKind(Enum):
@@ -58,6 +68,21 @@ class SlurmConfig:
     def validate(self) -> None:
         if self.max_array_size < 1 or self.array_parallelism < 1:
             raise ConfigError("executor.slurm.max_array_size and array_parallelism must be positive")
+        if self.cpus_per_task < 1 or self.mem_gb <= 0 or self.time_min < 1 or self.gpus_per_node < 0:
+            raise ConfigError(
+                "executor.slurm: cpus_per_task >= 1, mem_gb > 0, time_min >= 1 and gpus_per_node >= 0, got "
+                f"{self.cpus_per_task}, {self.mem_gb:g}, {self.time_min} and {self.gpus_per_node}"
+            )
+        # Each value becomes part of an #SBATCH line: a newline would end it and start a command.
+        for key in ("partition", "account", "qos", "constraint", "log_dir"):
+            _one_line(f"slurm.{key}", getattr(self, key))
+        for key, value in self.extra.items():
+            if not _SBATCH_OPTION.match(key):
+                raise ConfigError(
+                    f"slurm.extra: {key!r} is not an sbatch option name (letters, digits and '-', "
+                    "as in mail-type)"
+                )
+            _one_line(f"slurm.extra.{key}", "" if value is None else str(value))
 
 
 @dataclass
@@ -326,10 +351,20 @@ class SlurmExecutor(Executor):
     preempted or reaches its time limit, up to ``max_requeues`` times.
     """
 
-    def __init__(self, cfg: SlurmConfig, log_dir: str, requeue: bool = False):
+    def __init__(self, cfg: SlurmConfig, log_dir: str, requeue: bool = False, code: Any = None):
         self.cfg = cfg
         self.log_dir = cfg.log_dir or log_dir
         self.requeue = requeue
+        self._code = code  # the launch.snapshot.Snapshot the jobs run; taken at the first submission
+
+    @property
+    def code(self) -> Any:
+        """The snapshot of the code this executor's jobs run (see :mod:`launch.snapshot`)."""
+        if self._code is None:
+            from launch.snapshot import take
+
+            self._code = take(self.log_dir)
+        return self._code
 
     def slurm_parameters(self, name: str) -> dict[str, Any]:
         """submitit ``SlurmExecutor`` parameters (sbatch options) for a map called ``name``."""
@@ -358,7 +393,9 @@ class SlurmExecutor(Executor):
         """The configured ``submitit.SlurmExecutor`` for a map called ``name``."""
         try:
             ex = submitit.SlurmExecutor(
-                folder=os.path.join(self.log_dir, name, "%j"), max_num_timeout=self.cfg.max_requeues
+                folder=os.path.join(self.log_dir, name, "%j"),
+                max_num_timeout=self.cfg.max_requeues,
+                python=self.code.python_command(),
             )
         except RuntimeError as e:
             raise PipelineError(
@@ -367,6 +404,14 @@ class SlurmExecutor(Executor):
             ) from e
         ex.update_parameters(**self.slurm_parameters(name))
         return ex
+
+    def submit_job(self, fn: Callable[..., Any], *args: Any, name: str, dependency: str = "") -> Any:
+        """One job (not an array) running ``fn(*args)`` after ``dependency``; submitit's job."""
+        from launch.slurm import with_dependency
+
+        ex = with_dependency(self.submitit_executor(name), dependency)
+        with submitit.helpers.clean_env():  # from inside a job, inherit none of its SLURM_* settings
+            return ex.submit(fn, *args)
 
     def submit(self, fn: TaskFn, items: Sequence[Any], *, name: str, dependency: str = "") -> SubmittedArray:
         """Submit ``items`` as one job array (at most ``max_array_size`` tasks) and return at once.
@@ -451,11 +496,12 @@ def _chunk_failures(job: Any, error: Exception, chunk: list[Any]) -> list[tuple[
     return [(_label(item), f"job {job.job_id}: {text}\n{tail}") for item in chunk]
 
 
-def make_executor(cfg: ExecutorConfig, log_dir: str, requeue: bool = False) -> Executor:
+def make_executor(cfg: ExecutorConfig, log_dir: str, requeue: bool = False, code: Any = None) -> Executor:
     """The executor ``cfg`` asks for; ``log_dir`` holds Slurm logs unless the config names one.
-    ``requeue``: Slurm array tasks are requeued on preemption or timeout (tasks must resume)."""
+    ``requeue``: Slurm array tasks are requeued on preemption or timeout (tasks must resume).
+    ``code``: the snapshot Slurm jobs run (default: one taken at the first submission)."""
     if cfg.kind is ExecutorKind.inline:
         return InlineExecutor()
     if cfg.kind is ExecutorKind.local:
         return LocalExecutor(cfg.workers)
-    return SlurmExecutor(cfg.slurm, log_dir, requeue)
+    return SlurmExecutor(cfg.slurm, log_dir, requeue, code)

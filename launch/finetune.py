@@ -1,25 +1,37 @@
-"""The fine-tune sweep's job config: the sweep plus how its jobs are run (the executor).
+"""The fine-tune stage: a sweep's jobs on an executor (:mod:`pipeline.finetune.sweep`).
 
-Jobs fan out through the executor layer: one process per job on this machine (local), one Slurm
-array task per job through submitit (slurm; tasks are requeued on preemption or timeout and resume
-from their checkpoint), or one after another in this process (inline).
+Stage protocol (:mod:`launch.stage`). Each job's fingerprint covers its config, the exported
+weights' sha256 and every task file's sha256 (:mod:`pipeline.finetune.identity`); the stage's
+fingerprint is that of all its jobs. Complete: every job's ``result.json`` records its current
+fingerprint; a re-run runs exactly the jobs that are missing or stale, and on Slurm submits only
+those array tasks. Jobs fan out as one process per job (local), one Slurm array task per job
+through submitit (requeued on preemption or timeout, resuming from their checkpoint), or one after
+another in this process (inline).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from launch.executors import ExecutorConfig, ExecutorKind, TasksFailed, make_executor
+from launch.stage import Decision, SlurmContext, Submitted
 from pipeline import fsio
 from pipeline.config import base_config, to_yaml
-from pipeline.errors import PipelineError
+from pipeline.config import fingerprint as config_fingerprint
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.finetune.sweep import SweepConfig
+
+NAME = "finetune"
 
 
 @dataclass
 class FinetuneJob(SweepConfig):
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+
+
+Job = FinetuneJob
 
 
 def stage_config(job: FinetuneJob) -> SweepConfig:
@@ -33,6 +45,78 @@ def sweep_config(job: FinetuneJob) -> SweepConfig:
     return sweep
 
 
+def grid(job: FinetuneJob) -> list[Any]:
+    """Every JobConfig of the grid, in grid order (``pretrained`` as the sweep names it)."""
+    from pipeline.finetune.sweep import expand
+
+    sweep = sweep_config(job)
+    return expand(sweep, fsio.absolute(sweep.pretrained))
+
+
+def grid_status(job: FinetuneJob) -> tuple[list[str], list[int], dict[str, str], list[dict[str, Any]]]:
+    """(every job's name in grid order, the indices of those not complete, why each is not, the
+    results of those that are)."""
+    from pipeline.finetune.sweep import job_label, pending
+
+    jobs = grid(job)
+    done, todo, why = pending(jobs)
+    dirs = {j.out_dir for j in todo}
+    return [job_label(j) for j in jobs], [i for i, j in enumerate(jobs) if j.out_dir in dirs], why, done
+
+
+def fingerprint(job: FinetuneJob) -> str:
+    """The fingerprint of every job of the grid (needs the export)."""
+    from pipeline.finetune.identity import job_identity
+    from pipeline.models.exported import backbone_identity
+
+    jobs = grid(job)
+    backbone = backbone_identity(jobs[0].pretrained) if jobs else {}
+    return config_fingerprint({j.out_dir: config_fingerprint(job_identity(j, backbone)) for j in jobs})
+
+
+def is_complete(job: FinetuneJob) -> bool:
+    try:
+        return not grid_status(job)[1]
+    except PipelineError:  # no export yet
+        return False
+
+
+def check(job: FinetuneJob, upstream: bool = False) -> None:
+    """Preflight: every task file exists, the grid expands, the export exists unless pretrain runs
+    first, and the Slurm partition exists."""
+    for name, task in job.tasks.items():
+        for split in ("train", "dev", "test"):
+            path = getattr(task, split)
+            if path and not fsio.exists(path):
+                raise ConfigError(f"tasks.{name}.{split}={path}: no such file")
+    from pipeline.finetune.sweep import expand
+
+    expand(sweep_config(job), "/check")  # unknown grid keys, duplicate job directories
+    if not upstream:
+        from pipeline.models.exported import export_meta
+
+        try:
+            export_meta(job.pretrained)
+        except PipelineError as e:
+            raise ConfigError(f"pretrained={job.pretrained}: {e}") from e
+    if job.executor.kind is ExecutorKind.slurm:
+        from launch.slurm import check_partition
+
+        check_partition(job.executor.slurm.partition, "finetune.executor.slurm.partition")
+
+
+def plan(job: FinetuneJob, upstream: bool = False) -> Decision:
+    if upstream:
+        n = len(grid(job))
+        return Decision(True, f"all {n} job(s): the backbone is (re)made first", todo=list(range(n)))
+    names, todo, why, _ = grid_status(job)
+    if not todo:
+        return Decision(False, f"complete: all {len(names)} job(s) match their backbone, files and config")
+    jobs = grid(job)
+    details = [f"{names[i]}: {why[jobs[i].out_dir]}" for i in todo]
+    return Decision(True, f"{len(todo)} of {len(names)} job(s)", todo=todo, details=details)
+
+
 def _prepared(job: FinetuneJob, write_config: bool = True) -> SweepConfig:
     sweep = sweep_config(job)
     fsio.makedirs(sweep.out_dir)
@@ -41,61 +125,77 @@ def _prepared(job: FinetuneJob, write_config: bool = True) -> SweepConfig:
     return sweep
 
 
-def run(job: FinetuneJob, table: bool = True) -> None:
-    """Run every job of the sweep not yet complete, then write the table (and print it, with
-    ``table``). Raises :class:`TasksFailed` (after the table of what did finish) when some failed."""
+def run_sweep(job: FinetuneJob, table: bool = True) -> None:
+    """Run every job of the sweep not yet complete; with ``table``, then write and print the table
+    of the grid's results. Raises :class:`TasksFailed` (after the table of what did finish) when
+    some failed."""
     from pipeline.finetune.collect import collect
-    from pipeline.finetune.sweep import run_sweep
+    from pipeline.finetune.sweep import resolve_pretrained
+    from pipeline.finetune.sweep import run_sweep as run_jobs
 
     sweep = _prepared(job)
+    sweep.pretrained = resolve_pretrained(sweep)  # a pretrain run dir is exported first
     if job.executor.kind is ExecutorKind.local and "OMP_NUM_THREADS" not in os.environ:
         # Each worker process trains one job: share the cores instead of oversubscribing them.
         workers = job.executor.workers or len(os.sched_getaffinity(0))
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
     failed: TasksFailed | None = None
+    results: list[dict[str, Any]] = []
     with make_executor(job.executor, fsio.join(sweep.out_dir, "slurm"), requeue=True) as executor:
         try:
-            results, skipped = run_sweep(sweep, executor)
+            results, skipped = run_jobs(sweep, executor)
             print(f"finetune: {len(results) - skipped} job(s) run, {skipped} already complete")
         except TasksFailed as e:
             failed = e
-    try:
-        md, _ = collect(sweep.out_dir)
-        if table:
-            print(md, end="")
-            print(f"results: {fsio.join(sweep.out_dir, 'results.md')}")
-    except PipelineError:
-        if failed is None:
-            raise
+    if failed is not None:
+        resolved = base_config(job, FinetuneJob)
+        resolved.pretrained = sweep.pretrained
+        results = grid_status(resolved)[3]
+    for r in results:
+        r.setdefault("dir", r["config"]["out_dir"])
+    if results and table:
+        md, _ = collect(sweep.out_dir, results)
+        print(md, end="")
+        print(f"results: {fsio.join(sweep.out_dir, 'results.md')}")
     if failed is not None:
         raise failed
+
+
+def run(job: FinetuneJob, decision: Decision | None = None) -> None:
+    """The pipeline's fine-tune stage on this machine (the collect stage writes the table)."""
+    run_sweep(job, table=False)
 
 
 def run_only(job: FinetuneJob, index: int) -> None:
     """Run job ``index`` of the grid in this process (skipped when already complete)."""
     from launch.slurm import task_setup
-    from pipeline.finetune.sweep import LabelledJob, expand, job_label, pending, resolve_pretrained, run_one
+    from pipeline.finetune.identity import status
+    from pipeline.finetune.sweep import LabelledJob, expand, job_label, resolve_pretrained, run_one
 
     task_setup()
     sweep = _prepared(job, write_config=False)  # the array's tasks would all write it at once
     jobs = expand(sweep, resolve_pretrained(sweep))
     if not 0 <= index < len(jobs):
         raise PipelineError(f"--only {index}: the grid has {len(jobs)} job(s), numbered 0 to {len(jobs) - 1}")
-    done, _ = pending([jobs[index]])
     name = job_label(jobs[index])
-    if done:
+    if status(jobs[index])[0] is not None:
         print(f"finetune: job {index} ({name}) is already complete")
         return
     run_one(LabelledJob(jobs[index], name), lambda n: None)
     print(f"finetune: job {index} ({name}) done: {fsio.join(jobs[index].out_dir, 'result.json')}")
 
 
-def grid_jobs(job: FinetuneJob) -> tuple[list[str], list[int]]:
-    """(every job's name in grid order, the indices of those not yet complete)."""
-    from pipeline.finetune.sweep import expand, job_label, pending
+def submit(job: FinetuneJob, decision: Decision, ctx: SlurmContext) -> Submitted:
+    """One array of the jobs the decision lists, each task requeueable."""
+    from launch.executors import SlurmExecutor
+    from pipeline.finetune.sweep import LabelledJob, job_label, run_one
 
-    sweep = sweep_config(job)
-    jobs = expand(sweep, fsio.absolute(sweep.pretrained))
-    _, todo = pending(jobs)
-    todo_dirs = {j.out_dir for j in todo}
-    return [job_label(j) for j in jobs], [i for i, j in enumerate(jobs) if j.out_dir in todo_dirs]
+    jobs = grid(job)
+    items = [LabelledJob(jobs[i], job_label(jobs[i])) for i in decision.todo]
+    executor = SlurmExecutor(job.executor.slurm, ctx.folder, requeue=True, code=ctx.code)
+    array = executor.submit(run_one, items, name=NAME, dependency=ctx.after)
+    return Submitted(
+        array.job_id,
+        [str(j.paths.stderr) for j in array.jobs],
+        tasks=[", ".join(items[i].label for i in c) for c in array.chunks],
+    )

@@ -1,33 +1,48 @@
-"""Running the pretrain stage: in this process, as N local processes, or as a Slurm job.
+"""The pretrain stage: in this process, as N local processes, or as a Slurm job; then the export.
+
+Stage protocol (:mod:`launch.stage`). The fingerprint is the run's identity
+(:func:`pipeline.train.config.run_identity`: the config without its pacing and logging keys, the
+dataset's content digest, the world size); the export records it. Complete: ``<run_dir>/export``
+holds the model of step ``train.steps`` made with this fingerprint. A run dir with checkpoints is
+resumed only when :func:`pipeline.train.checkpoint.check_resume` allows it (before any rank starts);
+``overwrite=true`` replaces a run that cannot be resumed.
 
 - inline: this process is one rank (or the only one): the process group comes from the
   environment (torchrun, Slurm's srun) or is a single process.
 - local: ``distributed.nproc`` processes on this machine (default: one per GPU, or 1 on CPU), each
-  running ``rnnpipe pretrain ... --executor inline`` with RANK/WORLD_SIZE/MASTER_* set. Signals are
-  forwarded; if one fails the others are stopped.
+  running :mod:`launch.rank` on the run's ``config.yaml`` with RANK/WORLD_SIZE/MASTER_* set.
+  Signals are forwarded; if one fails the others are stopped.
 - slurm: one submitit job of nodes × tasks_per_node tasks through srun, with --signal=USR2 ahead of
   the time limit; the command prints the job id and returns (``--wait`` to wait).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from launch.distributed import free_port
 from launch.executors import ExecutorConfig, ExecutorKind
-from pipeline.config import base_config
+from launch.stage import Decision, SlurmContext, Submitted, short
+from pipeline import fsio
+from pipeline.config import base_config, to_dict, to_yaml
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.train.config import PretrainConfig
 from pipeline.train.signals import EXIT_PREEMPTED, StopFlag, ignore_late_warnings
 
 log = logging.getLogger("rnnpipe")
+NAME = "pretrain"
+# What overwrite=true removes: everything a pretrain run writes into its run dir.
+RUN_OUTPUTS = ("checkpoints", "export", "tensorboard", "metrics.jsonl", "provenance.json")
 
 
 @dataclass
@@ -48,10 +63,189 @@ class DistributedConfig:
 class PretrainJob(PretrainConfig):
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # Replace the run dir's run when its checkpoints cannot be resumed with this config (another
+    # model, dataset or world size): they are deleted. A run that can be resumed is resumed.
+    overwrite: bool = False
+
+
+Job = PretrainJob
 
 
 def stage_config(job: PretrainJob) -> PretrainConfig:
     return base_config(job, PretrainConfig)
+
+
+def export_dir(cfg: PretrainConfig) -> str:
+    """Where ``--export`` puts the final model: ``<run_dir>/export``."""
+    return os.path.join(cfg.run_dir, "export")
+
+
+def tasks_per_node(job: PretrainJob) -> int:
+    """Ranks per node: one per GPU, else ``distributed.nproc`` (at least 1)."""
+    d = job.distributed
+    return d.gpus_per_node or max(1, d.nproc)
+
+
+def world_size(job: PretrainJob) -> int:
+    """How many ranks the job will have with its executor."""
+    kind = job.executor.kind
+    if kind is ExecutorKind.slurm:
+        return job.distributed.nodes * tasks_per_node(job)
+    if kind is ExecutorKind.local:
+        if job.distributed.nproc:
+            return job.distributed.nproc
+        import torch
+
+        return torch.cuda.device_count() or 1
+    env = os.environ
+    return int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
+
+
+# ------------------------------------------------------------------------------------ identity
+
+
+def _dataset(job: PretrainJob) -> dict[str, Any]:
+    from pipeline.data.manifest import read_manifest
+
+    return read_manifest(job.data.path)
+
+
+def fingerprint(job: PretrainJob) -> str:
+    """The run's fingerprint, as the export would record it (needs the dataset)."""
+    from pipeline.data.manifest import dataset_digest
+    from pipeline.train.config import run_fingerprint
+
+    return run_fingerprint(to_dict(stage_config(job)), dataset_digest(_dataset(job)), world_size(job))
+
+
+def _export_source(job: PretrainJob) -> dict[str, Any] | None:
+    meta = Path(export_dir(job)) / "config.json"
+    return json.loads(meta.read_text()).get("source", {}) if meta.exists() else None
+
+
+def is_complete(job: PretrainJob) -> bool:
+    """The export holds step ``train.steps`` of a run with this fingerprint."""
+    source = _export_source(job)
+    if source is None or source.get("step") != job.train.steps:
+        return False
+    try:
+        return source.get("fingerprint") == fingerprint(job)
+    except PipelineError:  # no dataset
+        return False
+
+
+def check(job: PretrainJob, upstream: bool = False) -> None:
+    """Preflight, before any rank starts or any job is submitted: the dataset exists and its
+    manifest checks out (sizes and counts, not hashes) unless prepare runs first, the vocabulary
+    fits the model, and the Slurm partition exists. Raises ConfigError (exit 2)."""
+    if "\n" in job.run_dir:
+        raise ConfigError(f"run_dir={job.run_dir!r} holds a newline")
+    if not upstream:
+        from pipeline.data.manifest import check_sizes
+
+        problems = check_sizes(job.data.path)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ConfigError(
+                f"data.path={job.data.path}: not a usable dataset: {problems[0]}{more}. "
+                "Run rnnpipe prepare first, or point data.path at a prepared dataset"
+            )
+        vocab = int(_dataset(job)["tokenizer"]["vocab_size"])
+        if job.model.vocab_size and job.model.vocab_size != vocab:
+            raise ConfigError(
+                f"model.vocab_size={job.model.vocab_size}, but the dataset's tokenizer has {vocab} ids "
+                "(0 takes it from the dataset)"
+            )
+    if job.executor.kind is ExecutorKind.slurm:
+        from launch.slurm import check_partition
+
+        check_partition(job.executor.slurm.partition, "pretrain.executor.slurm.partition")
+
+
+def plan(job: PretrainJob, upstream: bool = False) -> Decision:
+    """Run or skip; resume, start, or refuse (ConfigError listing the keys) before any work."""
+    from pipeline.train import checkpoint
+
+    run_dir = Path(job.run_dir)
+    if not upstream and is_complete(job):
+        return Decision(
+            False,
+            f"complete: the export is step {job.train.steps} of this config "
+            f"(fingerprint {short(fingerprint(job))})",
+        )
+    latest = checkpoint.find_latest(run_dir)
+    try:
+        target = checkpoint.resolve(run_dir, job.train.resume)
+    except PipelineError as e:
+        raise ConfigError(str(e)) from e
+    if target is None:
+        if latest is not None:  # resume=none on a run dir with a run in it
+            if job.overwrite:
+                return Decision(
+                    True, "overwrite=true: starts afresh, replacing the run in " + str(run_dir), clear=True
+                )
+            raise ConfigError(
+                f"train.resume=none, but {run_dir} holds a run (latest checkpoint: step "
+                f"{checkpoint.read_header(latest)['step']}); starting over would mix two runs. Ways out: "
+                "a new run_dir, or overwrite=true (pretrain.overwrite=true in a pipeline) to replace it"
+            )
+        return Decision(True, "no checkpoint yet: trains from step 0")
+    header = checkpoint.read_header(target)
+    if upstream:  # the dataset is remade first: it is compared when the run starts
+        return Decision(True, f"resumes from step {header['step']} once prepare has run")
+    from pipeline.data.manifest import dataset_digest
+
+    try:
+        found = checkpoint.check_resume(
+            target, to_dict(stage_config(job)), dataset_digest(_dataset(job)), world_size(job)
+        )
+    except ConfigError:
+        if not job.overwrite:
+            raise
+        return Decision(
+            True, "overwrite=true: replaces a run that cannot be resumed with this config", clear=True
+        )
+    if found.step >= job.train.steps:
+        return Decision(True, f"trained to step {found.step}: evaluates and exports")
+    changes = f": {found.describe()}" if found.allowed else ""
+    return Decision(True, f"resumes from step {found.step}{changes}")
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+def clear_run(run_dir: str) -> None:
+    """overwrite=true: remove what a pretrain run wrote (:data:`RUN_OUTPUTS`), nothing else."""
+    for name in RUN_OUTPUTS:
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    log.warning("overwrite=true: removed the earlier run in %s", run_dir)
+
+
+def write_config(job: PretrainJob) -> str:
+    """``<run_dir>/config.yaml``, the config the ranks run; an earlier, different one is kept as
+    ``configs/<n>.yaml`` (oldest first). Returns its path."""
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    text = to_yaml(job)
+    if path.exists() and path.read_text() != text:
+        history = run_dir / "configs"
+        history.mkdir(exist_ok=True)
+        n = len(list(history.glob("*.yaml")))
+        shutil.copy2(path, history / f"{n:03d}.yaml")
+    fsio.write_text_atomic(str(path), text)
+    return str(path)
+
+
+def prepared(job: PretrainJob) -> PretrainJob:
+    """``job`` with absolute paths (its jobs run from elsewhere)."""
+    job.run_dir = fsio.absolute(job.run_dir)
+    job.data.path = fsio.absolute(job.data.path)
+    return job
 
 
 def run_rank(cfg: PretrainConfig, stop: StopFlag | None = None) -> int:
@@ -68,10 +262,10 @@ def run_rank(cfg: PretrainConfig, stop: StopFlag | None = None) -> int:
     return 0
 
 
-def _start_rank() -> StopFlag:
-    """What a rank started by srun does first: the stop flag, installed before torch and DeepSpeed
-    load so that a signal arriving meanwhile is kept (and not taken by submitit's own handler,
-    which would end the job as failed); then the node-local caches, threads and logging."""
+def start_rank() -> StopFlag:
+    """What a rank does first: the stop flag, installed before torch and DeepSpeed load so that a
+    signal arriving meanwhile is kept (and not taken by submitit's own handler, which would end the
+    job as failed); then, under Slurm, the node-local caches, threads and logging."""
     stop = StopFlag().install()
     if "SLURM_JOB_ID" in os.environ:
         from launch.slurm import task_setup
@@ -84,11 +278,6 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
-def export_dir(cfg: PretrainConfig) -> str:
-    """Where ``--export`` puts the final model: ``<run_dir>/export``."""
-    return os.path.join(cfg.run_dir, "export")
-
-
 def export_final(cfg: PretrainConfig) -> str:
     """Export the finished run's last checkpoint to :func:`export_dir`."""
     from pipeline.train.export import export
@@ -99,11 +288,11 @@ def export_final(cfg: PretrainConfig) -> str:
     return out
 
 
-def run_local(argv: list[str], nproc: int) -> int:
-    """Start ``nproc`` ranks of ``rnnpipe pretrain`` with the same arguments; wait for all."""
-    import torch
-
+def run_local(config_file: str, nproc: int) -> int:
+    """Start ``nproc`` ranks of :mod:`launch.rank` on ``config_file``; wait for all."""
     if nproc == 0:
+        import torch
+
         nproc = torch.cuda.device_count() or 1
     port = free_port()
     threads = max(1, (os.cpu_count() or 1) // nproc)
@@ -118,8 +307,7 @@ def run_local(argv: list[str], nproc: int) -> int:
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": str(threads),
         }
-        cmd = [sys.executable, "-m", "launch", *argv, "--executor", "inline"]
-        procs.append(subprocess.Popen(cmd, env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", "launch.rank", config_file], env=env))
 
     def forward(signum, frame):  # a preempted launcher passes the signal on: the ranks checkpoint
         for p in procs:
@@ -152,7 +340,7 @@ def run_local(argv: list[str], nproc: int) -> int:
 
 def slurm_task(cfg: PretrainConfig, export: bool = False) -> int:
     """One task of the Slurm job (run by submitit through srun on every node)."""
-    code = run_rank(cfg, _start_rank())
+    code = run_rank(cfg, start_rank())
     rank0 = os.environ.get("SLURM_PROCID") == "0"
     # Checkpointed on a signal: rank 0 asks Slurm to run the job again (it was submitted --requeue).
     if code == EXIT_PREEMPTED and rank0:
@@ -162,9 +350,10 @@ def slurm_task(cfg: PretrainConfig, export: bool = False) -> int:
     return code
 
 
-def slurm_executor(job: PretrainJob, folder: str, dependency: str = "") -> Any:
+def slurm_executor(job: PretrainJob, folder: str, dependency: str = "", code: Any = None) -> Any:
     """The submitit executor for the pretrain job: nodes × tasks through srun, USR2 ahead of the
-    time limit, --requeue; ``dependency`` (``afterok:123``) also cancels it if never met."""
+    time limit, --requeue; ``dependency`` (``afterok:123``) also cancels it if never met; ``code``:
+    the snapshot the job runs (default: one taken now)."""
     import submitit
 
     from launch.executors import SlurmExecutor
@@ -173,7 +362,8 @@ def slurm_executor(job: PretrainJob, folder: str, dependency: str = "") -> Any:
     d = job.distributed
     # The resources every rnnpipe Slurm job takes from executor.slurm, then what makes this one a
     # multi-node, requeueable job rather than an array.
-    params = SlurmExecutor(job.executor.slurm, folder).slurm_parameters("pretrain")
+    base = SlurmExecutor(job.executor.slurm, folder, code=code)
+    params = base.slurm_parameters(NAME)
     params.pop("array_parallelism")
     params.update(
         nodes=d.nodes,
@@ -183,62 +373,89 @@ def slurm_executor(job: PretrainJob, folder: str, dependency: str = "") -> Any:
     )
     if d.gpus_per_node:
         params["gpus_per_node"] = d.gpus_per_node
-    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=0, python=base.code.python_command())
     ex.update_parameters(**params)
     return with_dependency(ex, dependency)
 
 
-def tasks_per_node(job: PretrainJob) -> int:
-    """Ranks per node: one per GPU, else ``distributed.nproc`` (at least 1)."""
-    d = job.distributed
-    return d.gpus_per_node or max(1, d.nproc)
-
-
-def submit_slurm(job: PretrainJob, wait: bool, export: bool = False) -> int:
+def _submit_job(job: PretrainJob, folder: str, after: str, code: Any, export: bool) -> Any:
     import submitit
 
-    ex = slurm_executor(job, os.path.join(job.run_dir, "slurm", "%j"))
+    ex = slurm_executor(job, os.path.join(folder, "%j"), after, code)
     with submitit.helpers.clean_env():
-        sjob = ex.submit(slurm_task, stage_config(job), export)
-    print(
-        f"submitted Slurm job {sjob.job_id}: {job.distributed.nodes} node(s) × {tasks_per_node(job)} "
-        f"task(s); logs in {job.run_dir}/slurm"
+        return ex.submit(slurm_task, stage_config(job), export)
+
+
+def submit(job: PretrainJob, decision: Decision, ctx: SlurmContext) -> Submitted:
+    """The pipeline's pretrain job: train, then export (rank 0)."""
+    if decision.clear:
+        clear_run(job.run_dir)
+    write_config(job)
+    sjob = _submit_job(job, os.path.join(ctx.folder, NAME), ctx.after, ctx.code, export=True)
+    d = job.distributed
+    return Submitted(
+        sjob.job_id, [str(sjob.paths.stderr)], f"{d.nodes} node(s) x {tasks_per_node(job)} task(s)"
     )
-    if not wait:
-        return 0
-    codes = sjob.results()
-    return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
 
 
-def launch(job: PretrainJob, argv: list[str], wait: bool = False, export: bool = False) -> int:
-    """Run the stage with ``job.executor``; ``export``: write ``<run_dir>/export`` once it is done."""
-    kind = job.executor.kind
-    if kind is ExecutorKind.slurm:
-        return submit_slurm(job, wait, export)
-    if kind is ExecutorKind.inline:  # one rank: of torchrun, srun (slurm/pretrain.sbatch) or alone
-        code = run_rank(stage_config(job), _start_rank())
+def _launch(job: PretrainJob, config_file: str, export: bool) -> int:
+    """Run the stage on this machine with ``job.executor`` (inline or local)."""
+    if job.executor.kind is ExecutorKind.inline:  # one rank: of torchrun, srun (pretrain.sbatch) or alone
+        code = run_rank(stage_config(job), start_rank())
         rank0 = _is_rank0()
     else:
-        code = run_local(argv, job.distributed.nproc)
+        code = run_local(config_file, job.distributed.nproc)
         rank0 = True
     if code == 0 and export and rank0:
         export_final(stage_config(job))
     return code
 
 
-def run(job: PretrainJob, argv: list[str], wait: bool = False, export: bool = False) -> int:
-    """The ``rnnpipe pretrain`` command: absolute paths, ``config.yaml`` in the run dir, launch."""
-    from pipeline import fsio
-    from pipeline.config import to_yaml
+def run(job: PretrainJob, decision: Decision) -> None:
+    """The pipeline's pretrain stage on this machine: train, then export."""
+    if decision.clear:
+        clear_run(job.run_dir)
+    code = _launch(job, write_config(job), export=True)
+    if code:
+        raise PipelineError(
+            f"pretrain stopped on a signal (exit status {code}); run the pipeline again to resume"
+        )
 
-    job.run_dir = fsio.absolute(job.run_dir)
-    job.data.path = fsio.absolute(job.data.path)
-    launcher = job.executor.kind is not ExecutorKind.inline
-    if launcher or _is_rank0():
-        fsio.makedirs(job.run_dir)
-        fsio.write_text_atomic(fsio.join(job.run_dir, "config.yaml"), to_yaml(job))
-    code = launch(job, argv, wait=wait, export=export)
-    if code and launcher:
+
+def command(job: PretrainJob, wait: bool = False, export: bool = False) -> int:
+    """``rnnpipe pretrain``: preflight and the resume check (exit 2 before any rank starts), then
+    ``config.yaml`` and the launch. Returns the exit status (0, or 75 after a signal)."""
+    prepared(job)
+    check(job)
+    multi_inline = job.executor.kind is ExecutorKind.inline and world_size(job) > 1
+    decision = plan(job)
+    if decision.clear and multi_inline:
+        raise ConfigError(
+            "overwrite=true with an inline launch of several ranks: every rank would clear the run "
+            "dir at once. Remove it by hand, or launch with --executor local or slurm"
+        )
+    if multi_inline and not _is_rank0():
+        config_file = os.path.join(job.run_dir, "config.yaml")
+    else:
+        if decision.clear:
+            clear_run(job.run_dir)
+        log.info("pretrain: %s", decision.reason)
+        config_file = write_config(job)
+    if job.executor.kind is ExecutorKind.slurm:
+        from launch.snapshot import take
+
+        folder = os.path.join(job.run_dir, "slurm")
+        sjob = _submit_job(job, folder, "", take(folder), export)
+        print(
+            f"submitted Slurm job {sjob.job_id}: {job.distributed.nodes} node(s) × {tasks_per_node(job)} "
+            f"task(s); logs in {job.run_dir}/slurm"
+        )
+        if not wait:
+            return 0
+        codes = sjob.results()
+        return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
+    code = _launch(job, config_file, export)
+    if code and job.executor.kind is not ExecutorKind.inline:
         print(
             f"rnnpipe: pretrain checkpointed on a signal (exit status {code}); run it again to continue",
             file=sys.stderr,

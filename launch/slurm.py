@@ -2,7 +2,7 @@
 node-local caches every task sets up first.
 
 Nothing here submits work; :mod:`launch.executors`, :mod:`launch.pretrain` and
-:mod:`launch.pipeline` do, through submitit, and ``slurm/*.sbatch`` through plain sbatch.
+:mod:`launch.workflow` do, through submitit, and ``slurm/*.sbatch`` through plain sbatch.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 
 # Job states after which nothing more happens to a job (sacct's names; "CANCELLED by 0" → CANCELLED).
 ENDED = {
@@ -166,6 +167,29 @@ def sbatch_flags(
     for key, value in c.extra.items():
         flags.append(f"--{key}" if value in ("", None) else f"--{key}={value}")
     return flags
+
+
+def partitions() -> set[str] | None:
+    """The partitions this cluster has (``sinfo``), or None where that cannot be asked."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(out.stdout.split()) if out.returncode == 0 else None
+
+
+def check_partition(partition: str, key: str) -> None:
+    """Refuse, before anything is submitted, a partition the cluster does not have (``key`` names
+    the config key, as in ``pretrain.executor.slurm.partition``)."""
+    if not partition:
+        return
+    known = partitions()
+    if known and partition not in known:
+        raise ConfigError(
+            f"{key}={partition}: this cluster has no such partition (sinfo lists: {', '.join(sorted(known))})"
+        )
 
 
 def with_dependency(ex: Any, dependency: str) -> Any:

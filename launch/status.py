@@ -10,10 +10,9 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from launch.pipeline import read_state, recently_submitted
+from launch.record import read_state, recently_submitted
 from launch.slurm import JobState, job_states, log_tail, of_job
 
-ORDER = ("prepare", "pretrain", "finetune", "collect")
 TAIL_LINES = 20
 
 
@@ -61,9 +60,12 @@ def _summary(jobs: list[JobState]) -> str:
 def show(run_dir: str, out: TextIO = sys.stdout) -> int:
     """Print the run's stages; returns 1 when a stage failed or was cancelled, else 0."""
     state = read_state(run_dir)
-    entries = sorted(state.get("stages", {}).values(), key=lambda e: ORDER.index(e["stage"]))
+    entries = list(state.get("stages", {}).values())  # recorded in stage order
     executor = state.get("executor", "?")
     print(f"{run_dir} ({executor})", file=out)
+    code = state.get("code")
+    if code:
+        print(f"  code: snapshot {code['digest'][:12]} in {code['path']}", file=out)
     bad = False
     if executor != "slurm":
         for e in entries:

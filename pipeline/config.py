@@ -166,3 +166,40 @@ def override(obj: T, overrides: Sequence[str], origin: str) -> T:
 def base_config(obj: Any, schema: type[T]) -> T:
     """The ``schema`` part of a config that extends it (a job config minus how it is run)."""
     return schema(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(schema)})
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"d_model": 128}}`` → ``{"model.d_model": 128}`` (lists and scalars are leaves)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_ABSENT = "(absent)"
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two configs: ``{"model.d_model": (128, 256)}``;
+    a key on one side only has ``"(absent)"`` on the other."""
+    a, b = flatten(old), flatten(new)
+    return {
+        k: (a.get(k, _ABSENT), b.get(k, _ABSENT))
+        for k in sorted(set(a) | set(b))
+        if a.get(k, _ABSENT) != b.get(k, _ABSENT)
+    }
+
+
+def describe_diff(diff: dict[str, tuple[Any, Any]], limit: int = 8) -> str:
+    """``model.d_model: 128 → 256, model.mixer: lrn → minlstm`` (at most ``limit``, then a count)."""
+
+    def show(v: Any) -> str:
+        text = v if isinstance(v, str) else json.dumps(v)
+        return text if len(text) <= 40 else text[:18] + "…" + text[-18:]
+
+    items = [f"{k}: {show(a)} → {show(b)}" for k, (a, b) in diff.items()]
+    more = len(items) - limit
+    return ", ".join(items[:limit]) + (f" and {more} more" if more > 0 else "")

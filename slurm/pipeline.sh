@@ -8,6 +8,8 @@
 #
 # Stages already complete are skipped; a failed stage cancels those after it
 # (--kill-on-invalid-dep). Logs: RUN_DIR/logs/. RNNPIPE: the rnnpipe command (default: on PATH).
+# The jobs run the snapshot of the code that `rnnpipe plan` took ($CODE/rnnpipe, $CODE/slurm), not
+# the working tree: edits made after this script returns do not reach jobs still in the queue.
 set -euo pipefail
 SLURM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export RNNPIPE=${RNNPIPE:-rnnpipe} RNNPIPE_SLURM_DIR=$SLURM_DIR
@@ -23,7 +25,8 @@ submit() {  # submit STAGE SETUP LOG [sbatch options...] SCRIPT [args...]: sets 
   local dep=()
   if [ -n "$after" ]; then dep=(--dependency="afterok:$after" --kill-on-invalid-dep=yes); fi
   local id
-  id=$(RNNPIPE_SETUP=$setup sbatch --parsable "${dep[@]}" "$@")
+  id=$(RNNPIPE_SETUP=$setup RNNPIPE="$CODE/rnnpipe" RNNPIPE_SLURM_DIR="$CODE/slurm" \
+    sbatch --parsable "${dep[@]}" "$@")
   id=${id%%;*}
   "$RNNPIPE" status "$RUN_DIR" --record "$stage" "$id" "$log" --after "${after:+afterok:$after}" \
     "${record_extra[@]}"
@@ -53,7 +56,11 @@ if [ -n "$FINETUNE_CONFIG" ]; then
   else
     echo "finetune: every job complete, skipped"
   fi
-  submit collect "$COLLECT_SETUP" "$RUN_DIR/logs/collect-%j.out" "${COLLECT_SBATCH[@]}" \
-    "$SLURM_DIR/collect.sbatch" "$FINETUNE_DIR"
+  if [ "$COLLECT_DONE" = 0 ]; then
+    submit collect "$COLLECT_SETUP" "$RUN_DIR/logs/collect-%j.out" "${COLLECT_SBATCH[@]}" \
+      "$SLURM_DIR/collect.sbatch" "$FINETUNE_CONFIG"
+  else
+    echo "collect: complete, skipped"
+  fi
 fi
 echo "follow it: $RNNPIPE status $RUN_DIR"

@@ -120,10 +120,10 @@ def test_every_shipped_config_loads(path):
     from launch.pretrain import PretrainJob
 
     if path.parent.name == "pipeline":
-        from launch.pipeline import load
+        from launch.workflow import load
 
         p = load(str(path), [])  # every stage file it names loads too
-        assert p.prepare.output.startswith(p.run_dir) and p.finetune is not None
+        assert p.jobs["prepare"].output.startswith(p.run_dir) and p.jobs["finetune"] is not None
     elif path.parent.name == "pretrain":
         job = load_config(PretrainJob, str(path))
         assert job.run_dir and job.data.path

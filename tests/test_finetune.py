@@ -282,26 +282,34 @@ def test_sweep_runs_every_job_writes_the_table_and_skips_them_on_rerun(tmp_path,
     assert main(["-q", "finetune", str(cfg), "--executor", "local"]) == 0
     assert "0 job(s) run, 8 already complete" in capsys.readouterr().out
     assert stamps == [(j / "result.json").stat().st_mtime_ns for j in jobs]
-    # the same directory with another job config: refused, naming the job and the key
-    assert main(["-q", "finetune", str(cfg), "--executor", "inline", "job.max_steps=9"]) == 1
-    err = capsys.readouterr().err
-    assert "8 of 8 finetune task(s) failed" in err and "differs in: max_steps" in err
-    assert stamps == [(j / "result.json").stat().st_mtime_ns for j in jobs]
+    # one task's key changed: exactly its jobs run again, and the others keep their results
+    args = ["-q", "finetune", str(cfg), "--executor", "local", "executor.workers=2", "tasks.sst2.max_dev=16"]
+    assert main(args) == 0
+    assert "4 job(s) run, 4 already complete" in capsys.readouterr().out
+    for j, stamp in zip(jobs, stamps, strict=True):
+        assert (stamp == (j / "result.json").stat().st_mtime_ns) == j.name.startswith("conll"), j.name
+    assert json.loads((jobs[-1] / "result.json").read_text())["config"]["task_config"]["max_dev"] == 16
 
 
 def test_a_failed_job_does_not_stop_the_others(tmp_path, capsys):
-    broken = {
-        "kind": "classification",
-        "train": str(tmp_path / "missing.tsv"),
-        "dev": str(tmp_path / "m.tsv"),
-    }
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tlabel\ngood one\t1\ntoo\tmany\tfields\n")
+    broken = {"kind": "classification", "train": str(bad), "dev": str(bad)}
     cfg = sweep_yaml(tmp_path, {"task": ["broken", "ptb"]}, broken=broken)
     assert main(["-q", "finetune", str(cfg), "--executor", "inline"]) == 1
     err = capsys.readouterr().err
     assert "1 of 2 finetune task(s) failed" in err and "- broken:" in err
-    assert "missing.tsv: no such file" in err and "log tail" in err
+    assert "bad.tsv:3: 3 tab-separated fields" in err and "log tail" in err
     assert (tmp_path / "sweep" / "jobs" / "ptb" / "result.json").exists()
     assert not (tmp_path / "sweep" / "jobs" / "broken" / "result.json").exists()
+
+
+def test_a_missing_task_file_fails_before_any_job(tmp_path, capsys):
+    missing = {"train": str(tmp_path / "missing.tsv"), "dev": str(tmp_path / "m.tsv")}
+    cfg = sweep_yaml(tmp_path, {"task": ["broken", "ptb"]}, broken={"kind": "classification", **missing})
+    assert main(["-q", "finetune", str(cfg), "--executor", "inline"]) == 2
+    assert f"tasks.broken.train={tmp_path / 'missing.tsv'}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "sweep" / "jobs").exists()
 
 
 def test_bad_grid_key_fails_before_any_job(tmp_path, capsys):
@@ -369,8 +377,9 @@ def test_lm_task_reports_word_perplexity_and_bits_per_byte(tmp_path):
     assert r["test"]["loss"] == pytest.approx(nats / text.bytes, rel=1e-6)  # bytes: one token each
 
 
-def test_collect_aggregates_mean_and_std_over_seeds(tmp_path, capsys):
-    for seed, acc in enumerate([80.0, 82.0, 84.0]):
+def test_collect_aggregates_mean_and_std_over_seeds_of_one_backbone(tmp_path, capsys):
+    a, b = "a" * 64, "b" * 64
+    for seed, (acc, sha) in enumerate([(80.0, a), (82.0, a), (84.0, a), (50.0, b)]):
         d = tmp_path / "jobs" / f"sst2-pretrained-seed{seed}"
         d.mkdir(parents=True)
         res = {
@@ -383,24 +392,31 @@ def test_collect_aggregates_mean_and_std_over_seeds(tmp_path, capsys):
             "test": None,
             "steps": 10,
             "wall_s": 1.0,
+            "backbone": {"sha256": sha, "step": 200 if sha == a else 400},
+            "fingerprint": f"{seed}" * 64,
         }
         (d / "result.json").write_text(json.dumps(res))
     assert main(["collect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    # the seeds of one backbone are one row; another backbone's result is a row of its own
     assert "| sst2 | pretrained | optim.lr=0.001 | 3 | accuracy | 82.00 ± 2.00 | — |" in out
-    assert (
-        (tmp_path / "results.csv").read_text().splitlines()[1].startswith("sst2,pretrained,optim.lr=0.001,3,")
-    )
+    assert out.count("| sst2 | pretrained |") == 2
+    assert "| 10 | 3.0 | aaaaaaaaaa@200 |" in out
+    assert "| 50.00 ± 0.00 | — | — | 10 | 1.0 | bbbbbbbbbb@400 |" in out
+    csv_rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert csv_rows[1].startswith("sst2,pretrained,optim.lr=0.001,aaaaaaaaaa@200,3,")
+    recorded = json.loads((tmp_path / "results.json").read_text())
+    assert len(recorded["results"]) == 4 and len(recorded["fingerprint"]) == 64
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     runs = sorted((tmp_path / "tensorboard-hparams").iterdir())
-    assert len(runs) == 3
+    assert len(runs) == 4
     ea = EventAccumulator(str(runs[0]))
     ea.Reload()
     assert ea.PluginTagToContent("hparams")  # the hparams plugin's session records
     assert ea.Scalars("hparam/dev_accuracy")[0].value == 80.0
     _, rows = collect(str(tmp_path))
-    assert rows[0]["dev_mean"] == 82.0
+    assert rows[0]["dev_mean"] == 82.0 and rows[1]["dev_mean"] == 50.0
 
 
 @pytest.mark.parametrize("name,jobs", [("demo", 6), ("cpu-results", 18), ("glue-conll-ptb", 36)])

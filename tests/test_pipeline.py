@@ -1,43 +1,108 @@
-"""The chained pipeline without Slurm: config loading, the shell plan for slurm/pipeline.sh, the
-sbatch options against what submitit submits, a failure on the local executor, and `make demo`.
+"""The chained pipeline without Slurm: the launch package's shape, config loading, the shell plan
+for slurm/pipeline.sh, the sbatch options against what submitit submits, a failure on the local
+executor, and `make demo`.
 
-The same pipeline on a real Slurm cluster: tests/test_slurm.py.
+Re-runs, fingerprints and --dry-run: tests/test_rerun.py. On a real Slurm cluster: tests/test_slurm.py.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from launch import pipeline
+from launch import workflow
 from pipeline.errors import ConfigError
 from tests.conftest import DATA, REPO, data_file, rnnpipe
 
 QUICKSTART = REPO / "configs" / "pipeline" / "quickstart.yaml"
 
 
+def _launch_imports() -> dict[str, set[str]]:
+    """{launch module: the launch modules it imports, at the top or inside a function}."""
+    graph = {}
+    for path in sorted((REPO / "launch").glob("*.py")):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "launch":
+                deps |= {f"launch.{a.name}" for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("launch."):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("launch.")}
+        graph[f"launch.{path.stem}"] = deps - {f"launch.{path.stem}"}
+    return graph
+
+
+def test_launch_has_no_import_cycle_and_each_module_imports_alone():
+    graph = _launch_imports()
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        if state.get(m) == 1:
+            raise AssertionError("import cycle: " + " -> ".join([*path, m]))
+        if state.get(m) == 2:
+            return
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            visit(d, [*path, m])
+        state[m] = 2
+
+    for m in graph:
+        visit(m, [])
+    assert "launch.cli" not in set().union(*(d for m, d in graph.items() if m != "launch.__main__"))
+    for m in graph:
+        if m == "launch.__main__":
+            continue
+        done = subprocess.run([sys.executable, "-c", f"import {m}"], capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, (m, done.stderr[-2000:])
+
+
+def test_every_stage_has_the_same_interface():
+    import inspect
+
+    assert [s.NAME for s in workflow.STAGES] == ["prepare", "pretrain", "finetune", "collect"]
+    for stage in workflow.STAGES:
+        for name, params in {
+            "check": ["job", "upstream"],
+            "fingerprint": ["job"],
+            "is_complete": ["job"],
+            "plan": ["job", "upstream"],
+            "run": ["job", "decision"],
+            "submit": ["job", "decision", "ctx"],
+        }.items():
+            assert list(inspect.signature(getattr(stage, name)).parameters) == params, (stage.NAME, name)
+        assert isinstance(stage.Job, type)
+
+
 def test_stage_overrides_are_routed_and_the_pipeline_owns_the_paths(tmp_path):
-    p = pipeline.load(
+    p = workflow.load(
         str(QUICKSTART),
         [f"run_dir={tmp_path}", "pretrain.train.steps=7", "finetune.grid.seed=[0,1]", "prepare.output=/x"],
     )
-    assert p.pretrain.train.steps == 7 and p.finetune.grid["seed"] == [0, 1]
-    assert p.pretrain.distributed.nproc == 2  # the pipeline file's own stage overrides still apply
-    assert p.prepare.output == str(tmp_path / "data")  # not /x: the run dir's layout is the pipeline's
-    assert p.pretrain.data.path == p.prepare.output
-    assert p.finetune.pretrained == str(tmp_path / "pretrain" / "export")
-    assert {p.prepare.executor.kind.value, p.pretrain.executor.kind.value} == {"local"}
-    slurm = pipeline.load(str(QUICKSTART), [f"run_dir={tmp_path}"], "slurm")
-    assert slurm.finetune.executor.kind.value == "slurm"
+    pre, fine = p.jobs["pretrain"], p.jobs["finetune"]
+    assert pre.train.steps == 7 and fine.grid["seed"] == [0, 1]
+    assert pre.distributed.nproc == 2  # the pipeline file's own stage overrides still apply
+    assert p.jobs["prepare"].output == str(
+        tmp_path / "data"
+    )  # not /x: the run dir's layout is the pipeline's
+    assert pre.data.path == p.jobs["prepare"].output
+    assert fine.pretrained == str(tmp_path / "pretrain" / "export")
+    assert p.jobs["collect"].sweep is fine
+    assert {p.jobs["prepare"].executor.kind.value, pre.executor.kind.value} == {"local"}
+    slurm = workflow.load(str(QUICKSTART), [f"run_dir={tmp_path}"], "slurm")
+    assert slurm.jobs["finetune"].executor.kind.value == "slurm"
 
 
 def test_a_bad_stage_key_names_the_stage_and_the_key(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"pretrain stage .*'train\.stpes'.*did you mean 'steps'"):
-        pipeline.load(str(QUICKSTART), [f"run_dir={tmp_path}", "pretrain.train.stpes=3"])
+        workflow.load(str(QUICKSTART), [f"run_dir={tmp_path}", "pretrain.train.stpes=3"])
     assert rnnpipe("run", QUICKSTART, f"run_dir={tmp_path}", "finetune.grid.tsk=[a]") == 2
     assert "finetune stage" in capsys.readouterr().err
     assert not (tmp_path / "pipeline.json").exists()  # nothing ran
@@ -45,7 +110,7 @@ def test_a_bad_stage_key_names_the_stage_and_the_key(tmp_path, capsys):
 
 def _plan(tmp_path, *overrides: str) -> dict[str, object]:
     """Evaluate `rnnpipe plan` in bash as slurm/pipeline.sh does; returns the variables."""
-    names = "RUN_DIR PREPARE_DONE PRETRAIN_DONE FINETUNE_INDICES FINETUNE_CONFIG"
+    names = "RUN_DIR CODE PREPARE_DONE PRETRAIN_DONE FINETUNE_INDICES FINETUNE_CONFIG COLLECT_DONE"
     arrays = "PREPARE_SBATCH PRETRAIN_SBATCH FINETUNE_SBATCH FINETUNE_TASKS COLLECT_SBATCH"
     script = f"""
         set -euo pipefail
@@ -55,7 +120,10 @@ def _plan(tmp_path, *overrides: str) -> dict[str, object]:
             n="$a[@]"; printf '%s=' "$a"; printf '%s\\x1f' "${{!n}}"; printf '\\0'
         done
     """
+    for name in ("sst2", "conll2003", "ptb"):  # the plan checks that the task files exist
+        data_file(name)
     cmd = ["bash", "-c", script, "plan", str(QUICKSTART), f"run_dir={tmp_path / 'run'}", *overrides]
+    cmd.append(f"finetune.data_root={DATA}")
     env = {**os.environ, "RNNPIPE": str(REPO / ".venv" / "bin" / "rnnpipe")}
     if not os.path.exists(env["RNNPIPE"]):
         env["RNNPIPE"] = "rnnpipe"
@@ -85,9 +153,19 @@ def test_plan_quotes_every_value_taken_from_a_config(tmp_path):
     assert v["FINETUNE_TASKS"] == expected
     assert v["FINETUNE_INDICES"] == ",".join(str(i) for i in range(12))
     assert {"--nodes=1", "--ntasks-per-node=2", "--signal=USR2@120", "--requeue"} <= set(v["PRETRAIN_SBATCH"])
+    assert v["PRETRAIN_DONE"] == v["COLLECT_DONE"] == "0"
     # the stage files the jobs run hold the resolved stage configs
     stage = (tmp_path / "run" / "stages" / "pretrain.yaml").read_text()
     assert f"run_dir: {tmp_path / 'run' / 'pretrain'}" in stage and "nproc: 2" in stage
+    # the jobs run a snapshot of the code: its rnnpipe command runs, from the snapshot
+    code = Path(v["CODE"])
+    assert code.parent.parent == tmp_path / "run" / "slurm" and (code / "launch" / "cli.py").exists()
+    marker = json.loads((code / "SNAPSHOT.json").read_text())
+    assert code.name == f"code-{marker['digest'][:12]}"
+    where = subprocess.run(
+        [str(code / "rnnpipe"), "--version"], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert where.returncode == 0 and "rnnpipe" in where.stdout, where.stderr
 
 
 def _sbatch_lines(text: str) -> set[str]:
@@ -101,7 +179,7 @@ def test_sbatch_options_are_what_the_submitit_launcher_submits(tmp_path, monkeyp
     from launch.slurm import sbatch_flags
 
     monkeypatch.setattr("shutil.which", lambda name, *a, **k: f"/usr/bin/{name}")  # no Slurm needed
-    p = pipeline.load(
+    p = workflow.load(
         str(QUICKSTART),
         [
             f"run_dir={tmp_path}",
@@ -113,27 +191,39 @@ def test_sbatch_options_are_what_the_submitit_launcher_submits(tmp_path, monkeyp
         ],
         "slurm",
     )
-    ex = pretrain.slurm_executor(p.pretrain, str(tmp_path / "%j"))
+    ex = pretrain.slurm_executor(p.jobs["pretrain"], str(tmp_path / "%j"))
     theirs = _sbatch_lines(ex._make_submission_file_text("python -c 1", "uid"))
     ours = sbatch_flags(
-        p.pretrain.executor.slurm,
+        p.jobs["pretrain"].executor.slurm,
         nodes=4,
         ntasks_per_node=8,
         gpus_per_node=8,
-        signal=f"USR2@{p.pretrain.distributed.signal_grace_s}",
+        signal=f"USR2@{p.jobs['pretrain'].distributed.signal_grace_s}",
         requeue=True,
     )
     assert set(ours) <= theirs, set(ours) - theirs
-    ft = SlurmExecutor(p.finetune.executor.slurm, str(tmp_path)).submitit_executor("finetune")
+    ft = SlurmExecutor(p.jobs["finetune"].executor.slurm, str(tmp_path)).submitit_executor("finetune")
     theirs = _sbatch_lines(ft._make_submission_file_text("python -c 1", "uid"))
-    ours = sbatch_flags(p.finetune.executor.slurm)
+    ours = sbatch_flags(p.jobs["finetune"].executor.slurm)
     assert set(ours) <= theirs, set(ours) - theirs
 
 
 def test_a_failed_stage_stops_the_local_pipeline_and_status_names_it(tmp_path, capsys):
+    for name in ("sst2", "conll2003", "ptb"):  # the fine-tune stage's files are checked first
+        data_file(name)
     missing = tmp_path / "no-such-corpus.txt"
     run_dir = tmp_path / "run"
-    assert rnnpipe("-q", "run", QUICKSTART, f"run_dir={run_dir}", f"prepare.source.paths=[{missing}]") == 1
+    args = [
+        "run",
+        QUICKSTART,
+        f"run_dir={run_dir}",
+        f"prepare.source.paths=[{missing}]",
+        f"finetune.data_root={DATA}",
+    ]
+    assert rnnpipe(*args, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert f"prepare   run   no dataset yet in {run_dir / 'data'}; missing input: {missing}" in out
+    assert rnnpipe("-q", *args) == 1
     assert str(missing) in capsys.readouterr().err
     assert rnnpipe("status", run_dir) == 1
     out = capsys.readouterr().out
@@ -160,6 +250,6 @@ def test_make_demo_runs_the_whole_pipeline_and_prints_the_table(tmp_path):
     # again: every stage is complete and skipped, and the table is printed again
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    for stage in ("prepare", "pretrain", "finetune"):
-        assert f"== {stage}: complete, skipped" in again.stdout
+    for stage in ("prepare", "pretrain", "finetune", "collect"):
+        assert f"== {stage}: skip (complete" in again.stdout
     assert header in again.stdout

@@ -221,6 +221,29 @@ def test_pipeline_through_rnnpipe_run(slurm, tmp_path):
     again = rnnpipe("run", *args)
     assert again.returncode == 0 and "every stage is complete" in again.stdout, again.stdout + again.stderr
     assert recorded_jobs(run_dir) == {}
+    # the jobs ran the code snapshot the submission recorded
+    state = json.loads((run_dir / "pipeline.json").read_text())
+    result = json.loads((run_dir / "finetune" / "jobs" / "ptb-scratch-seed0" / "result.json").read_text())
+    snapshot = result["provenance"]["code"]["snapshot"]
+    assert snapshot and Path(snapshot["path"]).parent.parent == run_dir / "slurm", snapshot
+
+    # one fine-tune key changed: only its jobs are submitted, as the array's tasks
+    jobs = run_dir / "finetune" / "jobs"
+    ptb = {j: (jobs / j / "result.json").read_bytes() for j in ("ptb-pretrained-seed0", "ptb-scratch-seed0")}
+    changed = rnnpipe("run", *args, "finetune.tasks.sst2.max_dev=64", "--wait", timeout=900)
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    state = json.loads((run_dir / "pipeline.json").read_text())["stages"]
+    assert state["prepare"]["state"] == state["pretrain"]["state"] == "SKIPPED"
+    assert state["finetune"]["tasks"] == ["sst2-pretrained-seed0", "sst2-scratch-seed0"]
+    assert len([k for k in sacct_states(state["finetune"]["job_id"]) if "." not in k]) == 2
+    assert state["collect"]["job_id"]
+    assert {j: (jobs / j / "result.json").read_bytes() for j in ptb} == ptb
+    assert (
+        json.loads((jobs / "sst2-scratch-seed0" / "result.json").read_text())["config"]["task_config"][
+            "max_dev"
+        ]
+        == 64
+    )
 
 
 def test_pipeline_through_plain_sbatch(slurm, tmp_path):
@@ -240,6 +263,10 @@ def test_pipeline_through_plain_sbatch(slurm, tmp_path):
     assert waited.returncode == 0, waited.stdout[-3000:]
     assert_pipeline_completed(run_dir)
     assert "exported the final model" in next((run_dir / "logs").glob("pretrain-*.out")).read_text()
+    # every job ran the snapshot `rnnpipe plan` took, not the working tree
+    code = json.loads((run_dir / "pipeline.json").read_text())["code"]
+    pretrain = json.loads((run_dir / "pretrain" / "provenance.json").read_text())["code"]
+    assert pretrain["snapshot"]["digest"] == code["digest"] and pretrain["snapshot"]["path"] == code["path"]
 
 
 def final_metrics(run_dir: Path) -> dict[tuple[int, str], float]:
@@ -365,10 +392,19 @@ def test_a_failed_prepare_task_cancels_the_stages_after_it(slurm, tmp_path):
 
 def test_a_submission_that_fails_half_way_leaves_no_job_behind(slurm, tmp_path):
     args = pipeline_args(tmp_path)
-    done = rnnpipe("run", *args, "finetune.executor.slurm.partition=no-such-partition")
+    # a partition Slurm does not have: refused before anything is submitted
+    early = rnnpipe("run", *args, "finetune.executor.slurm.partition=no-such-partition")
+    assert early.returncode == 2, early.stderr[-3000:]
+    assert (
+        "finetune.executor.slurm.partition=no-such-partition: this cluster has no such partition"
+        in early.stderr
+    )
+    assert not (tmp_path / "run" / "pipeline.json").exists()
+    # an option sbatch itself rejects: found out only when the fine-tune array is submitted
+    done = rnnpipe("run", *args, "finetune.executor.slurm.extra.no-such-option=1")
     assert done.returncode == 1
     assert "submitting the pipeline failed" in done.stderr, done.stderr[-3000:]
-    assert "invalid partition" in done.stderr.lower(), done.stderr[-3000:]  # sbatch's own reason
+    assert "no-such-option" in done.stderr, done.stderr[-3000:]  # sbatch's own reason
     jobs = recorded_jobs(tmp_path / "run")
     assert sorted(jobs) == ["prepare", "pretrain"]  # submitted before the failure...
     for job_id in jobs.values():  # ...and cancelled, not left waiting
@@ -376,3 +412,68 @@ def test_a_submission_that_fails_half_way_leaves_no_job_behind(slurm, tmp_path):
         while not sacct_states(job_id).get(job_id, "").startswith("CANCELLED"):
             assert time.time() < deadline, sacct_states(job_id)
             time.sleep(1)
+
+
+def test_a_queued_job_runs_the_code_it_was_submitted_with(slurm, tmp_path):
+    """Submitted, then the working tree is edited before the job starts: the job runs the code as
+    it was at submission (its snapshot), and records that snapshot."""
+    checkout = tmp_path / "checkout"  # a working tree of our own to edit
+    for package in ("launch", "pipeline", "kernels"):
+        shutil.copytree(REPO / package, checkout / package, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(checkout), "RNNPIPE_PROGRESS": "0"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "launch", "-q", *args]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+
+    src = data_file("enwik8-head/enwik8-head.txt")
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    prep = cli(
+        "prepare",
+        str(REPO / "configs/demo.yaml"),
+        f"output={data}",
+        f"source.paths=[{src}]",
+        "source.limit_bytes=300000",
+        "--executor",
+        "inline",
+    )
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    submitted = cli(
+        "pretrain",
+        str(REPO / "configs/pretrain/tiny-lrn.yaml"),
+        f"run_dir={run_dir}",
+        f"data.path={data}",
+        "train.steps=2",
+        "train.eval_every=0",
+        "train.sample_tokens=0",
+        "model.d_model=32",
+        "data.seq_len=32",
+        "data.batch_size=2",
+        "train.eval_batch_size=2",
+        *SMALL[:2],
+        "executor.slurm.extra.hold=''",
+        "--executor",
+        "slurm",
+    )
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job_id = submitted.stdout.split("submitted Slurm job ")[1].split(":")[0]
+    (snapshot,) = (run_dir / "slurm").glob("code-*")
+    digest = json.loads((snapshot / "SNAPSHOT.json").read_text())["digest"]
+    assert snapshot.name == f"code-{digest[:12]}"
+    # the edit: another version, and a loop that fails on import
+    init = checkout / "pipeline" / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "edited-'))
+    with (checkout / "pipeline" / "train" / "loop.py").open("a") as f:
+        f.write('\nraise RuntimeError("the edited working tree ran")\n')
+    subprocess.run(["scontrol", "release", job_id], check=True)
+    deadline = time.time() + 600
+    while not sacct_states(job_id).get(job_id, "").startswith(("COMPLETED", "FAILED", "CANCELLED")):
+        assert time.time() < deadline, f"job {job_id} did not end"
+        time.sleep(2)
+    log = "\n".join(p.read_text() for p in (run_dir / "slurm").glob("*/*_log.*"))
+    assert sacct_states(job_id)[job_id].startswith("COMPLETED"), log[-3000:]
+    code = json.loads((run_dir / "provenance.json").read_text())["code"]
+    assert code["snapshot"] == {"digest": digest, "path": str(snapshot)}
+    assert not code["rnnpipe"].startswith("edited")
+    marker = json.loads((run_dir / "checkpoints" / "step00000002" / "COMPLETE").read_text())
+    assert marker["provenance"]["code"]["snapshot"]["digest"] == digest

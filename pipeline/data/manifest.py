@@ -7,6 +7,7 @@ order, the way the pretrain stage consumes them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -50,6 +51,55 @@ def read_manifest(root: str) -> dict[str, Any]:
             f"{manifest.get('version')!r} (this rnnpipe reads version {FORMAT_VERSION})"
         )
     return manifest
+
+
+def dataset_digest(manifest: dict[str, Any]) -> str:
+    """The identity of a dataset's content: sha256 over every shard's path, size and sha256, the
+    tokenizer (kind, vocabulary, model file's sha256) and the dtype. Two datasets with equal digests
+    hold the same tokens, wherever they live; what a pretrain run was trained on is recorded as this."""
+    tok = manifest["tokenizer"]
+    content = {
+        "dtype": manifest["dtype"],
+        "tokenizer": [tok["kind"], tok["vocab_size"], tok.get("model_sha256")],
+        "shards": {
+            split: [[s["path"], s["size"], s["sha256"]] for s in info["shards"]]
+            for split, info in sorted(manifest["splits"].items())
+        },
+    }
+    blob = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def check_sizes(root: str) -> list[str]:
+    """Cheap problems with the dataset at ``root``: the manifest, and every shard present with the
+    size the manifest records and counts that add up (no hashing: a preflight check, not
+    :func:`verify`)."""
+    root = fsio.absolute(root)
+    try:
+        manifest = read_manifest(root)
+    except PipelineError as e:
+        return [str(e)]
+    problems = []
+    fs, base = fsio.filesystem(root)
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            path = base.rstrip("/") + "/" + shard["path"]
+            try:
+                size = int(fs.size(path))
+            except FileNotFoundError:
+                problems.append(f"{fsio.join(root, shard['path'])}: missing")
+                continue
+            if size != shard["size"]:
+                problems.append(
+                    f"{fsio.join(root, shard['path'])}: {size} bytes, the manifest says {shard['size']}"
+                )
+        for key in ("samples", "tokens"):
+            total = sum(s[key] for s in info["shards"])
+            if total != info[key]:
+                problems.append(
+                    f"{root}: split {split}'s shards add up to {total} {key}, the manifest says {info[key]}"
+                )
+    return problems
 
 
 def load_tokenizer(root: str) -> Tokenizer:

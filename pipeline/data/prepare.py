@@ -45,9 +45,11 @@ from pipeline.data.tasks import (
 )
 from pipeline.data.tokenizers import load_tokenizer_file
 from pipeline.errors import PipelineError
+from pipeline.provenance import provenance
 
 log = logging.getLogger(__name__)
-_OUR_ENTRIES = ("train", "valid", "test", "tokenizer", MANIFEST, "config.yaml", ".work")
+PROVENANCE = "provenance.json"
+_OUR_ENTRIES = ("train", "valid", "test", "tokenizer", MANIFEST, "config.yaml", PROVENANCE, ".work")
 
 
 class TaskMapper(Protocol):
@@ -120,6 +122,9 @@ def prepare(cfg: PrepareConfig, executor: TaskMapper, config_yaml: str = "") -> 
         fsio.write_bytes_atomic(fsio.join(root, rel), data)
     if config_yaml:
         fsio.write_text_atomic(fsio.join(root, "config.yaml"), config_yaml)
+    # Which code made it, where (the manifest itself stays a function of the config and inputs).
+    prov = provenance(executor=type(executor).__name__)
+    fsio.write_text_atomic(fsio.join(root, PROVENANCE), json.dumps(prov, indent=1) + "\n")
     manifest = _manifest(cfg, plan, encoded, layout, tasks, records, tok, fp, values)
     fsio.write_text_atomic(fsio.join(root, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     if not cfg.keep_work:

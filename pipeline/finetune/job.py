@@ -5,10 +5,13 @@ then train with AdamW (warm-up, linear decay, layer-wise rate decay, optional fr
 evaluate on dev every ``eval_every`` steps, keep the best weights, stop after ``patience``
 evaluations without improvement, and score the best weights on dev and test.
 
-Resumable: every evaluation writes ``checkpoint.pt`` (weights, optimiser, schedule, data position,
-LM state, best weights, RNG states) atomically; a job started again (a requeue, a re-run) continues
-from it and ends with the same result as an uninterrupted run. ``result.json`` is written last, so
-its presence means the job is complete, and the checkpoint is then removed.
+Resumable: every evaluation writes ``checkpoint.pt`` (weights, optimiser, schedule, best weights and
+the job's :class:`~pipeline.train.state.FinetuneState`: counters, data position, LM state, RNG
+states) atomically; a job started again (a requeue, a re-run) continues from it and ends with the
+same result as an uninterrupted run. ``result.json`` is written last and records what the result
+was made from (:mod:`pipeline.finetune.identity`: the backbone's sha256, the task files' sha256,
+the config) with its fingerprint; the checkpoint is then removed. A result or checkpoint with
+another fingerprint is stale: the job runs again from the start.
 RNNPIPE_TEST_STEP_DELAY (seconds slept after each step) exists for tests that kill a job mid-way.
 """
 
@@ -29,21 +32,25 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import fsio
-from pipeline.config import to_dict
+from pipeline.config import fingerprint, to_dict
 from pipeline.errors import PipelineError
 from pipeline.finetune import tasks
 from pipeline.finetune.config import Init, JobConfig, TaskKind
 from pipeline.finetune.conlleval import conlleval
+from pipeline.finetune.identity import CHECKPOINT, RESULT, job_identity, read_result, status
 from pipeline.finetune.model import FinetuneModel, parameter_groups, set_dropout
+from pipeline.models.exported import CONFIG, WEIGHTS
 from pipeline.models.lm import LanguageModel
 from pipeline.models.mixers import detach_state
 from pipeline.models.pretrained import load_pretrained, load_pretrained_tokenizer
-from pipeline.train.checkpoint import rng_state, set_rng_state
+from pipeline.provenance import provenance
+from pipeline.train.checkpoint import load_state, save_state
 from pipeline.train.data import IGNORE, StreamBatches
 from pipeline.train.evaluate import evaluate as evaluate_stream
+from pipeline.train.state import FinetuneState
 
 log = logging.getLogger("rnnpipe.finetune")
-RESULT, CHECKPOINT, LOG = "result.json", "checkpoint.pt", "log.txt"
+LOG = "log.txt"
 EVAL_BATCH, EVAL_STREAMS = 64, 8
 HIGHER_IS_BETTER = {TaskKind.classification: True, TaskKind.tagging: True, TaskKind.lm: False}
 PRIMARY = {TaskKind.classification: "accuracy", TaskKind.tagging: "f1", TaskKind.lm: "ppl"}
@@ -188,18 +195,13 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return torch.randperm(n, generator=g).numpy()
 
 
-def _save(path: str, state: dict[str, Any]) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    fsio.write_bytes_atomic(path, buf.getvalue())
-
-
 def run_job(cfg: JobConfig) -> dict[str, Any]:
     """Run (or finish, or skip when complete) one job; returns its result (also in result.json)."""
     out = cfg.out_dir
-    if fsio.exists(fsio.join(out, RESULT)):
-        result = json.loads(fsio.read_text(fsio.join(out, RESULT)))
-        check_same_config(out, RESULT, result.get("config", {}), to_dict(cfg))
+    identity = job_identity(cfg)
+    fp = fingerprint(identity)
+    result = read_result(out)
+    if result is not None and result.get("fingerprint") == fp:
         return result
     fsio.makedirs(out)
     handler = logging.FileHandler(os.path.join(out, LOG)) if fsio.is_local(out) else None
@@ -208,7 +210,12 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        return _run(cfg)
+        if result is not None:  # stale: made from other weights, files or config; kept aside
+            _, why = status(cfg)
+            log.info("%s: its result is %s; running the job again", out, why)
+            fsio.write_text_atomic(fsio.join(out, "result.stale.json"), json.dumps(result, indent=2) + "\n")
+            fsio.remove(fsio.join(out, RESULT))
+        return _run(cfg, identity, fp)
     except Exception as e:  # in log.txt too: a sweep reports the failed job's log tail
         log.error("job failed: %s", e, exc_info=not isinstance(e, PipelineError))
         raise
@@ -218,20 +225,15 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
             handler.close()
 
 
-def check_same_config(out: str, what: str, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
-    """Refuse to reuse a result or checkpoint written by a different job config."""
-    if saved == wanted:
-        return
-    keys = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-    raise PipelineError(
-        f"{out}: its {what} was written by a different job config (differs in: {', '.join(keys)}); "
-        "delete that directory to run the job again, or give the sweep another out_dir"
-    )
-
-
-def _run(cfg: JobConfig) -> dict[str, Any]:
+def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
     out, kind = cfg.out_dir, cfg.task_config.kind
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    weights = fsio.join(cfg.pretrained, WEIGHTS)
+    if fsio.sha256_of(weights)[0] != identity["backbone.sha256"]:
+        raise PipelineError(
+            f"{weights}: its sha256 is not the one its {CONFIG} records: the export was changed "
+            "after it was written; export it again"
+        )
     tok = load_pretrained_tokenizer(cfg.pretrained)
     data = load_task(cfg, tok)
     model = build_model(cfg, data).to(device).train()
@@ -242,38 +244,38 @@ def _run(cfg: JobConfig) -> dict[str, Any]:
     )
     higher = HIGHER_IS_BETTER[kind]
     metric = PRIMARY[kind]
-    st: dict[str, Any] = dict(step=0, epoch=0, pos=0, best=None, best_step=0, bad=0, done=False, wall=0.0)
-    best_weights: dict[str, torch.Tensor] | None = None
-    streams = lm_state = None
+    streams = None
     if kind is TaskKind.lm:
         streams = StreamBatches(tasks.ArrayReader(data.train), 0, 1, cfg.batch_size, cfg.seq_len)
+    st = FinetuneState(loader=streams)
+    best_weights: dict[str, torch.Tensor] | None = None
     ckpt_path = fsio.join(out, CHECKPOINT)
-    if fsio.exists(ckpt_path):
-        ck = torch.load(io.BytesIO(fsio.read_bytes(ckpt_path)), map_location=device, weights_only=False)
-        check_same_config(out, CHECKPOINT, ck["config"], to_dict(cfg))
+    ck = load_state(ckpt_path, device) if fsio.exists(ckpt_path) else None
+    if ck is not None and ck.get("fingerprint") != fp:
+        log.info("%s: its checkpoint is of another job config or backbone: starting afresh", out)
+        ck = None
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        st, best_weights, lm_state = ck["state"], ck["best_weights"], ck["lm_state"]
-        if streams is not None:
-            streams.load_state_dict(ck["streams"])
-        set_rng_state(ck["rng"])
-        log.info("resumed %s at step %d", out, st["step"])
+        best_weights = ck["best_weights"]
+        st.load_state_dict(ck["state"], device)
+        log.info("resumed %s at step %d", out, st.step)
     else:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
     from torch.utils.tensorboard import SummaryWriter
 
-    tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=st["step"] + 1 if st["step"] else None)
+    tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=st.step + 1 if st.step else None)
     delay = float(os.environ.get("RNNPIPE_TEST_STEP_DELAY", "0"))
     n_train = len(data.train) if kind is not TaskKind.lm else 0
     steps_per_epoch = math.ceil(n_train / cfg.batch_size) if n_train else 0
-    order = _epoch_order(cfg.seed, st["epoch"], n_train) if n_train else None
+    order = _epoch_order(cfg.seed, st.epoch, n_train) if n_train else None
     t0 = time.time()
     frozen = None
-    while st["step"] < cfg.max_steps and not st["done"]:
-        want_frozen = cfg.optim.freeze_steps == -1 or st["step"] < cfg.optim.freeze_steps
+    while st.step < cfg.max_steps and not st.done:
+        want_frozen = cfg.optim.freeze_steps == -1 or st.step < cfg.optim.freeze_steps
         if want_frozen != frozen:  # frozen parameters get no gradients and skip the optimiser
             frozen = want_frozen
             model.backbone.requires_grad_(not frozen)
@@ -281,27 +283,25 @@ def _run(cfg: JobConfig) -> dict[str, Any]:
             assert streams is not None
             batch = next(streams)
             if batch.reset:
-                lm_state = None
-            logits, lm_state = model.backbone(batch.inputs_BT.to(device), lm_state)
-            lm_state = detach_state(lm_state)
+                st.hidden = None
+            logits, new_state = model.backbone(batch.inputs_BT.to(device), st.hidden)
+            st.hidden = detach_state(new_state)
             loss = F.cross_entropy(
                 logits.flatten(0, 1), batch.targets_BT.to(device).flatten(), ignore_index=IGNORE
             )
         else:
-            ids, lengths, targets = _train_batch(data, order, st["pos"], cfg.batch_size)
+            ids, lengths, targets = _train_batch(data, order, st.pos, cfg.batch_size)
             logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(lengths).to(device))
             y = torch.from_numpy(targets).to(device)
             loss = F.cross_entropy(
                 logits.flatten(0, -2) if y.dim() == 2 else logits, y.flatten(), ignore_index=IGNORE
             )
-            st["pos"] += 1
-            if st["pos"] == steps_per_epoch:
-                st["epoch"], st["pos"] = st["epoch"] + 1, 0
-                order = _epoch_order(cfg.seed, st["epoch"], n_train)
+            st.pos += 1
+            if st.pos == steps_per_epoch:
+                st.epoch, st.pos = st.epoch + 1, 0
+                order = _epoch_order(cfg.seed, st.epoch, n_train)
         if not torch.isfinite(loss):
-            raise PipelineError(
-                f"{out}: the loss is {loss.item()} at step {st['step'] + 1}; lower job.optim.lr"
-            )
+            raise PipelineError(f"{out}: the loss is {loss.item()} at step {st.step + 1}; lower job.optim.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = (
@@ -311,8 +311,8 @@ def _run(cfg: JobConfig) -> dict[str, Any]:
         )
         opt.step()
         sched.step()
-        st["step"] += 1
-        step = st["step"]
+        st.step += 1
+        step = st.step
         if step % 10 == 0 or step == 1:
             tb.add_scalar("train/loss", loss.item(), step)
             tb.add_scalar("train/grad_norm", float(grad_norm), step)
@@ -325,12 +325,12 @@ def _run(cfg: JobConfig) -> dict[str, Any]:
         for k, v in dev.items():
             tb.add_scalar(f"dev/{k}", v, step)
         score = dev[metric]
-        if st["best"] is None or (score > st["best"] if higher else score < st["best"]):
-            st["best"], st["best_step"], st["bad"] = score, step, 0
+        if st.best is None or (score > st.best if higher else score < st.best):
+            st.best, st.best_step, st.bad = score, step, 0
             best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
-            st["bad"] += 1
-            st["done"] = bool(cfg.patience) and st["bad"] >= cfg.patience
+            st.bad += 1
+            st.done = bool(cfg.patience) and st.bad >= cfg.patience
         log.info(
             "step %d/%d loss %.4f dev %s %.3f (best %.3f at %d)",
             step,
@@ -338,26 +338,24 @@ def _run(cfg: JobConfig) -> dict[str, Any]:
             loss.item(),
             metric,
             score,
-            st["best"],
-            st["best_step"],
+            st.best,
+            st.best_step,
         )
-        st["wall"] += time.time() - t0
+        st.wall += time.time() - t0
         t0 = time.time()
-        _save(
+        save_state(
             ckpt_path,
             {
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
-                "state": st,
                 "best_weights": best_weights,
-                "lm_state": lm_state,
-                "streams": streams.state_dict() if streams is not None else None,
-                "rng": rng_state(),
+                "state": st.state_dict(),
+                "fingerprint": fp,
                 "config": to_dict(cfg),
             },
         )
-    st["wall"] += time.time() - t0
+    st.wall += time.time() - t0
     if best_weights is not None:
         model.load_state_dict(best_weights)
     if cfg.save_model:
@@ -368,7 +366,7 @@ def _run(cfg: JobConfig) -> dict[str, Any]:
     test = evaluate(model, data, data.test, device) if data.test else None
     for split, m in (("dev", dev), ("test", test or {})):
         for k, v in m.items():
-            tb.add_scalar(f"final/{split}_{k}", v, st["step"])
+            tb.add_scalar(f"final/{split}_{k}", v, st.step)
     tb.close()
     result = {
         "task": cfg.task,
@@ -379,14 +377,21 @@ def _run(cfg: JobConfig) -> dict[str, Any]:
         "metric": metric,
         "dev": dev,
         "test": test,
-        "best_step": st["best_step"],
-        "steps": st["step"],
-        "epochs": st["epoch"] + st["pos"] / max(1, steps_per_epoch) if n_train else None,
-        "early_stopped": st["done"],
-        "wall_s": round(st["wall"], 1),
+        "best_step": st.best_step,
+        "steps": st.step,
+        "epochs": st.epoch + st.pos / max(1, steps_per_epoch) if n_train else None,
+        "early_stopped": st.done,
+        "wall_s": round(st.wall, 1),
         "params": sum(p.numel() for p in model.parameters()),
         "train_examples": n_train or len(data.train.ids),
         "device": str(device),
+        "backbone": {
+            "path": cfg.pretrained,
+            **{k: identity.get(f"backbone.{k}") for k in ("sha256", "step")},
+        },
+        "fingerprint": fp,
+        "identity": identity,
+        "provenance": provenance(world_size=1),
         "config": to_dict(cfg),
     }
     fsio.write_text_atomic(fsio.join(out, RESULT), json.dumps(result, indent=2) + "\n")

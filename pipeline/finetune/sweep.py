@@ -5,8 +5,9 @@
     grid:  {task: [sst2, conll], init: [pretrained, scratch], seed: [0, 1, 2], optim.lr: [1e-3, 3e-4]}
 
 Every combination of the grid's values is one job in ``<out_dir>/jobs/<name>``, its name made of
-the values (``sst2-pretrained-lr0.0003-seed1``). Jobs that already have ``result.json`` are skipped,
-so a re-run only does what is missing; one failed job does not stop the others.
+the values (``sst2-pretrained-lr0.0003-seed1``). Jobs that already have ``result.json`` are skipped
+when their recorded fingerprint is the one the job would have now (:mod:`pipeline.finetune.identity`),
+so a re-run does exactly what is missing or stale; one failed job does not stop the others.
 """
 
 from __future__ import annotations
@@ -114,29 +115,30 @@ def run_one(item: LabelledJob, report: Callable[[int], None]) -> dict[str, Any]:
         raise PipelineError(msg) from e
 
 
-def pending(jobs: list[JobConfig]) -> tuple[list[dict[str, Any]], list[JobConfig]]:
-    """(the results of jobs complete with their own config, the other jobs: to run, or to fail
-    saying why)."""
-    import json
+def pending(jobs: list[JobConfig]) -> tuple[list[dict[str, Any]], list[JobConfig], dict[str, str]]:
+    """(the results of jobs complete with their current identity, the other jobs, why each of those
+    is not complete: ``{out_dir: "not run yet" | "stale: backbone.sha256: … → …" | ...}``)."""
+    from pipeline.finetune.identity import status
+    from pipeline.models.exported import backbone_identity
 
-    from pipeline.config import to_dict
-    from pipeline.finetune.job import RESULT
-
-    done, todo = [], []
+    backbones: dict[str, dict[str, Any]] = {}
+    done, todo, why = [], [], {}
     for j in jobs:
-        path = fsio.join(j.out_dir, RESULT)
-        result = json.loads(fsio.read_text(path)) if fsio.exists(path) else None
-        if result is not None and result.get("config") == to_dict(j):
+        if j.pretrained not in backbones:
+            backbones[j.pretrained] = backbone_identity(j.pretrained)
+        result, reason = status(j, backbones[j.pretrained])
+        if result is not None:
             done.append(result)
         else:
             todo.append(j)
-    return done, todo
+            why[j.out_dir] = reason
+    return done, todo, why
 
 
 def resolve_pretrained(sweep: SweepConfig) -> str:
     """The export directory to load: ``pretrained`` itself, or (a pretrain run dir) its latest
-    checkpoint exported once into ``<out_dir>/pretrained``."""
-    from pipeline.models.pretrained import CONFIG
+    checkpoint exported into ``<out_dir>/pretrained``, again whenever the run has moved on."""
+    from pipeline.models.exported import CONFIG, export_meta
 
     src = fsio.absolute(sweep.pretrained)
     if fsio.exists(fsio.join(src, CONFIG)):
@@ -146,12 +148,22 @@ def resolve_pretrained(sweep: SweepConfig) -> str:
             f"pretrained={sweep.pretrained}: neither an rnnpipe export (no {CONFIG}) "
             "nor a pretrain run dir (no checkpoints/)"
         )
+    from pathlib import Path
+
+    from pipeline.train.checkpoint import find_latest, read_header
     from pipeline.train.export import export
 
     dst = fsio.join(fsio.absolute(sweep.out_dir), "pretrained")
-    if not fsio.exists(fsio.join(dst, CONFIG)):
-        log.info("exporting %s to %s", src, dst)
-        export(src, dst)
+    latest = find_latest(Path(src))
+    if latest is not None and fsio.exists(fsio.join(dst, CONFIG)):
+        made_from = export_meta(dst).get("source", {})
+        if (made_from.get("checkpoint"), made_from.get("fingerprint")) == (
+            str(latest),
+            read_header(latest).get("fingerprint"),
+        ):
+            return dst
+    log.info("exporting %s (%s) to %s", src, latest, dst)
+    export(src, dst)
     return dst
 
 
@@ -160,7 +172,7 @@ def run_sweep(sweep: SweepConfig, executor: Any) -> tuple[list[dict[str, Any]], 
     Raises :class:`TasksFailed` naming the failed jobs after all have ended."""
     pretrained = resolve_pretrained(sweep)
     jobs = expand(sweep, pretrained)
-    done, todo = pending(jobs)
+    done, todo, _ = pending(jobs)
     log.info("%d job(s): %d complete, %d to run", len(jobs), len(done), len(todo))
     items = [LabelledJob(j, job_label(j)) for j in todo]
     results = executor.map(run_one, items, name="finetune") if items else []

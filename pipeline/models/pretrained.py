@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline import fsio
 from pipeline.config import config_from_dict
 from pipeline.data.tokenizers import Tokenizer, tokenizer_from_manifest
 from pipeline.errors import PipelineError
 from pipeline.models.config import ModelConfig
+from pipeline.models.exported import CONFIG, WEIGHTS
 from pipeline.models.lm import LanguageModel
-
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 def _config(path: Path) -> dict:
@@ -49,6 +49,8 @@ def save_pretrained(
         state.pop("head.weight", None)
     step = str((source or {}).get("step", ""))
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "step": step})
+    # The weights' own identity, recorded once: what fine-tune results name as their backbone.
+    source = {**(source or {}), "weights_sha256": fsio.sha256_of(str(out / WEIGHTS))[0]}
     for rel, data in (tokenizer_files or {}).items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(data)
@@ -56,7 +58,7 @@ def save_pretrained(
         "model": model,
         "vocab_size": tokenizer["vocab_size"],
         "tokenizer": tokenizer,
-        "source": source or {},
+        "source": source,
     }
     (out / CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
     return out

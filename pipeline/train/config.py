@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from pipeline.config import config_diff, fingerprint, flatten
 from pipeline.errors import ConfigError
 from pipeline.models.config import ModelConfig
 
@@ -96,6 +97,18 @@ class PretrainConfig:
     # {zero_optimization: {offload_optimizer: {device: cpu}}}.
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
+    def validate(self) -> None:
+        from pipeline.models.config import MixerKind
+
+        # Resolved here, not in the loop, so that the config a run records (and its fingerprint)
+        # is the one it trains: in stream mode an unbounded KV cache would grow all epoch.
+        if (
+            self.data.mode is DataMode.stream
+            and not self.model.attention_memory
+            and MixerKind.attention in self.model.layer_kinds()
+        ):
+            self.model.attention_memory = self.data.seq_len
+
 
 def deepspeed_config(cfg: PretrainConfig, on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed config for ``cfg``, with ``cfg.deepspeed`` merged over it."""
@@ -141,3 +154,74 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+# ------------------------------------------------------------------------------ identity, resume
+
+# Keys that cannot change the trained weights: where the run lives, how it is watched and paced.
+# Everything else, with the dataset's content and the world size, is the run's identity.
+NOT_CONTENT = (
+    "run_dir",
+    "data.path",  # the dataset's content digest stands for it
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batch_size",
+    "train.eval_max_tokens",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.resume",
+    "train.time_limit_min",
+    "train.sample_tokens",
+    "train.peak_tflops",
+    "train.max_nonfinite",
+    "train.activation_checkpointing",  # recomputes the same activations
+)
+# The data order in shuffle mode depends on these; stream mode reads every stream in order.
+SHUFFLE_ONLY = ("data.seed", "data.workers")
+# Keys a resumed run may change: the schedule is recomputed from them (WarmupCosineLR keeps only
+# its position in the checkpoint) and the clip norm is read from the config each step.
+RESUME_SCHEDULE = ("train.steps", "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps")
+RESUME_SAFE = (*NOT_CONTENT, *RESUME_SCHEDULE, "optim.grad_clip", "train.inject_nan_at")
+
+
+def _neutral(cfg: dict[str, Any]) -> set[str]:
+    keys = set(NOT_CONTENT)
+    if cfg.get("data", {}).get("mode") != DataMode.shuffle.value:
+        keys |= set(SHUFFLE_ONLY)
+    return keys
+
+
+def run_view(cfg: dict[str, Any], dataset: str, world_size: int) -> dict[str, Any]:
+    """A pretrain config (plain values) as dotted keys, with the dataset's content digest and the
+    world size (the global batch and, in stream mode, how the streams are split across ranks)."""
+    return {**flatten(cfg), "dataset": dataset, "world_size": world_size}
+
+
+def run_identity(cfg: dict[str, Any], dataset: str, world_size: int) -> dict[str, Any]:
+    """What a pretrain run's weights are made from: :func:`run_view` without the keys that cannot
+    change them (:data:`NOT_CONTENT`)."""
+    neutral = _neutral(cfg)
+    return {k: v for k, v in run_view(cfg, dataset, world_size).items() if k not in neutral}
+
+
+def run_fingerprint(cfg: dict[str, Any], dataset: str, world_size: int) -> str:
+    """sha256 of :func:`run_identity`: equal fingerprints, the same weights."""
+    return fingerprint(run_identity(cfg, dataset, world_size))
+
+
+def resume_changes(
+    saved: dict[str, Any], new: dict[str, Any]
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """(the changes that forbid resuming, the changes a resume may make) between a checkpoint's
+    :func:`run_identity` plus config and a new one, as ``{dotted key: (old, new)}``. Everything not
+    in :data:`RESUME_SAFE` that differs forbids it: the model and its shapes, the optimizer state's
+    hyper-parameters (the checkpoint's would silently win), the precision and ZeRO stage, the seed
+    (the RNG state comes from the checkpoint), the data stream, the dataset and the world size.
+    Both sides are :func:`run_view` s."""
+    safe = set(RESUME_SAFE)
+    if new.get("data.mode") != DataMode.shuffle.value:
+        safe |= set(SHUFFLE_ONLY)
+    diff = config_diff(saved, new)
+    refused = {k: v for k, v in diff.items() if k not in safe}
+    allowed = {k: v for k, v in diff.items() if k in safe and k not in ("run_dir", "data.path")}
+    return refused, allowed

@@ -12,6 +12,7 @@ from pipeline import fsio
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import PipelineError
 from pipeline.models.pretrained import CONFIG, save_pretrained
+from pipeline.provenance import provenance
 from pipeline.train import checkpoint
 
 log = logging.getLogger("rnnpipe")
@@ -33,28 +34,39 @@ def export(source: str | Path, out: str | Path) -> Path:
     states = next((c for c in candidates if c.exists()), None)
     if states is None:
         raise PipelineError(f"{ckpt} has no model-states file: not a DeepSpeed checkpoint")
-    client = torch.load(states, map_location="cpu", weights_only=False)
-    cfg = client.get("config")
+    header = checkpoint.read_header(ckpt)
+    cfg = header.get("config")
     if cfg is None:
-        raise PipelineError(f"{ckpt} was not written by rnnpipe pretrain (no config in its client state)")
+        raise PipelineError(f"{ckpt} was not written by this rnnpipe pretrain (no config in its marker)")
     if any(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO 1, 2, 3: gather the fp32 partitions
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:  # ZeRO 0: the module's weights are whole in the model-states file
-        state = client["module"]
+        state = torch.load(states, map_location="cpu", weights_only=False)["module"]
     manifest = read_manifest(cfg["data"]["path"])
     tokenizer = manifest["tokenizer"]
     files = {}
     if tokenizer.get("model_file"):
         root = fsio.absolute(cfg["data"]["path"])
         files[tokenizer["model_file"]] = fsio.read_bytes(fsio.join(root, tokenizer["model_file"]))
-    source = {"checkpoint": str(ckpt), "step": client["step"], "data": cfg["data"]["path"]}
+    # What the weights were made from: the export's identity for the stages after it.
+    source = {
+        "checkpoint": str(ckpt),
+        "step": header["step"],
+        "data": cfg["data"]["path"],
+        "dataset": header.get("dataset"),
+        "fingerprint": header.get("fingerprint"),
+        "train_steps": cfg["train"]["steps"],
+        "world_size": header["world"],
+        "provenance": header.get("provenance"),
+        "exported_by": provenance(),
+    }
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(tmp, state, cfg["model"], tokenizer, files, source)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    log.info("exported step %d of %s to %s (%d tensors)", client["step"], ckpt, out, len(state))
+    log.info("exported step %d of %s to %s (%d tensors)", header["step"], ckpt, out, len(state))
     return out

@@ -12,10 +12,12 @@ evaluation batch, see :mod:`pipeline.train.evaluate`) and RNNPIPE_TEST_CHECKPOIN
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,18 +29,27 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import __version__
-from pipeline.config import to_dict
-from pipeline.data.manifest import load_tokenizer
+from pipeline import __version__, fsio
+from pipeline.config import flatten, to_dict
+from pipeline.data.manifest import dataset_digest, load_tokenizer
 from pipeline.errors import PipelineError
-from pipeline.models import LanguageModel, MixerKind, training_flops_per_token
+from pipeline.models import LanguageModel, training_flops_per_token
 from pipeline.models.mixers import detach_state
+from pipeline.provenance import describe_code, provenance
 from pipeline.train import checkpoint
-from pipeline.train.config import DataMode, Precision, PretrainConfig, deepspeed_config
+from pipeline.train.config import (
+    RESUME_SCHEDULE,
+    DataMode,
+    Precision,
+    PretrainConfig,
+    deepspeed_config,
+    run_fingerprint,
+)
 from pipeline.train.data import IGNORE, ShuffleBatches, SplitReader, StreamBatches
 from pipeline.train.evaluate import evaluate
 from pipeline.train.metrics import Metrics
 from pipeline.train.signals import StopFlag
+from pipeline.train.state import TrainState
 
 log = logging.getLogger("rnnpipe.train")
 
@@ -68,12 +79,6 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
     valid_reader = SplitReader(cfg.data.path, "valid")
     vocab = int(train_reader.manifest["tokenizer"]["vocab_size"])
     torch.manual_seed(t.seed)
-    if (
-        cfg.data.mode is DataMode.stream
-        and not cfg.model.attention_memory
-        and MixerKind.attention in cfg.model.layer_kinds()
-    ):
-        cfg.model.attention_memory = cfg.data.seq_len  # an unbounded KV cache would grow all epoch
     model = LanguageModel(cfg.model, vocab)
     model.gradient_checkpointing = t.activation_checkpointing
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.startswith("embed.")]
@@ -92,33 +97,44 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
         loader = ShuffleBatches(
             train_reader, rank, world, cfg.data.batch_size, cfg.data.seq_len, cfg.data.seed, cfg.data.workers
         )
-    hidden = None
-    tokens_seen = micro_index = nonfinite_total = 0
-    logged_loss = (0.0, 0)  # (sum, micro-steps) of the loss since the last log line
+    state = TrainState(loader=loader)  # everything but the weights and optimizer, checkpointed per rank
+    dataset = dataset_digest(train_reader.manifest)
+    values = to_dict(cfg)
+    hosts: list[Any] = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname())
+    prov = provenance(world_size=world, hosts=hosts)
+    # What every checkpoint (and so the export) records it was made from.
+    header = {
+        "config": values,
+        "dataset": dataset,
+        "fingerprint": run_fingerprint(values, dataset, world),
+        "provenance": prov,
+        "rnnpipe": __version__,
+    }
 
     resume_from = checkpoint.resolve(run_dir, t.resume)
     if resume_from is not None:
-        client, mine = checkpoint.load(engine, resume_from)
-        tokens_seen, micro_index = client["tokens_seen"], client["micro_index"]
-        nonfinite_total = client["nonfinite_total"]
-        loader.load_state_dict(mine["data"])
-        hidden = _to(mine["hidden"], device)
-        checkpoint.set_rng_state(mine["rng"])
-        logged_loss = tuple(mine.get("logged_loss", logged_loss))  # the next log line's mean, exactly
+        check = checkpoint.check_resume(resume_from, values, dataset, world)  # before loading anything
+        checkpoint.load(engine, resume_from, state, device)
         if rank == 0:
-            log.info("resumed from %s at step %d", resume_from, engine.global_steps)
+            log.info("resumed from %s at step %d (%s)", resume_from, engine.global_steps, check.describe())
+        if set(check.allowed) & set(RESUME_SCHEDULE):
+            _recompute_schedule(engine, rank)
     last_good = resume_from
 
     start = engine.global_steps
     metrics = Metrics(run_dir, rank == 0, start, t.steps)
+    if rank == 0:
+        fsio.write_text_atomic(str(run_dir / "provenance.json"), json.dumps(prov, indent=1) + "\n")
+        metrics.text(start, "provenance", "```\n" + json.dumps(prov, indent=1) + "\n```")
     flops_per_token = training_flops_per_token(cfg.model, vocab, cfg.data.seq_len)
     peak = _peak_flops(device, t.precision, t.peak_tflops) * world  # tokens/s below is summed over ranks
     bytes_per_token = train_reader.bytes / train_reader.tokens
     own_flag = stop is None
     if stop is None:
         stop = StopFlag().install()
-    # The loss since the last log line (carried over a resume) and the speed since then (not).
-    window = {"loss": logged_loss[0], "n": logged_loss[1], "timed": 0, "tokens": 0, "t": time.time()}
+    # The speed since the last log line (not carried over a resume; the loss window is, in state).
+    window = {"timed": 0, "tokens": 0, "t": time.time()}
     nonfinite_run = 0
     status = "done"
     step_delay = float(os.environ.get("RNNPIPE_TEST_STEP_DELAY", "0"))
@@ -127,22 +143,8 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
     own_grad_norm = t.zero_stage == 0
     started = time.time()
 
-    def save(step: int) -> Path:
-        client = {
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "micro_index": micro_index,
-            "nonfinite_total": nonfinite_total,
-            "config": to_dict(cfg),
-            "rnnpipe": __version__,
-        }
-        mine = {
-            "data": loader.state_dict(),
-            "hidden": _to(hidden, torch.device("cpu")),
-            "rng": checkpoint.rng_state(),
-            "logged_loss": (window["loss"], window["n"]),
-        }
-        return checkpoint.save(engine, run_dir, step, client, mine, t.keep_checkpoints)
+    def save() -> Path:
+        return checkpoint.save(engine, run_dir, state, header, t.keep_checkpoints)
 
     def evaluate_split(reader: SplitReader, full: bool = False) -> dict[str, float] | None:
         """The split's metrics; None when a signal cut the evaluation short."""
@@ -161,28 +163,28 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
     try:
         while engine.global_steps < t.steps:
             batch = next(loader)
-            micro_index += 1
+            state.micro_index += 1
             if batch.reset:
-                hidden = None
-            logits, new_hidden = engine(batch.inputs_BT.to(device), hidden)
+                state.hidden = None
+            logits, new_hidden = engine(batch.inputs_BT.to(device), state.hidden)
             loss = F.cross_entropy(
                 logits.float().flatten(0, 1), batch.targets_BT.to(device).flatten(), ignore_index=IGNORE
             )
-            if micro_index in t.inject_nan_at:
+            if state.micro_index in t.inject_nan_at:
                 loss = loss * float("nan")
             if not _all(torch.isfinite(loss.detach()), device):
-                nonfinite_total += 1
+                state.nonfinite_total += 1
                 nonfinite_run += 1
-                hidden = None  # the state may be non-finite too: restart the streams' state
+                state.hidden = None  # the state may be non-finite too: restart the streams' state
                 if rank == 0:
                     log.warning(
                         "non-finite loss at micro-step %d (step %d): skipped (%d in a row, %d in all)",
-                        micro_index,
+                        state.micro_index,
                         engine.global_steps + 1,
                         nonfinite_run,
-                        nonfinite_total,
+                        state.nonfinite_total,
                     )
-                metrics.scalars(engine.global_steps + 1, {"train/nonfinite_total": nonfinite_total})
+                metrics.scalars(engine.global_steps + 1, {"train/nonfinite_total": state.nonfinite_total})
                 if nonfinite_run >= t.max_nonfinite:
                     where = (
                         f"the last good checkpoint is {last_good}"
@@ -202,22 +204,22 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
             if boundary and own_grad_norm and (next_step % t.log_every == 0 or next_step == t.steps):
                 own_norm = _grad_norm(engine.module)  # before DeepSpeed clips the gradients
             engine.step()
-            hidden = detach_state(new_hidden)
+            state.hidden = detach_state(new_hidden)
             counted = _sum(batch.targets, device)
-            tokens_seen += counted
-            window["loss"] += loss.item()
-            window["n"] += 1
+            state.tokens_seen += counted
+            state.loss_window[0] += loss.item()
+            state.loss_window[1] += 1
             window["timed"] += 1
             window["tokens"] += counted
             if not boundary:
                 continue
-            step = engine.global_steps
+            step = state.step = engine.global_steps
             if step_delay:
                 time.sleep(step_delay)
 
             if step % t.log_every == 0 or step == t.steps:
                 elapsed = time.time() - window["t"]
-                mean_loss = window["loss"] / window["n"]
+                mean_loss = state.loss_window[0] / state.loss_window[1]
                 tok_s = window["tokens"] / max(elapsed, 1e-9)
                 values = {
                     "train/loss": mean_loss,
@@ -225,15 +227,16 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
                     "train/lr": engine.get_lr()[0],
                     "train/grad_norm": _first_known(engine.get_global_grad_norm(), own_norm),
                     "train/tokens_per_s": tok_s,
-                    "train/tokens_seen": tokens_seen,
+                    "train/tokens_seen": state.tokens_seen,
                     "train/step_time_s": elapsed / max(window["timed"] / t.grad_accum, 1e-9),
                     "train/mfu": tok_s * flops_per_token / peak,
                     "train/memory_gb": _memory_gb(device),
-                    "train/nonfinite_total": nonfinite_total,
+                    "train/nonfinite_total": state.nonfinite_total,
                 }
                 metrics.scalars(step, values)
                 metrics.console(step, values)
-                window = {"loss": 0.0, "n": 0, "timed": 0, "tokens": 0, "t": time.time()}
+                state.loss_window = [0.0, 0]
+                window = {"timed": 0, "tokens": 0, "t": time.time()}
 
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 result = evaluate_split(valid_reader)
@@ -249,7 +252,7 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
                 or step == t.steps
                 or (t.checkpoint_every and step % t.checkpoint_every == 0)
             ):
-                last_good = save(step)
+                last_good = save()
             if out_of_time and not stopping:
                 if rank == 0:
                     log.info("train.time_limit_min=%g reached at step %d", t.time_limit_min, step)
@@ -277,12 +280,38 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
                 for split, result in results.items():
                     step = engine.global_steps
                     final.update(_report(engine, cfg, split, step, result, metrics, rank, device))
-                metrics.hparams(_flat(to_dict(cfg)), final)
+                code = prov["code"]
+                params = {
+                    **flatten(values),
+                    "code.version": describe_code(code),
+                    "code.dirty": bool((code.get("git") or {}).get("dirty")),
+                    "world_size": world,
+                    "fingerprint": header["fingerprint"][:12],
+                }
+                metrics.hparams(params, final)
     finally:
         if own_flag:
             stop.restore()
         metrics.close()
     return TrainResult(status, engine.module, engine.global_steps)
+
+
+def _recompute_schedule(engine: Any, rank: int) -> None:
+    """After resuming with a changed schedule (train.steps, optim.lr, ...): the scheduler keeps only
+    its position in the checkpoint, so it already follows the new config from the next step on; set
+    this step's rate from it too, instead of the one the optimizer state brought back."""
+    sched = engine.lr_scheduler
+    was = engine.get_lr()[0]
+    sched.step(sched.last_batch_iteration)
+    if rank == 0:
+        log.info(
+            "schedule recomputed at step %d: lr %.6g (was %.6g), over %d steps (warm-up %d)",
+            engine.global_steps,
+            engine.get_lr()[0],
+            was,
+            sched.total_num_steps,
+            sched.warmup_num_steps,
+        )
 
 
 def _report(engine, cfg, split, step, result, metrics, rank, device) -> dict[str, float]:
@@ -376,21 +405,3 @@ def _sum(n: int, device: torch.device) -> int:
     x = torch.tensor([n], device=device, dtype=torch.int64)
     dist.all_reduce(x)
     return int(x.item())
-
-
-def _to(state: Any, device: torch.device) -> Any:
-    if state is None:
-        return None
-    if isinstance(state, torch.Tensor):
-        return state.to(device)
-    return type(state)(_to(s, device) for s in state)
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

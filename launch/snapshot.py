@@ -1,0 +1,145 @@
+"""The code a Slurm submission runs: a snapshot of rnnpipe's packages, taken when it is submitted.
+
+A queued job starts hours later; with an editable install it would run whatever the working tree
+holds by then. So every submission copies ``launch/``, ``pipeline/`` and ``kernels/`` (and
+``slurm/common.sh``) into ``<submission folder>/code-<digest>/`` and its jobs import from there
+(lingua's stool copies the code into the dump dir the same way):
+
+- submitit jobs start ``python <snapshot>/submitit_job.py -u -m submitit.core._submit FOLDER``:
+  the script's own directory, the snapshot, comes first on ``sys.path`` (ahead of the job's working
+  directory, which ``python -m`` would put first);
+- the plain sbatch scripts run ``<snapshot>/rnnpipe``, the CLI from the snapshot.
+
+``SNAPSHOT.json`` beside the packages records the digest (sha256 over every copied file's path and
+bytes) and the git commit it was taken from; :func:`pipeline.provenance.code_version` reports it
+from inside a job. A job that submits more jobs (the prepare driver's arrays) passes its own
+snapshot on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.provenance import PACKAGES, SNAPSHOT_MARKER, code_root, git_state
+
+SUBMITIT_ENTRY = "submitit_job.py"
+CLI_ENTRY = "rnnpipe"
+EXTRA_FILES = ("slurm/common.sh",)
+
+_SUBMITIT_SCRIPT = '''\
+"""Run submitit's job entry point with this snapshot's packages first on sys.path (rnnpipe)."""
+import os
+import runpy
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+args = sys.argv[1:]
+if args[:1] == ["-u"]:  # submitit asks for unbuffered output
+    sys.stdout.reconfigure(write_through=True)
+    sys.stderr.reconfigure(write_through=True)
+    args = args[1:]
+if args[:1] != ["-m"] or len(args) < 2:
+    sys.exit("usage: python submitit_job.py [-u] -m MODULE ARGS...")
+sys.argv = [args[1], *args[2:]]
+runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+'''
+
+_CLI_SCRIPT = '''\
+#!{python}
+"""The rnnpipe command from this snapshot of the code (rnnpipe)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
+from launch.cli import main
+
+sys.exit(main())
+'''
+
+
+@dataclass
+class Snapshot:
+    """A copy of the code at ``path``; ``digest`` names its content."""
+
+    path: str
+    digest: str
+
+    def python_command(self) -> str:
+        """submitit's ``python`` option: the interpreter, starting the job from this snapshot."""
+        return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(self.path, SUBMITIT_ENTRY))}"
+
+    def cli(self) -> str:
+        """The rnnpipe command of this snapshot (for the plain sbatch scripts)."""
+        return os.path.join(self.path, CLI_ENTRY)
+
+
+def _files(root: Path) -> list[str]:
+    """The files to copy, relative to ``root``, sorted."""
+    out = []
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
+                out.append(str(path.relative_to(root)))
+    out += [f for f in EXTRA_FILES if (root / f).is_file()]
+    return sorted(out)
+
+
+def digest_of(root: Path) -> str:
+    """sha256 over every file of the code at ``root`` (path and bytes)."""
+    h = hashlib.sha256()
+    for rel in _files(root):
+        h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def current() -> Snapshot | None:
+    """The snapshot this process runs from, if it runs from one."""
+    root = code_root()
+    marker = root / SNAPSHOT_MARKER
+    if not marker.exists():
+        return None
+    return Snapshot(str(root), json.loads(marker.read_text())["digest"])
+
+
+def take(folder: str) -> Snapshot:
+    """Copy the running code into ``folder/code-<digest>`` (once per content) and return it; inside
+    a job that runs from a snapshot, that snapshot."""
+    running = current()
+    if running is not None:
+        return running
+    root = code_root()
+    digest = digest_of(root)
+    dest = Path(folder) / f"code-{digest[:12]}"
+    if (dest / SNAPSHOT_MARKER).exists():
+        return Snapshot(str(dest), digest)
+    tmp = dest.with_name(dest.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel in _files(root):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, tmp / rel)
+    (tmp / SUBMITIT_ENTRY).write_text(_SUBMITIT_SCRIPT)
+    cli = tmp / CLI_ENTRY
+    cli.write_text(_CLI_SCRIPT.format(python=sys.executable))
+    cli.chmod(0o755)
+    marker = {
+        "digest": digest,
+        "source": str(root),
+        "git": git_state(root),
+        "rnnpipe": __version__,
+        "taken": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (tmp / SNAPSHOT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    if dest.exists():  # another submission took the same content meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    return Snapshot(str(dest), digest)

@@ -1,0 +1,293 @@
+"""``rnnpipe run PIPELINE.yaml``: the stages chained — prepare → pretrain → finetune → collect.
+
+A pipeline config names each stage's own YAML (the files ``rnnpipe prepare|pretrain|finetune`` take)
+with overrides, and one run dir that the pipeline lays out itself:
+
+    <run_dir>/pipeline.yaml      the resolved pipeline config
+    <run_dir>/stages/*.yaml      each stage's resolved config
+    <run_dir>/pipeline.json      the run record: each stage's job id(s), state, logs (launch.record)
+    <run_dir>/data/              the dataset (prepare)
+    <run_dir>/pretrain/          the pretrain run: checkpoints/, tensorboard/, export/
+    <run_dir>/finetune/          the sweep: jobs/, results.md, results.csv, results.json
+    <run_dir>/slurm/<time>/      one folder per submission: the code snapshot, submitit's scripts and logs
+
+The pipeline is a loop over :data:`STAGES`, modules with one interface (:mod:`launch.stage`).
+Before anything runs or is submitted every stage is checked and planned: a stage runs when its
+output does not record the fingerprint it would have now, and so does every stage after one that
+runs. ``--dry-run`` prints that plan and stops, like ``make -n``. ``--executor local`` runs the
+stages one after another on this machine (each planned again once those before it are done);
+``--executor slurm`` submits the ones to run as jobs chained with ``afterok`` and
+``--kill-on-invalid-dep`` (a failed stage cancels the ones after it), all running a snapshot of the
+code as it was at submission, and returns.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from launch import collect, finetune, prepare, pretrain, record
+from launch.executors import ExecutorKind, SlurmConfig
+from launch.stage import Decision, SlurmContext
+from pipeline import fsio
+from pipeline.config import load_config, to_yaml
+from pipeline.errors import ConfigError, PipelineError
+
+# The stages, in order: each a module with the protocol of launch.stage.
+STAGES: tuple[ModuleType, ...] = (prepare, pretrain, finetune, collect)
+CONFIGURED = ("prepare", "pretrain", "finetune")  # the stages a pipeline file names a YAML for
+
+
+@dataclass
+class StageRef:
+    config: str = ""  # the stage's YAML, relative to the pipeline file ("" for finetune: no sweep)
+    overrides: list[str] = field(default_factory=list)  # key.sub=value, applied after it
+
+
+def _small_job() -> SlurmConfig:
+    return SlurmConfig(cpus_per_task=1, mem_gb=4.0, time_min=24 * 60, poll_s=10.0)
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "runs/pipeline"
+    executor: ExecutorKind = ExecutorKind.local  # local | slurm (--executor)
+    prepare: StageRef = field(default_factory=StageRef)
+    pretrain: StageRef = field(default_factory=StageRef)
+    finetune: StageRef = field(default_factory=StageRef)
+    # The prepare driver and the collect job: one CPU each; the driver lives as long as the arrays.
+    slurm: SlurmConfig = field(default_factory=_small_job)
+
+    def validate(self) -> None:
+        if self.executor is ExecutorKind.inline:
+            raise ConfigError("executor: a pipeline runs on local or slurm, not inline")
+        for name in ("prepare", "pretrain"):
+            if not getattr(self, name).config:
+                raise ConfigError(f"{name}.config: name the {name} stage's YAML file")
+        if "\n" in self.run_dir:
+            raise ConfigError(f"run_dir={self.run_dir!r} holds a newline")
+
+
+@dataclass
+class Pipeline:
+    """A loaded pipeline: its config and every stage's job (None for a stage it does not have)."""
+
+    cfg: PipelineConfig
+    run_dir: str
+    jobs: dict[str, Any]
+
+    def stage_file(self, stage: str) -> str:
+        return fsio.join(self.run_dir, "stages", f"{stage}.yaml")
+
+    def stages(self) -> list[tuple[ModuleType, Any]]:
+        """(stage module, its job) for every stage this pipeline has, in order."""
+        return [(s, self.jobs[s.NAME]) for s in STAGES if self.jobs.get(s.NAME) is not None]
+
+
+def load(path: str, overrides: list[str], executor: str | None = None) -> Pipeline:
+    """The pipeline in ``path`` with overrides. ``stage.key=value`` (``pretrain.train.steps=50``)
+    goes to that stage's config; other keys are the pipeline's own (``run_dir=...``)."""
+    own: list[str] = []
+    routed: dict[str, list[str]] = {s: [] for s in CONFIGURED}
+    for item in overrides:
+        head, _, rest = item.partition(".")
+        if head in CONFIGURED and rest.split("=", 1)[0].split(".")[0] not in ("config", "overrides"):
+            routed[head].append(rest)
+        else:
+            own.append(item)
+    if executor:
+        own.append(f"executor={executor}")
+    cfg = load_config(PipelineConfig, path, own)
+    base = os.path.dirname(os.path.abspath(path)) if fsio.is_local(path) else ""
+    run_dir = fsio.absolute(cfg.run_dir)
+
+    def stage(schema: type, name: str) -> Any:
+        ref: StageRef = getattr(cfg, name)
+        file = ref.config if not base or os.path.isabs(ref.config) else os.path.join(base, ref.config)
+        try:
+            return load_config(schema, file, [*ref.overrides, *routed[name]])
+        except ConfigError as e:
+            raise ConfigError(f"{name} stage ({file}): {e}") from e
+
+    prep: prepare.PrepareJob = stage(prepare.PrepareJob, "prepare")
+    pre: pretrain.PretrainJob = stage(pretrain.PretrainJob, "pretrain")
+    fine = stage(finetune.FinetuneJob, "finetune") if cfg.finetune.config else None
+    # The pipeline owns where each stage reads and writes; the stage files' own paths are replaced.
+    prep.output = fsio.join(run_dir, "data")
+    prep.executor.kind = cfg.executor
+    pre.run_dir = fsio.join(run_dir, "pretrain")
+    pre.data.path = prep.output
+    pre.executor.kind = cfg.executor
+    jobs: dict[str, Any] = {"prepare": prep, "pretrain": pre}
+    if fine is not None:
+        fine.out_dir = fsio.join(run_dir, "finetune")
+        fine.pretrained = fsio.join(pre.run_dir, "export")
+        fine.executor.kind = cfg.executor
+        try:  # the grid's keys are checked when it is expanded: do it now, with the stage's name
+            finetune.grid(fine)
+        except ConfigError as e:
+            raise ConfigError(f"finetune stage ({cfg.finetune.config}): {e}") from e
+        jobs["finetune"] = fine
+        jobs["collect"] = collect.CollectJob(fine)
+    return Pipeline(cfg, run_dir, jobs)
+
+
+def write_stage_files(p: Pipeline) -> None:
+    """``pipeline.yaml`` and ``stages/<stage>.yaml``: a record of the run, and what the plain
+    sbatch scripts run."""
+    fsio.makedirs(fsio.join(p.run_dir, "stages"))
+    fsio.write_text_atomic(fsio.join(p.run_dir, "pipeline.yaml"), to_yaml(p.cfg))
+    for name in CONFIGURED:
+        job = p.jobs.get(name)
+        if job is not None:
+            fsio.write_text_atomic(p.stage_file(name), to_yaml(job))
+
+
+@dataclass
+class Step:
+    """One stage of this run: its module, its job and what it will do."""
+
+    stage: ModuleType
+    job: Any
+    decision: Decision
+
+    @property
+    def name(self) -> str:
+        return self.stage.NAME
+
+
+def decide(p: Pipeline) -> list[Step]:
+    """Check and plan every stage, in order, before any work: a stage after one that runs runs too
+    (its inputs will change). Raises ConfigError naming the stage, key or path (exit 2)."""
+    steps = []
+    upstream = False
+    for stage, job in p.stages():
+        try:
+            stage.check(job, upstream)
+            decision = stage.plan(job, upstream)
+        except ConfigError as e:
+            text = str(e)
+            raise ConfigError(text if text.startswith(f"{stage.NAME}") else f"{stage.NAME}: {text}") from e
+        steps.append(Step(stage, job, decision))
+        upstream = upstream or decision.run
+    return steps
+
+
+def _show(name: str, d: Decision, prefix: str = "") -> None:
+    print(prefix + d.line(name), flush=True)
+    for detail in d.details:
+        print(f"{prefix}{'':<15} {detail}", flush=True)
+
+
+def dry_run(p: Pipeline) -> int:
+    """Print what ``rnnpipe run`` would do, stage by stage; run and submit nothing."""
+    for step in decide(p):
+        _show(step.name, step.decision)
+    print(f"dry run: nothing was run or submitted ({p.run_dir})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ local
+
+
+def run_local(p: Pipeline) -> int:
+    """Every stage, one after another, on this machine; a failed stage stops the ones after it."""
+    with record.lock(p.run_dir):
+        record.refuse_if_busy(p.run_dir)
+        steps = decide(p)  # every refusal comes before any work
+        write_stage_files(p)
+        record.begin(p.run_dir, "local")
+        for i, step in enumerate(steps):
+            # Planned again now that the stages before it are done: their outputs are final.
+            d = step.decision if i == 0 else step.stage.plan(step.job, False)
+            print(f"== {step.name}: {'run' if d.run else 'skip'} ({d.reason})", flush=True)
+            for detail in d.details:
+                print(f"   {detail}", flush=True)
+            if not d.run:
+                record.record(p.run_dir, step.name, {"state": "SKIPPED", "detail": d.reason}, "local")
+                if step.stage is collect:  # the table is the pipeline's last word, even when current
+                    collect.show(step.job)
+                continue
+            record.record(p.run_dir, step.name, {"state": "RUNNING", "started": record.now()}, "local")
+            t0 = time.time()
+            try:
+                step.stage.run(step.job, d)
+            except (PipelineError, KeyboardInterrupt) as e:
+                error = str(e) or type(e).__name__
+                entry = {"state": "FAILED", "error": error, "seconds": round(time.time() - t0, 1)}
+                record.record(p.run_dir, step.name, entry, "local")
+                for later in steps[i + 1 :]:
+                    cancelled = {"state": "CANCELLED", "detail": f"{step.name} failed"}
+                    record.record(p.run_dir, later.name, cancelled, "local")
+                raise
+            entry = {"state": "COMPLETED", "seconds": round(time.time() - t0, 1)}
+            record.record(p.run_dir, step.name, entry, "local")
+    print(f"pipeline complete: {p.run_dir}")
+    print(f"watch it: tensorboard --logdir {p.run_dir}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ slurm
+
+
+def submit_slurm(p: Pipeline, wait: bool) -> int:
+    """Submit the stages to run, chained with afterok, all running one code snapshot; with
+    ``wait``, wait for them."""
+    from launch.snapshot import take
+
+    with record.lock(p.run_dir):
+        record.refuse_if_busy(p.run_dir)
+        steps = decide(p)
+        write_stage_files(p)
+        folder = fsio.join(p.run_dir, "slurm", time.strftime("%Y%m%d-%H%M%S"))
+        code = take(folder) if any(s.decision.run for s in steps) else None
+        state = record.begin(
+            p.run_dir, "slurm", code={"path": code.path, "digest": code.digest} if code else None
+        )
+        dep = ""
+        try:
+            for step in steps:
+                d = step.decision
+                if not d.run:
+                    state["stages"][step.name] = {"stage": step.name, "state": "SKIPPED", "detail": d.reason}
+                    print(f"{step.name}: skip ({d.reason})")
+                    continue
+                ctx = SlurmContext(folder, dep, code, p.cfg.slurm)
+                sub = step.stage.submit(step.job, d, ctx)
+                state["stages"][step.name] = {"stage": step.name, **sub.entry(dep, time.time())}
+                record.write_state(p.run_dir, state)  # as it goes: a failure must leave no unknown job
+                print(f"{step.name}: Slurm job {sub.job_id}" + (f" ({dep})" if dep else ""))
+                dep = f"afterok:{sub.job_id}"
+        except BaseException as e:
+            # A half-submitted chain would wait on nothing or run without its last stages: cancel it.
+            ids = [v["job_id"] for v in state["stages"].values() if v.get("job_id")]
+            if ids:
+                subprocess.run(["scancel", *ids], check=False, capture_output=True)
+            why = str(e).strip() or type(e).__name__
+            raise PipelineError(
+                f"submitting the pipeline failed ({why}); cancelled the jobs already submitted "
+                f"({', '.join(ids) or 'none'}); fix the cause and run again"
+            ) from e
+        record.write_state(p.run_dir, state)
+    if code is None:
+        print(f"every stage is complete: {p.run_dir}")
+        return 0
+    print(f"follow it: rnnpipe status {p.run_dir}")
+    print(f"watch it: tensorboard --logdir {p.run_dir}")
+    if not wait:
+        return 0
+    return wait_for(p.run_dir, p.cfg.slurm.poll_s)
+
+
+def wait_for(run_dir: str, poll_s: float) -> int:
+    """Wait until every recorded job has ended; print the status; 0 when all completed."""
+    from launch.status import show
+
+    while record.active_jobs(record.read_state(run_dir)):
+        time.sleep(poll_s)
+    return show(run_dir, out=sys.stdout)

@@ -1,0 +1,94 @@
+"""What a fine-tune job's result is made from, and whether a job directory holds it (no torch).
+
+A job's identity is its config without where it lives (``out_dir``), where its backbone was read
+from (``pretrained``) and its grid labels (``hparams``); in their place, the backbone's own
+identity (the exported weights' sha256 and step, its model and tokenizer) and the sha256 of each
+task file. ``result.json`` records the identity and its fingerprint: a job is complete only when
+the recorded fingerprint equals the one it would have now. A result made from other weights,
+other task files or another config is stale, and the job runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from pipeline import fsio
+from pipeline.config import config_diff, describe_diff, fingerprint, flatten, to_dict
+from pipeline.errors import PipelineError
+from pipeline.finetune.config import JobConfig
+from pipeline.models.exported import backbone_identity
+
+RESULT, CHECKPOINT = "result.json", "checkpoint.pt"
+NOT_CONTENT = ("out_dir", "pretrained", "hparams")
+TASK_FILES = ("train", "dev", "test")
+
+_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(url: str) -> str:
+    """The sha256 of a task file, computed once per process for each (path, size, mtime)."""
+    if fsio.is_local(url):
+        if not os.path.exists(url):
+            raise PipelineError(f"{url}: no such file")
+        st = os.stat(url)
+        key = (url, st.st_size, st.st_mtime_ns)
+    else:
+        if not fsio.exists(url):
+            raise PipelineError(f"{url}: no such file")
+        key = (url, fsio.size(url), 0)
+    if key not in _hashes:
+        _hashes[key] = fsio.sha256_of(url)[0]
+    return _hashes[key]
+
+
+def job_identity(cfg: JobConfig, backbone: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The dotted keys a job's result depends on (see the module docstring). ``backbone``: the
+    export's :func:`backbone_identity`, when the caller already has it."""
+    values = flatten(to_dict(cfg))
+    out = {k: v for k, v in values.items() if k.split(".")[0] not in NOT_CONTENT}
+    for split in TASK_FILES:
+        path = getattr(cfg.task_config, split)
+        out[f"task_config.{split}"] = file_sha256(path) if path else ""
+    backbone = backbone if backbone is not None else backbone_identity(cfg.pretrained)
+    out.update(flatten({"backbone": backbone}))
+    return out
+
+
+def read_result(out_dir: str) -> dict[str, Any] | None:
+    """A job directory's ``result.json``, or None."""
+    path = fsio.join(out_dir, RESULT)
+    if not fsio.exists(path):
+        return None
+    try:
+        return json.loads(fsio.read_text(path))
+    except ValueError as e:
+        raise PipelineError(f"{path}: not valid JSON ({e}); delete it to run the job again") from e
+
+
+def status(cfg: JobConfig, backbone: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, str]:
+    """(the job's result when complete with its current identity, else None; why not)."""
+    identity = job_identity(cfg, backbone)
+    result = read_result(cfg.out_dir)
+    if result is not None and result.get("fingerprint") == fingerprint(identity):
+        return result, "complete"
+    partial = " (a checkpoint of it remains)" if fsio.exists(fsio.join(cfg.out_dir, CHECKPOINT)) else ""
+    if result is None:
+        return None, "not run yet" + partial
+    if "identity" not in result:
+        return None, "its result was made by an older rnnpipe, without a recorded identity"
+    diff = config_diff(result["identity"], identity)
+    parts = []
+    if any(k.startswith("backbone.") for k in diff):
+        was, now = result["identity"], identity
+        sha = f"{str(was.get('backbone.sha256'))[:12]} → {str(now.get('backbone.sha256'))[:12]}"
+        step = f"{was.get('backbone.step')} → {now.get('backbone.step')}"
+        parts.append(f"the backbone changed (sha256 {sha}, step {step})")
+    files = {k: v for k, v in diff.items() if k.startswith("task_config.") and k.split(".")[1] in TASK_FILES}
+    if files:
+        parts.append(f"task file(s) changed: {', '.join(k.split('.')[1] for k in files)}")
+    rest = {k: v for k, v in diff.items() if not k.startswith("backbone.") and k not in files}
+    if rest:
+        parts.append(describe_diff(rest, limit=4))
+    return None, "stale: " + "; ".join(parts)
