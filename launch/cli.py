@@ -92,8 +92,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.only is not None:
         finetune.run_only(job, args.only)
         return 0
-    upstream = not fsio.exists(fsio.join(fsio.absolute(job.pretrained), "config.json"))  # a run dir
-    finetune.check(job, upstream)
+    from launch.stage import Decision
+
+    exported = fsio.exists(fsio.join(fsio.absolute(job.pretrained), "config.json"))
+    finetune.check(job, None if exported else {"pretrain": Decision(True, "a run dir: exported first")})
     finetune.run_sweep(job)
     return 0
 

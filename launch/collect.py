@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from launch.finetune import FinetuneJob, grid_status
-from launch.stage import Decision, SlurmContext, Submitted
+from launch.stage import Decision, SlurmContext, Submitted, Upstream, any_runs
 from pipeline import fsio
 from pipeline.errors import PipelineError
 
@@ -65,12 +65,12 @@ def is_complete(job: CollectJob) -> bool:
         return False
 
 
-def check(job: CollectJob, upstream: bool = False) -> None:
+def check(job: CollectJob, upstream: Upstream | None = None) -> None:
     """Nothing of its own: its inputs are the fine-tune stage's."""
 
 
-def plan(job: CollectJob, upstream: bool = False) -> Decision:
-    if upstream:
+def plan(job: CollectJob, upstream: Upstream | None = None) -> Decision:
+    if any_runs(upstream):
         return Decision(True, "after the fine-tune jobs")
     if is_complete(job):
         return Decision(False, "complete: results.md is the table of the grid's current results")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from launch.executors import ExecutorConfig, ExecutorKind, TasksFailed, make_executor
-from launch.stage import Decision, SlurmContext, Submitted
+from launch.stage import Decision, SlurmContext, Submitted, Upstream, any_runs
 from pipeline import fsio
 from pipeline.config import base_config, to_yaml
 from pipeline.config import fingerprint as config_fingerprint
@@ -46,11 +46,12 @@ def sweep_config(job: FinetuneJob) -> SweepConfig:
 
 
 def grid(job: FinetuneJob) -> list[Any]:
-    """Every JobConfig of the grid, in grid order (``pretrained`` as the sweep names it)."""
-    from pipeline.finetune.sweep import expand
+    """Every JobConfig of the grid, in grid order, with the export it fine-tunes: ``pretrained``
+    itself, or for a pretrain run dir the export the sweep makes of it (``<out_dir>/pretrained``)."""
+    from pipeline.finetune.sweep import expand, export_of
 
     sweep = sweep_config(job)
-    return expand(sweep, fsio.absolute(sweep.pretrained))
+    return expand(sweep, export_of(sweep))
 
 
 def grid_status(job: FinetuneJob) -> tuple[list[str], list[int], dict[str, str], list[dict[str, Any]]]:
@@ -81,7 +82,7 @@ def is_complete(job: FinetuneJob) -> bool:
         return False
 
 
-def check(job: FinetuneJob, upstream: bool = False) -> None:
+def check(job: FinetuneJob, upstream: Upstream | None = None) -> None:
     """Preflight: every task file exists, the grid expands, the export exists unless pretrain runs
     first, and the Slurm partition exists."""
     for name, task in job.tasks.items():
@@ -92,7 +93,7 @@ def check(job: FinetuneJob, upstream: bool = False) -> None:
     from pipeline.finetune.sweep import expand
 
     expand(sweep_config(job), "/check")  # unknown grid keys, duplicate job directories
-    if not upstream:
+    if not any_runs(upstream):
         from pipeline.models.exported import export_meta
 
         try:
@@ -105,8 +106,8 @@ def check(job: FinetuneJob, upstream: bool = False) -> None:
         check_partition(job.executor.slurm.partition, "finetune.executor.slurm.partition")
 
 
-def plan(job: FinetuneJob, upstream: bool = False) -> Decision:
-    if upstream:
+def plan(job: FinetuneJob, upstream: Upstream | None = None) -> Decision:
+    if any_runs(upstream):
         n = len(grid(job))
         return Decision(True, f"all {n} job(s): the backbone is (re)made first", todo=list(range(n)))
     names, todo, why, _ = grid_status(job)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from launch.executors import ExecutorConfig, ExecutorKind, make_executor
-from launch.stage import Decision, SlurmContext, Submitted, short
+from launch.stage import Decision, SlurmContext, Submitted, Upstream, short
 from pipeline import fsio
 from pipeline.config import base_config, config_diff, describe_diff, to_dict, to_yaml
 from pipeline.config import fingerprint as config_fingerprint
@@ -57,16 +57,18 @@ def _manifest(job: PrepareJob) -> dict[str, Any] | None:
 
 
 def is_complete(job: PrepareJob) -> bool:
-    """``job.output`` holds this config's dataset, whole (shard sizes and hashes verify)."""
-    from pipeline.data.manifest import verify
+    """``job.output`` holds this config's dataset, whole: every shard has its recorded size, and
+    one changed since the manifest was written has its recorded sha256 (``rnnpipe verify`` re-hashes
+    them all)."""
+    from pipeline.data.manifest import check_sizes
 
     manifest = _manifest(job)
     if manifest is None or manifest.get("fingerprint") != fingerprint(job):
         return False
-    return not verify(fsio.absolute(job.output), deep=False)
+    return not check_sizes(fsio.absolute(job.output), rehash_newer=True)
 
 
-def check(job: PrepareJob, upstream: bool = False) -> None:
+def check(job: PrepareJob, upstream: Upstream | None = None) -> None:
     """Slurm values (for a submission); the inputs are checked by the stage's plan step itself."""
     if job.executor.kind is ExecutorKind.slurm:
         from launch.slurm import check_partition
@@ -74,33 +76,52 @@ def check(job: PrepareJob, upstream: bool = False) -> None:
         check_partition(job.executor.slurm.partition, "prepare.executor.slurm.partition")
 
 
-def plan(job: PrepareJob, upstream: bool = False) -> Decision:
-    from pipeline.data.manifest import verify
+def plan(job: PrepareJob, upstream: Upstream | None = None) -> Decision:
+    import json
+
+    from pipeline.data.manifest import check_sizes
 
     root = fsio.absolute(job.output)
     fp = fingerprint(job)
+    values = _identity(to_dict(stage_config(job)))
+
+    def refuse(what: str, was: dict[str, Any]) -> Decision:
+        diff = describe_diff(config_diff(_identity(was), values)) if was else "another fingerprint"
+        if job.overwrite:
+            return Decision(True, f"overwrite=true: replaces {what} ({diff})", output=fp)
+        raise ConfigError(
+            f"prepare: {root} holds {what} ({diff}). Ways out: a new run_dir (or output), or "
+            "prepare.overwrite=true to replace it"
+        )
+
     manifest = _manifest(job)
     if manifest is None:
         work = fsio.absolute(job.work_dir) if job.work_dir else fsio.join(root, ".work")
-        if fsio.exists(fsio.join(work, "plan.json")):
-            return Decision(True, "continues an interrupted prepare")
+        state_file = fsio.join(work, "state.json")
+        if fsio.exists(state_file):
+            state = json.loads(fsio.read_text(state_file))
+            if state.get("fingerprint") != fp and fsio.exists(fsio.join(work, "plan.json")):
+                return refuse("an unfinished prepare of another config", state.get("config") or {})
+            if fsio.exists(fsio.join(work, "plan.json")):
+                return Decision(True, "continues an interrupted prepare", output=fp)
+        elif fsio.exists(root):
+            fs, path = fsio.filesystem(root)
+            foreign = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+            if foreign:
+                raise ConfigError(
+                    f"prepare: {root} is not empty and holds no rnnpipe dataset "
+                    f"({', '.join(foreign[:5])}...); choose an empty or new run_dir (or output)"
+                )
         missing = [p for p in _local_inputs(job) if not os.path.exists(p)]
         if missing:  # prepare fails on it, naming it; a dry run says so now
-            return Decision(True, f"no dataset yet in {root}; missing input: {', '.join(missing)}")
-        return Decision(True, f"no dataset yet in {root}")
-    if manifest.get("fingerprint") == fp:
-        problems = verify(root, deep=False)
-        if not problems:
-            return Decision(False, f"complete: the dataset matches its config (fingerprint {short(fp)})")
-        return Decision(True, f"rebuilds {len(problems)} damaged shard(s): {problems[0]}")
-    was = _identity(manifest.get("config") or {}) if manifest.get("config") else {}
-    diff = describe_diff(config_diff(was, _identity(to_dict(stage_config(job))))) or "another fingerprint"
-    if job.overwrite:
-        return Decision(True, f"overwrite=true: replaces a different dataset ({diff})")
-    raise ConfigError(
-        f"prepare: {root} holds a different dataset ({diff}). Ways out: a new run_dir (or output), "
-        "or prepare.overwrite=true to replace it"
-    )
+            return Decision(True, f"no dataset yet in {root}; missing input: {', '.join(missing)}", output=fp)
+        return Decision(True, f"no dataset yet in {root}", output=fp)
+    if manifest.get("fingerprint") != fp:
+        return refuse("a different dataset", manifest.get("config") or {})
+    problems = check_sizes(root, rehash_newer=True)
+    if problems:
+        return Decision(True, f"rebuilds {len(problems)} damaged shard(s): {problems[0]}", output=fp)
+    return Decision(False, f"complete: the dataset matches its config (fingerprint {short(fp)})", output=fp)
 
 
 def _local_inputs(job: PrepareJob) -> list[str]:

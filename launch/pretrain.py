@@ -32,7 +32,7 @@ from typing import Any
 
 from launch.distributed import free_port
 from launch.executors import ExecutorConfig, ExecutorKind
-from launch.stage import Decision, SlurmContext, Submitted, short
+from launch.stage import Decision, SlurmContext, Submitted, Upstream, any_runs, short
 from pipeline import fsio
 from pipeline.config import base_config, to_dict, to_yaml
 from pipeline.errors import ConfigError, PipelineError
@@ -134,13 +134,13 @@ def is_complete(job: PretrainJob) -> bool:
         return False
 
 
-def check(job: PretrainJob, upstream: bool = False) -> None:
+def check(job: PretrainJob, upstream: Upstream | None = None) -> None:
     """Preflight, before any rank starts or any job is submitted: the dataset exists and its
     manifest checks out (sizes and counts, not hashes) unless prepare runs first, the vocabulary
     fits the model, and the Slurm partition exists. Raises ConfigError (exit 2)."""
     if "\n" in job.run_dir:
         raise ConfigError(f"run_dir={job.run_dir!r} holds a newline")
-    if not upstream:
+    if not any_runs(upstream):
         from pipeline.data.manifest import check_sizes
 
         problems = check_sizes(job.data.path)
@@ -162,53 +162,65 @@ def check(job: PretrainJob, upstream: bool = False) -> None:
         check_partition(job.executor.slurm.partition, "pretrain.executor.slurm.partition")
 
 
-def plan(job: PretrainJob, upstream: bool = False) -> Decision:
+def plan(job: PretrainJob, upstream: Upstream | None = None) -> Decision:
     """Run or skip; resume, start, or refuse (ConfigError listing the keys) before any work."""
+    from pipeline.data.manifest import dataset_digest
     from pipeline.train import checkpoint
+    from pipeline.train.config import run_fingerprint
 
     run_dir = Path(job.run_dir)
-    if not upstream and is_complete(job):
+    if not any_runs(upstream) and is_complete(job):
+        fp = short(fingerprint(job))
         return Decision(
-            False,
-            f"complete: the export is step {job.train.steps} of this config "
-            f"(fingerprint {short(fingerprint(job))})",
+            False, f"complete: the export is step {job.train.steps} of this config (fingerprint {fp})"
         )
-    latest = checkpoint.find_latest(run_dir)
     try:
         target = checkpoint.resolve(run_dir, job.train.resume)
     except PipelineError as e:
         raise ConfigError(str(e)) from e
+    replace = "overwrite=true: starts afresh, replacing the run in " + str(run_dir)
     if target is None:
-        if latest is not None:  # resume=none on a run dir with a run in it
-            if job.overwrite:
-                return Decision(
-                    True, "overwrite=true: starts afresh, replacing the run in " + str(run_dir), clear=True
-                )
-            raise ConfigError(
-                f"train.resume=none, but {run_dir} holds a run (latest checkpoint: step "
-                f"{checkpoint.read_header(latest)['step']}); starting over would mix two runs. Ways out: "
-                "a new run_dir, or overwrite=true (pretrain.overwrite=true in a pipeline) to replace it"
-            )
-        return Decision(True, "no checkpoint yet: trains from step 0")
-    header = checkpoint.read_header(target)
-    if upstream:  # the dataset is remade first: it is compared when the run starts
-        return Decision(True, f"resumes from step {header['step']} once prepare has run")
-    from pipeline.data.manifest import dataset_digest
-
-    try:
-        found = checkpoint.check_resume(
-            target, to_dict(stage_config(job)), dataset_digest(_dataset(job)), world_size(job)
+        latest = checkpoint.find_latest(run_dir)
+        if latest is None:
+            return Decision(True, "no checkpoint yet: trains from step 0")
+        if job.overwrite:  # resume=none on a run dir with a run in it
+            return Decision(True, replace, clear=True)
+        raise ConfigError(
+            f"train.resume=none, but {run_dir} holds a run (latest checkpoint: step "
+            f"{checkpoint.read_header(latest)['step']}); starting over would mix two runs. Ways out: "
+            "a new run_dir, or overwrite=true (pretrain.overwrite=true in a pipeline) to replace it"
         )
+    header = checkpoint.read_header(target)
+    prep = (upstream or {}).get("prepare")
+    values, world = to_dict(stage_config(job)), world_size(job)
+    try:
+        if prep is not None and prep.run:  # the dataset is made first: known by its config's fingerprint
+            if prep.output and header.get("dataset_config") not in (None, prep.output):
+                raise ConfigError(
+                    f"{target} was trained on a dataset of another prepare config than the one prepare "
+                    "is about to make. Ways out: a new run_dir, or pretrain.overwrite=true to replace the run"
+                )
+            dataset = header.get("dataset", "?")  # rebuilt from the same config: the same content
+        else:
+            dataset = dataset_digest(_dataset(job))
+        found = checkpoint.check_resume(target, values, dataset, world)
+        if found.step >= job.train.steps and header.get("fingerprint") != run_fingerprint(
+            values, dataset, world
+        ):
+            raise ConfigError(
+                f"{target} finished training at step {found.step}: {found.describe()} would change a run "
+                "that has no step left to take. Raise train.steps to continue under the new values; or a "
+                "new run_dir, or overwrite=true (pretrain.overwrite=true in a pipeline) to replace the run"
+            )
     except ConfigError:
         if not job.overwrite:
             raise
-        return Decision(
-            True, "overwrite=true: replaces a run that cannot be resumed with this config", clear=True
-        )
+        return Decision(True, replace, clear=True)
     if found.step >= job.train.steps:
         return Decision(True, f"trained to step {found.step}: evaluates and exports")
     changes = f": {found.describe()}" if found.allowed else ""
-    return Decision(True, f"resumes from step {found.step}{changes}")
+    later = " once prepare has run" if prep is not None and prep.run else ""
+    return Decision(True, f"resumes from step {found.step}{later}{changes}")
 
 
 # ------------------------------------------------------------------------------------ running
@@ -429,6 +441,9 @@ def command(job: PretrainJob, wait: bool = False, export: bool = False) -> int:
     check(job)
     multi_inline = job.executor.kind is ExecutorKind.inline and world_size(job) > 1
     decision = plan(job)
+    if not decision.run:
+        print(f"pretrain: {decision.reason}; nothing to do")
+        return 0
     if decision.clear and multi_inline:
         raise ConfigError(
             "overwrite=true with an inline launch of several ranks: every rank would clear the run "

@@ -25,6 +25,7 @@ def shell_plan(p: Pipeline) -> str:
     evaluates this text. Like ``run``, it checks and plans every stage first and starts a new
     record of the run (refused while the last submission's jobs are going); the script adds its
     job ids."""
+    decide(p)  # every refusal comes before the run dir is touched
     with record.lock(p.run_dir):
         record.refuse_if_busy(p.run_dir)
         steps = {s.name: s for s in decide(p)}

@@ -177,7 +177,7 @@ def partitions() -> set[str] | None:
         out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    return set(out.stdout.split()) if out.returncode == 0 else None
+    return {line.strip() for line in out.stdout.splitlines() if line.strip()} if out.returncode == 0 else None
 
 
 def check_partition(partition: str, key: str) -> None:

@@ -4,8 +4,9 @@ interface, so that the pipeline is a loop over one list of them (:data:`launch.w
     NAME                                    "prepare" | "pretrain" | "finetune" | "collect"
     Job                                     the stage's job: its resolved config, inputs as paths
     check(job, upstream) -> None            preflight, in about a second: raises ConfigError (exit 2)
-                                            naming the key or path; ``upstream``: a stage before it
-                                            runs first, so its inputs do not exist yet
+                                            naming the key or path; ``upstream``: the decisions of
+                                            the stages before it ({name: Decision}); where one runs,
+                                            this stage's inputs are still to be made
     fingerprint(job) -> str                 what the stage's output would be made from, now
     is_complete(job) -> bool                its output records exactly that fingerprint
     plan(job, upstream) -> Decision         run or skip, and why; refuses (ConfigError) where
@@ -34,10 +35,20 @@ class Decision:
     todo: list[int] = field(default_factory=list)  # finetune: grid indices of the jobs to run
     details: list[str] = field(default_factory=list)  # a line per job for --dry-run
     clear: bool = False  # overwrite=true: the stage's old outputs are removed before it runs
+    output: str = ""  # the fingerprint its output will record, where known before it runs
 
     def line(self, name: str) -> str:
         """``pretrain  run   resumes from step 200: train.steps: 200 → 400``."""
         return f"{name:<9} {'run' if self.run else 'skip':<5} {self.reason}"
+
+
+# The decisions of the stages before a stage, by name, in order.
+Upstream = dict[str, Decision]
+
+
+def any_runs(upstream: Upstream | None) -> bool:
+    """Whether a stage before this one runs (so this one's inputs will change)."""
+    return any(d.run for d in (upstream or {}).values())
 
 
 @dataclass

@@ -164,17 +164,21 @@ class Step:
 def decide(p: Pipeline) -> list[Step]:
     """Check and plan every stage, in order, before any work: a stage after one that runs runs too
     (its inputs will change). Raises ConfigError naming the stage, key or path (exit 2)."""
+    if p.cfg.executor is ExecutorKind.slurm:  # the prepare driver's and the collect job's
+        from launch.slurm import check_partition
+
+        check_partition(p.cfg.slurm.partition, "slurm.partition")
     steps = []
-    upstream = False
+    upstream: dict[str, Decision] = {}
     for stage, job in p.stages():
         try:
-            stage.check(job, upstream)
-            decision = stage.plan(job, upstream)
+            stage.check(job, dict(upstream))
+            decision = stage.plan(job, dict(upstream))
         except ConfigError as e:
             text = str(e)
             raise ConfigError(text if text.startswith(f"{stage.NAME}") else f"{stage.NAME}: {text}") from e
         steps.append(Step(stage, job, decision))
-        upstream = upstream or decision.run
+        upstream[stage.NAME] = decision
     return steps
 
 
@@ -195,38 +199,54 @@ def dry_run(p: Pipeline) -> int:
 # ------------------------------------------------------------------------------------------ local
 
 
+def _failed(p: Pipeline, steps: list[Step], i: int, error: str, seconds: float | None = None) -> None:
+    """Record stage ``i`` as FAILED and those after it as CANCELLED."""
+    entry: dict[str, Any] = {"state": "FAILED", "error": error}
+    if seconds is not None:
+        entry["seconds"] = round(seconds, 1)
+    record.record(p.run_dir, steps[i].name, entry, "local")
+    for later in steps[i + 1 :]:
+        record.record(
+            p.run_dir, later.name, {"state": "CANCELLED", "detail": f"{steps[i].name} failed"}, "local"
+        )
+
+
 def run_local(p: Pipeline) -> int:
     """Every stage, one after another, on this machine; a failed stage stops the ones after it."""
+    decide(p)  # every refusal comes before any work, and before the run dir is touched
     with record.lock(p.run_dir):
         record.refuse_if_busy(p.run_dir)
-        steps = decide(p)  # every refusal comes before any work
+        steps = decide(p)  # again, now that no other rnnpipe can change the run dir
         write_stage_files(p)
         record.begin(p.run_dir, "local")
         for i, step in enumerate(steps):
-            # Planned again now that the stages before it are done: their outputs are final.
-            d = step.decision if i == 0 else step.stage.plan(step.job, False)
-            print(f"== {step.name}: {'run' if d.run else 'skip'} ({d.reason})", flush=True)
-            for detail in d.details:
-                print(f"   {detail}", flush=True)
-            if not d.run:
-                record.record(p.run_dir, step.name, {"state": "SKIPPED", "detail": d.reason}, "local")
-                if step.stage is collect:  # the table is the pipeline's last word, even when current
-                    collect.show(step.job)
-                continue
-            record.record(p.run_dir, step.name, {"state": "RUNNING", "started": record.now()}, "local")
             t0 = time.time()
             try:
+                d = step.decision
+                if i:  # checked and planned again: the stages before it are done, their outputs final
+                    step.stage.check(step.job, None)
+                    d = step.stage.plan(step.job, None)
+                print(f"== {step.name}: {'run' if d.run else 'skip'} ({d.reason})", flush=True)
+                for detail in d.details:
+                    print(f"   {detail}", flush=True)
+                if not d.run:
+                    record.record(p.run_dir, step.name, {"state": "SKIPPED", "detail": d.reason}, "local")
+                    if step.stage is collect:  # the table is the pipeline's last word, even when current
+                        collect.show(step.job)
+                    continue
+                record.record(p.run_dir, step.name, {"state": "RUNNING", "started": record.now()}, "local")
                 step.stage.run(step.job, d)
+                if not step.stage.is_complete(step.job):  # e.g. pretrain stopped by train.time_limit_min
+                    why = step.stage.plan(step.job, None).reason
+                    raise PipelineError(
+                        f"{step.name} ended, but its output is not complete ({why}); run again"
+                    )
             except (PipelineError, KeyboardInterrupt) as e:
-                error = str(e) or type(e).__name__
-                entry = {"state": "FAILED", "error": error, "seconds": round(time.time() - t0, 1)}
-                record.record(p.run_dir, step.name, entry, "local")
-                for later in steps[i + 1 :]:
-                    cancelled = {"state": "CANCELLED", "detail": f"{step.name} failed"}
-                    record.record(p.run_dir, later.name, cancelled, "local")
+                _failed(p, steps, i, str(e) or type(e).__name__, time.time() - t0)
                 raise
-            entry = {"state": "COMPLETED", "seconds": round(time.time() - t0, 1)}
-            record.record(p.run_dir, step.name, entry, "local")
+            record.record(
+                p.run_dir, step.name, {"state": "COMPLETED", "seconds": round(time.time() - t0, 1)}, "local"
+            )
     print(f"pipeline complete: {p.run_dir}")
     print(f"watch it: tensorboard --logdir {p.run_dir}")
     return 0
@@ -240,6 +260,7 @@ def submit_slurm(p: Pipeline, wait: bool) -> int:
     ``wait``, wait for them."""
     from launch.snapshot import take
 
+    decide(p)  # every refusal comes before any work, and before the run dir is touched
     with record.lock(p.run_dir):
         record.refuse_if_busy(p.run_dir)
         steps = decide(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -154,6 +155,22 @@ def test_word_alignment_with_sentencepiece_pieces():
 def _tiny_lm(seed: int = 0, mixer: MixerKind = MixerKind.lrn) -> LanguageModel:
     torch.manual_seed(seed)
     return LanguageModel(ModelConfig(mixer=mixer, n_layers=2, d_model=32, mlp_ratio=2.0, n_heads=4), 256)
+
+
+def test_an_export_whose_weights_were_swapped_is_not_taken_for_the_one_recorded(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.models.exported import backbone_identity
+
+    export = make_export(tmp_path / "model")
+    recorded = backbone_identity(str(export))
+    assert recorded["sha256"] == json.loads((export / "config.json").read_text())["source"]["weights_sha256"]
+    weights = load_file(str(export / "model.safetensors"))
+    weights["embed.weight"] = weights["embed.weight"] + 1.0
+    save_file(weights, str(export / "model.safetensors"))  # same size, other bytes
+    swapped = backbone_identity(str(export))
+    assert swapped["sha256"] != recorded["sha256"]
+    assert swapped["sha256"] == hashlib.sha256((export / "model.safetensors").read_bytes()).hexdigest()
 
 
 def test_reverse_padded_reverses_within_each_length():

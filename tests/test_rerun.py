@@ -217,6 +217,23 @@ def test_a_model_change_on_a_run_dir_stops_before_any_rank_and_keeps_it(run_dir,
     assert "==" not in piped.stdout
 
 
+def test_a_schedule_change_on_a_finished_run_without_more_steps_is_refused(run_dir):
+    pre = run_dir / "pretrain"
+    done = rnnpipe("pretrain", run_dir / "stages" / "pretrain.yaml", f"run_dir={pre}", "optim.lr=0.001")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "finished training at step 10: optim.lr: 0.003 → 0.001" in done.stderr
+    assert "Raise train.steps" in done.stderr
+
+
+def test_a_pretrain_stage_that_stops_early_fails_the_pipeline_and_is_resumed_next_time(run_dir):
+    done = pipeline(run_dir, "pretrain.train.steps=40", "pretrain.train.time_limit_min=0.0001")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "pretrain ended, but its output is not complete (resumes from step 11" in done.stderr
+    assert "== finetune" not in done.stdout  # nothing runs on a partial export
+    status = rnnpipe("status", run_dir)
+    assert "pretrain  FAILED" in status.stdout and "finetune  CANCELLED" in status.stdout
+
+
 def test_overwrite_replaces_a_run_that_cannot_be_resumed(run_dir):
     pre = run_dir / "pretrain"
     (pre / "notes.txt").write_text("mine")
@@ -257,6 +274,15 @@ def test_a_missing_dataset_fails_in_under_2_s_before_any_rank_or_job(tmp_path, e
     assert "submitted" not in done.stdout
 
 
+def test_a_run_dir_holding_something_else_is_refused_before_any_work(tmp_path):
+    (tmp_path / "run" / "data").mkdir(parents=True)
+    (tmp_path / "run" / "data" / "thesis.tex").write_text("precious")
+    done = pipeline(tmp_path / "run")
+    assert done.returncode == 2 and "holds no rnnpipe dataset (thesis.tex" in done.stderr, done.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["data"]
+    assert (tmp_path / "run" / "data" / "thesis.tex").read_text() == "precious"
+
+
 def test_missing_task_files_fail_before_any_fine_tune_job(run_dir):
     done = pipeline(run_dir, "finetune.tasks.sst2.dev=/nowhere/dev.tsv", dry=True)
     assert done.returncode == 2 and "tasks.sst2.dev=/nowhere/dev.tsv: no such file" in done.stderr
@@ -278,6 +304,16 @@ def test_every_output_records_its_code_and_versions(finished):
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
         assert commit == head.stdout.strip()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
     events = EventAccumulator(str(finished / "pretrain" / "tensorboard")).Reload()
     assert "provenance/text_summary" in events.Tags()["tensors"]
+    start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
+    assert {"model.d_model", "optim.lr", "code.version", "code.dirty", "world_size", "fingerprint"} <= set(
+        hparams
+    )
+    assert (
+        hparams["model.d_model"].number_value == 32
+        and hparams["fingerprint"].string_value == marker["fingerprint"][:12]
+    )

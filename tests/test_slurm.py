@@ -400,6 +400,10 @@ def test_a_submission_that_fails_half_way_leaves_no_job_behind(slurm, tmp_path):
         in early.stderr
     )
     assert not (tmp_path / "run" / "pipeline.json").exists()
+    early = rnnpipe("run", *args, "slurm.partition=nope")  # the pipeline's own jobs' partition too
+    assert (
+        early.returncode == 2 and "slurm.partition=nope: this cluster has no such partition" in early.stderr
+    )
     # an option sbatch itself rejects: found out only when the fine-tune array is submitted
     done = rnnpipe("run", *args, "finetune.executor.slurm.extra.no-such-option=1")
     assert done.returncode == 1

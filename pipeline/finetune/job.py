@@ -250,7 +250,8 @@ def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
     st = FinetuneState(loader=streams)
     best_weights: dict[str, torch.Tensor] | None = None
     ckpt_path = fsio.join(out, CHECKPOINT)
-    ck = load_state(ckpt_path, device) if fsio.exists(ckpt_path) else None
+    # On the CPU: the RNG states must stay there; load_state_dict moves the rest to the model's device.
+    ck = load_state(ckpt_path) if fsio.exists(ckpt_path) else None
     if ck is not None and ck.get("fingerprint") != fp:
         log.info("%s: its checkpoint is of another job config or backbone: starting afresh", out)
         ck = None

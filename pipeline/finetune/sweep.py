@@ -30,7 +30,7 @@ log = logging.getLogger("rnnpipe.finetune")
 @dataclass
 class SweepConfig:
     out_dir: str = "runs/finetune"
-    pretrained: str = ""  # an ``rnnpipe export`` directory, or a pretrain run dir (exported first)
+    pretrained: str = ""  # an ``rnnpipe export`` directory, or a pretrain run dir (its latest exported)
     data_root: str = "../shared/data"  # for ${data_root} in task paths
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
     job: JobSpec = field(default_factory=JobSpec)
@@ -133,6 +133,17 @@ def pending(jobs: list[JobConfig]) -> tuple[list[dict[str, Any]], list[JobConfig
             todo.append(j)
             why[j.out_dir] = reason
     return done, todo, why
+
+
+def export_of(sweep: SweepConfig) -> str:
+    """Where the export the sweep fine-tunes is: ``pretrained`` when it is one, else (a pretrain
+    run dir) ``<out_dir>/pretrained``, which :func:`resolve_pretrained` makes."""
+    from pipeline.models.exported import CONFIG
+
+    src = fsio.absolute(sweep.pretrained)
+    if fsio.exists(fsio.join(src, CONFIG)) or not fsio.exists(fsio.join(src, "checkpoints")):
+        return src
+    return fsio.join(fsio.absolute(sweep.out_dir), "pretrained")
 
 
 def resolve_pretrained(sweep: SweepConfig) -> str:

@@ -8,6 +8,7 @@ from, including their sha256) and ``tokenizer/``. :mod:`pipeline.models.pretrain
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from pipeline import fsio
@@ -31,11 +32,17 @@ def export_meta(path: str) -> dict[str, Any]:
 
 def backbone_identity(path: str) -> dict[str, Any]:
     """What an export is, for everything made from it: the sha256 of its weights (recorded at
-    export; computed for exports that did not record it), the step and fingerprint of the run it
-    came from, and the model and tokenizer it declares."""
+    export, and computed again when the file's size or mtime is not the recorded one), the step and
+    fingerprint of the run it came from, and the model and tokenizer it declares."""
     meta = export_meta(path)
     source = meta.get("source", {})
-    sha = source.get("weights_sha256") or fsio.sha256_of(fsio.join(fsio.absolute(path), WEIGHTS))[0]
+    weights = fsio.join(fsio.absolute(path), WEIGHTS)
+    sha = source.get("weights_sha256")
+    if fsio.is_local(weights):  # trust the recorded sha256 only for the file it was recorded for
+        st = os.stat(weights)
+        if (st.st_size, st.st_mtime_ns) != (source.get("weights_size"), source.get("weights_mtime_ns")):
+            sha = None
+    sha = sha or fsio.sha256_of(weights)[0]
     return {
         "sha256": sha,
         "step": source.get("step"),

@@ -50,7 +50,10 @@ def save_pretrained(
     step = str((source or {}).get("step", ""))
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "step": step})
     # The weights' own identity, recorded once: what fine-tune results name as their backbone.
-    source = {**(source or {}), "weights_sha256": fsio.sha256_of(str(out / WEIGHTS))[0]}
+    sha, size = fsio.sha256_of(str(out / WEIGHTS))
+    # (size and mtime let a reader trust the recorded sha256 without re-hashing an unchanged file)
+    mtime = (out / WEIGHTS).stat().st_mtime_ns
+    source = {**(source or {}), "weights_sha256": sha, "weights_size": size, "weights_mtime_ns": mtime}
     for rel, data in (tokenizer_files or {}).items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(data)

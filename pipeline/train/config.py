@@ -205,7 +205,9 @@ def run_identity(cfg: dict[str, Any], dataset: str, world_size: int) -> dict[str
 
 
 def run_fingerprint(cfg: dict[str, Any], dataset: str, world_size: int) -> str:
-    """sha256 of :func:`run_identity`: equal fingerprints, the same weights."""
+    """sha256 of :func:`run_identity`: equal fingerprints, runs of the same config. A run resumed
+    with a changed schedule (``train.steps``, ``optim.lr``, ...) records the config it finished
+    under; what a fine-tune result names is the exported weights' sha256 itself."""
     return fingerprint(run_identity(cfg, dataset, world_size))
 
 

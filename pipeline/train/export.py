@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def export(source: str | Path, out: str | Path) -> Path:
         "provenance": header.get("provenance"),
         "exported_by": provenance(),
     }
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # per process: two may export at once
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(tmp, state, cfg["model"], tokenizer, files, source)
     if out.exists():

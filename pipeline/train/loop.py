@@ -107,6 +107,7 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
     header = {
         "config": values,
         "dataset": dataset,
+        "dataset_config": train_reader.manifest.get("fingerprint"),  # what prepare made it from
         "fingerprint": run_fingerprint(values, dataset, world),
         "provenance": prov,
         "rnnpipe": __version__,
@@ -221,7 +222,7 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
                 elapsed = time.time() - window["t"]
                 mean_loss = state.loss_window[0] / state.loss_window[1]
                 tok_s = window["tokens"] / max(elapsed, 1e-9)
-                values = {
+                scalars = {
                     "train/loss": mean_loss,
                     "train/bpb": mean_loss / math.log(2) / bytes_per_token,
                     "train/lr": engine.get_lr()[0],
@@ -233,8 +234,8 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
                     "train/memory_gb": _memory_gb(device),
                     "train/nonfinite_total": state.nonfinite_total,
                 }
-                metrics.scalars(step, values)
-                metrics.console(step, values)
+                metrics.scalars(step, scalars)
+                metrics.console(step, scalars)
                 state.loss_window = [0.0, 0]
                 window = {"timed": 0, "tokens": 0, "t": time.time()}
 
