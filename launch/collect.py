@@ -35,9 +35,11 @@ def _out_dir(job: CollectJob) -> str:
 
 def _results(job: CollectJob) -> list[dict[str, Any]]:
     """The grid's results, each with its ``dir``; raises when a job is not complete."""
-    names, todo, why, done = grid_status(job.sweep)
+    from pipeline.finetune.sweep import job_label
+
+    jobs, todo, why, done = grid_status(job.sweep)
     if todo:
-        first = names[todo[0]]
+        first = job_label(jobs[todo[0]])
         reason = next(iter(why.values()))
         raise PipelineError(
             f"collect: {len(todo)} job(s) of the sweep are not complete (the first, {first}: {reason})"

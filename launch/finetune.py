@@ -54,15 +54,15 @@ def grid(job: FinetuneJob) -> list[Any]:
     return expand(sweep, export_of(sweep))
 
 
-def grid_status(job: FinetuneJob) -> tuple[list[str], list[int], dict[str, str], list[dict[str, Any]]]:
-    """(every job's name in grid order, the indices of those not complete, why each is not, the
+def grid_status(job: FinetuneJob) -> tuple[list[Any], list[int], dict[str, str], list[dict[str, Any]]]:
+    """(the grid's jobs, the indices of those not complete, why each is not (by out_dir), the
     results of those that are)."""
-    from pipeline.finetune.sweep import job_label, pending
+    from pipeline.finetune.sweep import pending
 
     jobs = grid(job)
     done, todo, why = pending(jobs)
     dirs = {j.out_dir for j in todo}
-    return [job_label(j) for j in jobs], [i for i, j in enumerate(jobs) if j.out_dir in dirs], why, done
+    return jobs, [i for i, j in enumerate(jobs) if j.out_dir in dirs], why, done
 
 
 def fingerprint(job: FinetuneJob) -> str:
@@ -110,12 +110,13 @@ def plan(job: FinetuneJob, upstream: Upstream | None = None) -> Decision:
     if any_runs(upstream):
         n = len(grid(job))
         return Decision(True, f"all {n} job(s): the backbone is (re)made first", todo=list(range(n)))
-    names, todo, why, _ = grid_status(job)
+    from pipeline.finetune.sweep import job_label
+
+    jobs, todo, why, _ = grid_status(job)
     if not todo:
-        return Decision(False, f"complete: all {len(names)} job(s) match their backbone, files and config")
-    jobs = grid(job)
-    details = [f"{names[i]}: {why[jobs[i].out_dir]}" for i in todo]
-    return Decision(True, f"{len(todo)} of {len(names)} job(s)", todo=todo, details=details)
+        return Decision(False, f"complete: all {len(jobs)} job(s) match their backbone, files and config")
+    details = [f"{job_label(jobs[i])}: {why[jobs[i].out_dir]}" for i in todo]
+    return Decision(True, f"{len(todo)} of {len(jobs)} job(s)", todo=todo, details=details)
 
 
 def _prepared(job: FinetuneJob, write_config: bool = True) -> SweepConfig:
@@ -131,7 +132,7 @@ def run_sweep(job: FinetuneJob, table: bool = True) -> None:
     of the grid's results. Raises :class:`TasksFailed` (after the table of what did finish) when
     some failed."""
     from pipeline.finetune.collect import collect
-    from pipeline.finetune.sweep import resolve_pretrained
+    from pipeline.finetune.sweep import expand, pending, resolve_pretrained
     from pipeline.finetune.sweep import run_sweep as run_jobs
 
     sweep = _prepared(job)
@@ -148,10 +149,8 @@ def run_sweep(job: FinetuneJob, table: bool = True) -> None:
             print(f"finetune: {len(results) - skipped} job(s) run, {skipped} already complete")
         except TasksFailed as e:
             failed = e
-    if failed is not None:
-        resolved = base_config(job, FinetuneJob)
-        resolved.pretrained = sweep.pretrained
-        results = grid_status(resolved)[3]
+    if failed is not None:  # the table of those that did finish
+        results = pending(expand(sweep, sweep.pretrained))[0]
     for r in results:
         r.setdefault("dir", r["config"]["out_dir"])
     if results and table:

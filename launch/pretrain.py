@@ -18,7 +18,6 @@ resumed only when :func:`pipeline.train.checkpoint.check_resume` allows it (befo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -118,15 +117,15 @@ def fingerprint(job: PretrainJob) -> str:
     return run_fingerprint(to_dict(stage_config(job)), dataset_digest(_dataset(job)), world_size(job))
 
 
-def _export_source(job: PretrainJob) -> dict[str, Any] | None:
-    meta = Path(export_dir(job)) / "config.json"
-    return json.loads(meta.read_text()).get("source", {}) if meta.exists() else None
-
-
 def is_complete(job: PretrainJob) -> bool:
     """The export holds step ``train.steps`` of a run with this fingerprint."""
-    source = _export_source(job)
-    if source is None or source.get("step") != job.train.steps:
+    from pipeline.models.exported import export_meta
+
+    try:
+        source = export_meta(export_dir(job)).get("source", {})
+    except PipelineError:  # no export yet
+        return False
+    if source.get("step") != job.train.steps:
         return False
     try:
         return source.get("fingerprint") == fingerprint(job)

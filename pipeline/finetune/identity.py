@@ -76,8 +76,13 @@ def status(cfg: JobConfig, backbone: dict[str, Any] | None = None) -> tuple[dict
     partial = " (a checkpoint of it remains)" if fsio.exists(fsio.join(cfg.out_dir, CHECKPOINT)) else ""
     if result is None:
         return None, "not run yet" + partial
+    return None, stale_reason(result, identity)
+
+
+def stale_reason(result: dict[str, Any], identity: dict[str, Any]) -> str:
+    """Why ``result`` is not the result of a job with ``identity``: what changed, key by key."""
     if "identity" not in result:
-        return None, "its result was made by an older rnnpipe, without a recorded identity"
+        return "its result was made by an older rnnpipe, without a recorded identity"
     diff = config_diff(result["identity"], identity)
     parts = []
     if any(k.startswith("backbone.") for k in diff):
@@ -91,4 +96,4 @@ def status(cfg: JobConfig, backbone: dict[str, Any] | None = None) -> tuple[dict
     rest = {k: v for k, v in diff.items() if not k.startswith("backbone.") and k not in files}
     if rest:
         parts.append(describe_diff(rest, limit=4))
-    return None, "stale: " + "; ".join(parts)
+    return "stale: " + "; ".join(parts)

@@ -37,7 +37,7 @@ from pipeline.errors import PipelineError
 from pipeline.finetune import tasks
 from pipeline.finetune.config import Init, JobConfig, TaskKind
 from pipeline.finetune.conlleval import conlleval
-from pipeline.finetune.identity import CHECKPOINT, RESULT, job_identity, read_result, status
+from pipeline.finetune.identity import CHECKPOINT, RESULT, job_identity, read_result, stale_reason
 from pipeline.finetune.model import FinetuneModel, parameter_groups, set_dropout
 from pipeline.models.exported import CONFIG, WEIGHTS
 from pipeline.models.lm import LanguageModel
@@ -211,8 +211,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     log.setLevel(logging.INFO)
     try:
         if result is not None:  # stale: made from other weights, files or config; kept aside
-            _, why = status(cfg)
-            log.info("%s: its result is %s; running the job again", out, why)
+            log.info("%s: its result is %s; running the job again", out, stale_reason(result, identity))
             fsio.write_text_atomic(fsio.join(out, "result.stale.json"), json.dumps(result, indent=2) + "\n")
             fsio.remove(fsio.join(out, RESULT))
         return _run(cfg, identity, fp)
