@@ -26,6 +26,7 @@ import time
 from pipeline import __version__, fsio
 from pipeline.config import load_config, to_yaml
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.train.signals import early, wants_early_flag
 
 log = logging.getLogger("rnnpipe")
 
@@ -55,6 +56,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.data.manifest import read_manifest, verify
 
     problems = verify(args.dir, deep=not args.quick)
+    if len(problems) == 1:
+        print(f"rnnpipe: error: {args.dir}: {problems[0]}", file=sys.stderr)
+        return 1
     if problems:
         print(f"{args.dir}: {len(problems)} problem(s):", file=sys.stderr)
         for p in problems:
@@ -278,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if wants_early_flag(sys.argv[1:] if argv is None else argv):
+        early()  # before anything heavy loads: a signal during start-up is kept (exit 75/130)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may come before or after --flags: take the leftover key=value words as overrides.
@@ -300,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rnnpipe: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("rnnpipe: interrupted; run the same command again to resume", file=sys.stderr)
+        # Prepare keeps its finished pieces and a pipeline its finished stages: both resume.
+        # (Training does not get here: it checkpoints on Ctrl-C and says so itself.)
+        print("rnnpipe: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
 
 

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import queue
 import re
+import signal
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ import submitit
 from tqdm import tqdm
 
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.locking import die_with_parent
 
 Report = Callable[[int], None]
 TaskFn = Callable[[Any, Report], Any]
@@ -193,8 +195,14 @@ class InlineExecutor(Executor):
 _worker_queue: Any = None
 
 
-def _init_worker(q: Any) -> None:
+def _init_worker(q: Any, parent: int) -> None:
+    """Pool initializer: keep the progress queue, and die with the process that started the pool
+    (``parent``), however it dies: a ``kill -9`` of ``rnnpipe prepare`` leaves no worker behind
+    (and so no resource tracker: it exits when the last process holding its pipe is gone)."""
     global _worker_queue
+    # SIGTERM: a prepare task dies at once; a task that handles it (a fine-tune job) checkpoints
+    # and stops, and its worker then ends on the broken pipe to the dead parent.
+    die_with_parent(signal.SIGTERM, parent)
     _worker_queue = q
 
 
@@ -219,7 +227,10 @@ class LocalExecutor(Executor):
     """Runs tasks on a pool of ``workers`` spawned processes on this machine.
 
     The pool lives as long as the executor (close it, or use it as a context manager), so the
-    stages of one command pay for starting workers once.
+    stages of one command pay for starting workers once. Workers die with this process (Linux's
+    parent-death signal). The kernel sends it when the *thread* that spawned a worker ends, and
+    workers are spawned by the thread calling :meth:`map`: call it from a thread that outlives
+    the pool (the main thread, as every stage does).
     """
 
     def __init__(self, workers: int = 0):
@@ -236,7 +247,7 @@ class LocalExecutor(Executor):
                 max_workers=self.workers,
                 mp_context=self._ctx,
                 initializer=_init_worker,
-                initargs=(self._reports,),
+                initargs=(self._reports, os.getpid()),
             )
         return self._pool
 

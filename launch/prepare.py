@@ -2,8 +2,9 @@
 
 Stage protocol (:mod:`launch.stage`). Its fingerprint is the manifest's: the sha256 of the prepare
 config without where the dataset lives and how it is run. Complete: ``manifest.json`` records that
-fingerprint and every shard has its recorded size and sha256. An output holding a different
-dataset is refused unless ``overwrite=true``. On Slurm the stage is a one-CPU driver job that fans
+fingerprint and every shard has its recorded size and sha256 (all re-hashed: a flipped byte keeps
+the size). An output holding a different dataset is refused unless ``overwrite=true``; one that
+holds no dataset rnnpipe wrote is refused even then. On Slurm the stage is a one-CPU driver job that fans
 the work out as job arrays (how many pack tasks there are is only known once encoding has run).
 """
 
@@ -50,22 +51,26 @@ def fingerprint(job: PrepareJob) -> str:
 
 
 def _manifest(job: PrepareJob) -> dict[str, Any] | None:
-    from pipeline.data.manifest import MANIFEST, read_manifest
+    """The output's manifest, None without one; a damaged one of rnnpipe's with overwrite=true
+    reads as one of another fingerprint (overwrite replaces it)."""
+    from pipeline.data.prepare import own_manifest
 
-    root = fsio.absolute(job.output)
-    return read_manifest(root) if fsio.exists(fsio.join(root, MANIFEST)) else None
+    return own_manifest(fsio.absolute(job.output), job.overwrite)
 
 
 def is_complete(job: PrepareJob) -> bool:
-    """``job.output`` holds this config's dataset, whole: every shard has its recorded size, and
-    one changed since the manifest was written has its recorded sha256 (``rnnpipe verify`` re-hashes
-    them all)."""
+    """``job.output`` holds this config's dataset, whole: every shard and the tokenizer file have
+    their recorded size and sha256 (each file hashed once per process while it is unchanged)."""
     from pipeline.data.manifest import check_sizes
+    from pipeline.errors import PipelineError
 
-    manifest = _manifest(job)
+    try:
+        manifest = _manifest(job)
+    except PipelineError:  # a damaged manifest: not complete (plan says why)
+        return False
     if manifest is None or manifest.get("fingerprint") != fingerprint(job):
         return False
-    return not check_sizes(fsio.absolute(job.output), rehash_newer=True)
+    return not check_sizes(fsio.absolute(job.output), hashes=True)
 
 
 def check(job: PrepareJob, upstream: Upstream | None = None) -> None:
@@ -77,6 +82,9 @@ def check(job: PrepareJob, upstream: Upstream | None = None) -> None:
 
 
 def plan(job: PrepareJob, upstream: Upstream | None = None) -> Decision:
+    """Whether the stage runs and why: no dataset yet, an interrupted prepare to continue, damaged
+    shards to rebuild (every shard re-hashed), or complete. Refuses (ConfigError) an output holding
+    another dataset unless ``overwrite=true``, and one holding no dataset of rnnpipe's even then."""
     import json
 
     from pipeline.data.manifest import check_sizes
@@ -104,9 +112,11 @@ def plan(job: PrepareJob, upstream: Upstream | None = None) -> Decision:
                 return refuse("an unfinished prepare of another config", state.get("config") or {})
             if fsio.exists(fsio.join(work, "plan.json")):
                 return Decision(True, "continues an interrupted prepare", output=fp)
-        elif fsio.exists(root):
-            fs, path = fsio.filesystem(root)
-            foreign = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+        else:
+            from pipeline.data.prepare import foreign_entries
+
+            # Refused even with overwrite=true, which only ever removes a dataset rnnpipe wrote.
+            foreign = foreign_entries(root, work)
             if foreign:
                 raise ConfigError(
                     f"prepare: {root} is not empty and holds no rnnpipe dataset "
@@ -118,7 +128,7 @@ def plan(job: PrepareJob, upstream: Upstream | None = None) -> Decision:
         return Decision(True, f"no dataset yet in {root}", output=fp)
     if manifest.get("fingerprint") != fp:
         return refuse("a different dataset", manifest.get("config") or {})
-    problems = check_sizes(root, rehash_newer=True)
+    problems = check_sizes(root, hashes=True)
     if problems:
         return Decision(True, f"rebuilds {len(problems)} damaged shard(s): {problems[0]}", output=fp)
     return Decision(False, f"complete: the dataset matches its config (fingerprint {short(fp)})", output=fp)

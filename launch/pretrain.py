@@ -18,25 +18,29 @@ resumed only when :func:`pipeline.train.checkpoint.check_resume` allows it (befo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launch.distributed import free_port
 from launch.executors import ExecutorConfig, ExecutorKind
 from launch.stage import Decision, SlurmContext, Submitted, Upstream, any_runs, short
 from pipeline import fsio
-from pipeline.config import base_config, to_dict, to_yaml
+from pipeline.config import base_config, check_range, to_dict, to_yaml
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.train.config import PretrainConfig
-from pipeline.train.signals import EXIT_PREEMPTED, StopFlag, ignore_late_warnings
+from pipeline.train.signals import (
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    StopFlag,
+    early,
+    ignore_late_warnings,
+)
 
 log = logging.getLogger("rnnpipe")
 NAME = "pretrain"
@@ -52,10 +56,10 @@ class DistributedConfig:
     signal_grace_s: int = 120  # slurm: USR2 this long before the time limit (Slurm may send it 30 s early)
 
     def validate(self) -> None:
-        if self.nproc < 0 or self.nodes < 1 or self.gpus_per_node < 0:
-            raise ConfigError(
-                "distributed.nproc >= 0, distributed.nodes >= 1, distributed.gpus_per_node >= 0"
-            )
+        check_range("nproc", self.nproc, ge=0)
+        check_range("nodes", self.nodes, ge=1)
+        check_range("gpus_per_node", self.gpus_per_node, ge=0)
+        check_range("signal_grace_s", self.signal_grace_s, ge=0)
 
 
 @dataclass
@@ -137,8 +141,16 @@ def check(job: PretrainJob, upstream: Upstream | None = None) -> None:
     """Preflight, before any rank starts or any job is submitted: the dataset exists and its
     manifest checks out (sizes and counts, not hashes) unless prepare runs first, the vocabulary
     fits the model, and the Slurm partition exists. Raises ConfigError (exit 2)."""
-    if "\n" in job.run_dir:
-        raise ConfigError(f"run_dir={job.run_dir!r} holds a newline")
+    from pipeline.locking import holder
+    from pipeline.train.checkpoint import RUN_LOCK
+
+    if any(c in job.run_dir for c in "\n\r\0"):
+        raise ConfigError(f"run_dir={job.run_dir!r} holds a control character")
+    who = holder(job.run_dir, RUN_LOCK) if _is_rank0() else None  # (rank 0 may hold it already)
+    if who:  # a second writer would interleave checkpoints and log every step twice
+        raise PipelineError(
+            f"{job.run_dir} is in use by {who}: wait for it to finish, or use another run_dir"
+        )
     if not any_runs(upstream):
         from pipeline.data.manifest import check_sizes
 
@@ -155,10 +167,36 @@ def check(job: PretrainJob, upstream: Upstream | None = None) -> None:
                 f"model.vocab_size={job.model.vocab_size}, but the dataset's tokenizer has {vocab} ids "
                 "(0 takes it from the dataset)"
             )
+        _check_eval_streams(job, _dataset(job))
+        if job.train.init_from:  # its model and tokenizer must be this run's
+            from pipeline.train import init_from
+
+            init_from.check(stage_config(job), vocab, _dataset(job)["tokenizer"])
     if job.executor.kind is ExecutorKind.slurm:
         from launch.slurm import check_partition
 
         check_partition(job.executor.slurm.partition, "pretrain.executor.slurm.partition")
+
+
+def _check_eval_streams(job: PretrainJob, manifest: dict[str, Any]) -> None:
+    """Evaluation cuts each split into world × train.eval_batch_size streams: refuse a batch the
+    splits cannot fill now, not after training (the final evaluation reads whole splits, the
+    ones during training the first train.eval_max_tokens of valid)."""
+    t, world = job.train, world_size(job)
+    streams = world * t.eval_batch_size
+    for split in ("valid", "test"):
+        info = manifest["splits"].get(split)
+        if info is None:
+            continue
+        tokens = int(info["tokens"])
+        if split == "valid" and t.eval_max_tokens and t.eval_every:
+            tokens = min(tokens, t.eval_max_tokens)
+        if tokens - 1 < streams:
+            raise ConfigError(
+                f"train.eval_batch_size={t.eval_batch_size} × {world} rank(s) = {streams} streams, "
+                f"but the {split} split gives {tokens} tokens: lower train.eval_batch_size"
+                + (" or raise train.eval_max_tokens" if split == "valid" and t.eval_max_tokens else "")
+            )
 
 
 def plan(job: PretrainJob, upstream: Upstream | None = None) -> Decision:
@@ -260,7 +298,7 @@ def prepared(job: PretrainJob) -> PretrainJob:
 
 
 def run_rank(cfg: PretrainConfig, stop: StopFlag | None = None) -> int:
-    """This process's part of the run; returns the exit status (0, or EXIT_PREEMPTED)."""
+    """This process's part of the run; returns the exit status (0; 75 or 130 after a signal)."""
     from launch import distributed
     from pipeline.train.loop import train
 
@@ -268,7 +306,7 @@ def run_rank(cfg: PretrainConfig, stop: StopFlag | None = None) -> int:
     result = train(cfg, stop)
     distributed.shutdown()
     if result.status == "preempted":
-        return EXIT_PREEMPTED
+        return result.exit_status
     ignore_late_warnings()
     return 0
 
@@ -277,7 +315,7 @@ def start_rank() -> StopFlag:
     """What a rank does first: the stop flag, installed before torch and DeepSpeed load so that a
     signal arriving meanwhile is kept (and not taken by submitit's own handler, which would end the
     job as failed); then, under Slurm, the node-local caches, threads and logging."""
-    stop = StopFlag().install()
+    stop = early()  # the entry point may have installed it already
     if "SLURM_JOB_ID" in os.environ:
         from launch.slurm import task_setup
 
@@ -299,62 +337,12 @@ def export_final(cfg: PretrainConfig) -> str:
     return out
 
 
-def run_local(config_file: str, nproc: int) -> int:
-    """Start ``nproc`` ranks of :mod:`launch.rank` on ``config_file``; wait for all."""
-    if nproc == 0:
-        import torch
-
-        nproc = torch.cuda.device_count() or 1
-    port = free_port()
-    threads = max(1, (os.cpu_count() or 1) // nproc)
-    procs = []
-    for rank in range(nproc):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(nproc),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": str(threads),
-        }
-        procs.append(subprocess.Popen([sys.executable, "-m", "launch.rank", config_file], env=env))
-
-    def forward(signum, frame):  # a preempted launcher passes the signal on: the ranks checkpoint
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
-    try:
-        codes: dict[int, int] = {}
-        while len(codes) < nproc:
-            for rank, p in enumerate(procs):
-                if rank not in codes and p.poll() is not None:
-                    codes[rank] = p.returncode
-                    if p.returncode not in (0, EXIT_PREEMPTED):  # one rank failed: the others would hang
-                        for q in procs:
-                            if q.poll() is None:
-                                q.terminate()
-            time.sleep(0.2)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    failed = {r: c for r, c in codes.items() if c not in (0, EXIT_PREEMPTED)}
-    if failed:
-        raise PipelineError(
-            f"pretrain rank(s) {sorted(failed)} failed (exit status {sorted(set(failed.values()))}); "
-            "see their messages above"
-        )
-    return EXIT_PREEMPTED if EXIT_PREEMPTED in codes.values() else 0
-
-
 def slurm_task(cfg: PretrainConfig, export: bool = False) -> int:
     """One task of the Slurm job (run by submitit through srun on every node)."""
     code = run_rank(cfg, start_rank())
     rank0 = os.environ.get("SLURM_PROCID") == "0"
     # Checkpointed on a signal: rank 0 asks Slurm to run the job again (it was submitted --requeue).
-    if code == EXIT_PREEMPTED and rank0:
+    if code == EXIT_PREEMPTED and rank0:  # (not after Ctrl-C: the user stopped it)
         subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
     if code == 0 and export and rank0:
         export_final(cfg)
@@ -384,6 +372,8 @@ def slurm_executor(job: PretrainJob, folder: str, dependency: str = "", code: An
     )
     if d.gpus_per_node:
         params["gpus_per_node"] = d.gpus_per_node
+    # The job's bootstrap installs the stop flag before submitit and torch load (launch.snapshot).
+    params["setup"] = [*params.get("setup", []), "export RNNPIPE_EARLY_STOP=1"]
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=0, python=base.code.python_command())
     ex.update_parameters(**params)
     return with_dependency(ex, dependency)
@@ -415,7 +405,9 @@ def _launch(job: PretrainJob, config_file: str, export: bool) -> int:
         code = run_rank(stage_config(job), start_rank())
         rank0 = _is_rank0()
     else:
-        code = run_local(config_file, job.distributed.nproc)
+        from launch.local import launch_local
+
+        code = launch_local(config_file, job.distributed.nproc)
         rank0 = True
     if code == 0 and export and rank0:
         export_final(stage_config(job))
@@ -424,54 +416,83 @@ def _launch(job: PretrainJob, config_file: str, export: bool) -> int:
 
 def run(job: PretrainJob, decision: Decision) -> None:
     """The pipeline's pretrain stage on this machine: train, then export."""
-    if decision.clear:
-        clear_run(job.run_dir)
-    code = _launch(job, write_config(job), export=True)
+    with _run_lock(job):
+        if decision.clear:
+            clear_run(job.run_dir)
+        code = _launch(job, write_config(job), export=True)
+    if code == EXIT_INTERRUPTED:  # Ctrl-C: the pipeline stops as it does on Ctrl-C anywhere (130)
+        log.warning("%s", stopped_message(job, code))
+        raise KeyboardInterrupt
     if code:
-        raise PipelineError(
-            f"pretrain stopped on a signal (exit status {code}); run the pipeline again to resume"
-        )
+        raise PipelineError(stopped_message(job, code).replace("same command", "pipeline"))
+
+
+def _run_lock(job: PretrainJob) -> contextlib.AbstractContextManager[None]:
+    """The run dir's lock for this launch, held from the plan to the end of the local launch (or
+    the Slurm submission), so that a second launch fails before it writes anything; the ranks
+    started here inherit it. A rank other than 0 of an inline launch holds nothing."""
+    from pipeline.locking import exclusive
+    from pipeline.train.checkpoint import RUN_LOCK
+
+    if job.executor.kind is ExecutorKind.inline and not _is_rank0():
+        return contextlib.nullcontext()
+    return exclusive(job.run_dir, RUN_LOCK, "pretrain")
 
 
 def command(job: PretrainJob, wait: bool = False, export: bool = False) -> int:
     """``rnnpipe pretrain``: preflight and the resume check (exit 2 before any rank starts), then
-    ``config.yaml`` and the launch. Returns the exit status (0, or 75 after a signal)."""
+    ``config.yaml`` and the launch. Returns the exit status (0; 75 or 130 after a signal)."""
     prepared(job)
     check(job)
     multi_inline = job.executor.kind is ExecutorKind.inline and world_size(job) > 1
-    decision = plan(job)
-    if not decision.run:
-        print(f"pretrain: {decision.reason}; nothing to do")
-        return 0
-    if decision.clear and multi_inline:
-        raise ConfigError(
-            "overwrite=true with an inline launch of several ranks: every rank would clear the run "
-            "dir at once. Remove it by hand, or launch with --executor local or slurm"
-        )
-    if multi_inline and not _is_rank0():
-        config_file = os.path.join(job.run_dir, "config.yaml")
-    else:
-        if decision.clear:
-            clear_run(job.run_dir)
-        log.info("pretrain: %s", decision.reason)
-        config_file = write_config(job)
-    if job.executor.kind is ExecutorKind.slurm:
+    plan(job)  # a refusal (exit 2) leaves the run dir untouched: before the lock file is written
+    with _run_lock(job):
+        decision = plan(job)  # again, holding the run dir: what it holds now
+        if not decision.run:
+            print(f"pretrain: {decision.reason}; nothing to do")
+            return 0
+        if decision.clear and multi_inline:
+            raise ConfigError(
+                "overwrite=true with an inline launch of several ranks: every rank would clear the run "
+                "dir at once. Remove it by hand, or launch with --executor local or slurm"
+            )
+        if multi_inline and not _is_rank0():
+            config_file = os.path.join(job.run_dir, "config.yaml")
+        else:
+            if decision.clear:
+                clear_run(job.run_dir)
+            log.info("pretrain: %s", decision.reason)
+            config_file = write_config(job)
+        if job.executor.kind is not ExecutorKind.slurm:
+            code = _launch(job, config_file, export)
+            if code and (job.executor.kind is not ExecutorKind.inline or _is_rank0()):
+                print(f"rnnpipe: {stopped_message(job, code)}", file=sys.stderr)
+            return code
         from launch.snapshot import take
 
+        early().restore()  # nothing trains here: Ctrl-C stops the submission (or --wait) as usual
         folder = os.path.join(job.run_dir, "slurm")
         sjob = _submit_job(job, folder, "", take(folder), export)
-        print(
-            f"submitted Slurm job {sjob.job_id}: {job.distributed.nodes} node(s) × {tasks_per_node(job)} "
-            f"task(s); logs in {job.run_dir}/slurm"
-        )
-        if not wait:
-            return 0
-        codes = sjob.results()
-        return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
-    code = _launch(job, config_file, export)
-    if code and job.executor.kind is not ExecutorKind.inline:
-        print(
-            f"rnnpipe: pretrain checkpointed on a signal (exit status {code}); run it again to continue",
-            file=sys.stderr,
-        )
-    return code
+    # (the lock is the job's now: its rank 0 takes it when it starts)
+    print(
+        f"submitted Slurm job {sjob.job_id}: {job.distributed.nodes} node(s) × {tasks_per_node(job)} "
+        f"task(s); logs in {job.run_dir}/slurm"
+    )
+    if not wait:
+        return 0
+    codes = sjob.results()
+    return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
+
+
+def stopped_message(job: PretrainJob, code: int) -> str:
+    """What a launch that stopped on a signal (exit status ``code``) tells the user: the checkpoint
+    to continue from, and only if there is one."""
+    from pipeline.train.checkpoint import find_latest
+
+    latest = find_latest(Path(job.run_dir))
+    if latest is None:
+        return f"pretrain stopped on a signal (exit status {code}) before its first checkpoint"
+    return (
+        f"pretrain checkpointed on a signal (exit status {code}): its last checkpoint is {latest}; "
+        "run the same command again to continue"
+    )

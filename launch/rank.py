@@ -1,19 +1,29 @@
 """One rank of a local pretrain launch: ``python -m launch.rank RUN_DIR/config.yaml``.
 
-:func:`launch.pretrain.run_local` starts one per process with RANK/WORLD_SIZE/MASTER_* set. The
-stop flag goes in before anything heavy loads, so a signal during start-up is kept.
+:func:`launch.local.launch_local` starts one per process with RANK/WORLD_SIZE/MASTER_* set. The
+stop flag goes in before anything heavy loads, so a signal during start-up is kept; and the rank
+is killed if its launcher dies (kill -9 included), so it never trains on as an orphan.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 
 def main(argv: list[str]) -> int:
-    """Run the rank of the config file ``argv[0]``; returns its exit status (0, 75 on a signal)."""
-    from pipeline.train.signals import StopFlag
+    """Run the rank of the config file ``argv[0]``; returns its exit status (0; 75 or 130 after a
+    signal, with a checkpoint)."""
+    from pipeline.train.signals import early
 
-    stop = StopFlag().install()
+    stop = early()
+    from pipeline.locking import die_with_parent
+
+    # SIGKILL: a launcher killed with -9 means the whole launch is to stop now (its lock on the
+    # run dir, held by rank 0, goes with it); a graceful stop goes through the launcher's signals.
+    launcher = os.environ.get("RNNPIPE_LAUNCHER_PID")
+    die_with_parent(signal.SIGKILL, parent=int(launcher) if launcher else None)
     import logging
 
     from launch.pretrain import PretrainJob, run_rank, stage_config

@@ -10,15 +10,13 @@ two ``rnnpipe run`` off one run dir at once. ``rnnpipe status`` and the sbatch p
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from pipeline import fsio
 from pipeline.errors import PipelineError
+from pipeline.locking import exclusive
 
 STATE_FILE = "pipeline.json"
 LOCK_FILE = ".rnnpipe.lock"
@@ -99,27 +97,8 @@ def refuse_if_busy(run_dir: str) -> None:
             )
 
 
-@contextlib.contextmanager
-def lock(run_dir: str) -> Iterator[None]:
+def lock(run_dir: str) -> contextlib.AbstractContextManager[None]:
     """Hold the run dir for this process: a second ``rnnpipe run`` (or plan) on the same run dir
     fails at once, naming the holder, instead of interleaving with this one. An advisory lock on
-    ``.rnnpipe.lock`` (released by the kernel if this process dies)."""
-    if not fsio.is_local(run_dir):
-        yield  # object stores have no locks; one submitter per run dir is then the user's to keep
-        return
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise PipelineError(
-                f"{run_dir} is in use by {holder}: wait for it to finish, or use another run_dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"rnnpipe pid {os.getpid()} on {os.uname().nodename} since {now()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
+    ``.rnnpipe.lock`` (released by the kernel if this process dies; :mod:`pipeline.locking`)."""
+    return exclusive(run_dir, LOCK_FILE, "rnnpipe run")

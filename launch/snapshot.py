@@ -42,6 +42,10 @@ import runpy
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if os.environ.get("RNNPIPE_EARLY_STOP") == "1":  # a training job: keep a signal that comes early
+    from pipeline.train.signals import early
+
+    early()
 args = sys.argv[1:]
 if args[:1] == ["-u"]:  # submitit asks for unbuffered output
     sys.stdout.reconfigure(write_through=True)

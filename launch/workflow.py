@@ -69,8 +69,8 @@ class PipelineConfig:
         for name in ("prepare", "pretrain"):
             if not getattr(self, name).config:
                 raise ConfigError(f"{name}.config: name the {name} stage's YAML file")
-        if "\n" in self.run_dir:
-            raise ConfigError(f"run_dir={self.run_dir!r} holds a newline")
+        if not self.run_dir:  # (control characters in any value are refused as the config loads)
+            raise ConfigError("run_dir is empty: name the pipeline's run directory")
 
 
 @dataclass

@@ -4,21 +4,27 @@ A stage declares its config as nested dataclasses. :func:`load_config` merges, i
 dataclass defaults, a YAML file and command-line overrides with OmegaConf structured configs,
 so an unknown key or a value of the wrong type fails before any work starts, naming the key,
 where it came from and the keys that are valid there. Dataclasses may define ``validate()``
-to check values (ranges, combinations); it is called on every nested config after loading.
+to check values (ranges, combinations); it is called on every nested config after loading (also
+those in dicts and lists), with :func:`config_key` naming its fields by their dotted key there.
+:func:`check_range` is the one way to check a number's range. Every string value must be one line:
+paths and names end up in sbatch scripts and shell commands, where a newline starts a command.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import typing
 from collections.abc import Sequence
 from enum import Enum
 from typing import Any, TypeVar
 
 import fsspec
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
@@ -35,33 +41,82 @@ def load_config(schema: type[T], path: str | None = None, overrides: Sequence[st
     """
     cfg = OmegaConf.structured(schema)
     if path is not None:
-        try:
-            with fsspec.open(path, "r", encoding="utf-8") as f:
-                loaded = OmegaConf.create(f.read())
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file not found: {path}") from e
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"config file {path} must hold a mapping of keys, not a list")
+        loaded = _read_file(path)
         cfg = _merge(schema, cfg, loaded, f"in {path}")
     for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        try:
-            dot = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"override {item!r} cannot be parsed: {e}") from e
-        cfg = _merge(schema, cfg, dot, f"from the command line: {item}")
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError("missing required config value(s): " + ", ".join(missing))
+        cfg = _merge(schema, cfg, _parse_override(item), f"from the command line: {item}")
     try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError("missing required config value(s): " + ", ".join(missing))
         obj = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:
         raise ConfigError(f"missing required config value: {e.full_key}") from e
+    except OmegaConfBaseException as e:  # e.g. an ${interpolation} that names no key
+        raise ConfigError(f"bad value for config key '{e.full_key or '?'}': {_first_line(e)}") from e
     _validate(obj)
     return obj  # type: ignore[return-value]
+
+
+def _read_file(path: str) -> DictConfig:
+    """The YAML mapping in ``path``; every way it can be unreadable is a :class:`ConfigError`."""
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from e
+    try:
+        loaded = OmegaConf.create(text)
+    except yaml.YAMLError as e:
+        where, why = _yaml_where(e), _yaml_problem(e, lines=True)
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {why}") from e
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {_first_line(e)}") from e
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not a list")
+    return loaded
+
+
+def _parse_override(item: str) -> DictConfig:
+    """One ``key.sub=value`` override as a config; its value is YAML."""
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as e:
+        # The value's position, counted in the whole override as typed.
+        mark = getattr(e, "problem_mark", None)
+        where = f" at character {item.index('=') + 2 + mark.column}" if mark and not mark.line else ""
+        key, _, value = item.partition("=")
+        hint = ""
+        if value.lstrip()[:1] in ("`", "@"):
+            # Single quotes for the shell (a backtick in double quotes runs a command), double for YAML.
+            hint = f" (YAML reserves ` and @ at the start of a value: quote it, as in '{key}=\"{value}\"')"
+        raise ConfigError(f"override {item!r} is not valid YAML{where}: {_yaml_problem(e)}{hint}") from e
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"override {item!r} cannot be parsed: {_first_line(e)}") from e
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+
+def _yaml_problem(e: yaml.YAMLError, lines: bool = False) -> str:
+    """PyYAML's reason in one line (its str() spans several, with the marks of a string buffer);
+    with ``lines``, where the construct it was parsing began when that is another line."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        context, start, end = e.context, e.context_mark, e.problem_mark
+        if context and lines and start is not None and (end is None or start.line != end.line):
+            context += f" (from line {start.line + 1}, column {start.column + 1})"
+        return "; ".join(p for p in (context, e.problem) if p) or type(e).__name__
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _first_line(e: OmegaConfBaseException) -> str:
+    return ((getattr(e, "msg", None) or str(e)).splitlines() or [type(e).__name__])[0]
 
 
 def _merge(schema: type, base: DictConfig, other: DictConfig, origin: str) -> DictConfig:
@@ -113,14 +168,84 @@ def _expected_type(schema: type, full_key: str) -> str:
     return getattr(node, "__name__", None) or str(node).replace("typing.", "")
 
 
-def _validate(obj: Any) -> None:
-    if not dataclasses.is_dataclass(obj):
-        return
-    for f in dataclasses.fields(obj):
-        _validate(getattr(obj, f.name))
-    check = getattr(obj, "validate", None)
-    if callable(check):
-        check()
+# The dotted key of the config whose validate() is running ("model."), for config_key().
+_PREFIX: contextvars.ContextVar[str] = contextvars.ContextVar("config_prefix", default="")
+# Characters that end a line (or a C string) in the sbatch scripts and shell commands values reach.
+_LINE_BREAKS = {"\n": "a newline", "\r": "a carriage return", "\0": "a NUL character"}
+
+
+def config_key(name: str) -> str:
+    """The dotted key of field ``name`` of the config being validated: ``model.n_heads`` while
+    ``ModelConfig.validate`` runs for a pretrain config, ``tasks.sst2.max_dev`` for a sweep's task."""
+    return _PREFIX.get() + name
+
+
+def check_range(
+    name: str,
+    value: float,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    note: str = "",
+) -> None:
+    """Raise :class:`ConfigError` unless ``value`` (of field ``name``) is a finite number in the
+    range the bounds give (``ge <= value``, ``gt < value``, ``value <= le``, ``value < lt``). The
+    message names the dotted key, the value and the range, then ``note`` (what 0 or -1 means)."""
+    lower = f"[{ge}" if ge is not None else f"({gt}" if gt is not None else ""
+    upper = f"{le}]" if le is not None else f"{lt})" if lt is not None else ""
+    if lower and upper:
+        text = f"in {lower}, {upper}"
+    elif lower:
+        text = (">= " if ge is not None else "> ") + lower[1:]
+    else:
+        text = ("<= " if le is not None else "< ") + upper[:-1]
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (ge is None or value >= ge) and (gt is None or value > gt)
+    ok = ok and (le is None or value <= le) and (lt is None or value < lt)
+    if not ok:
+        raise ConfigError(f"{config_key(name)} must be {text}{note}, got {value}")
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` unless ``value`` (of field ``name``) is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{config_key(name)} must be {' or '.join(choices)}, got {value!r}")
+
+
+def _line_break(text: str) -> str:
+    """What ends a line in ``text`` ("a newline"), or "" when it is one line."""
+    return next((what for char, what in _LINE_BREAKS.items() if char in text), "")
+
+
+def _validate(obj: Any, prefix: str = "") -> None:
+    """Check every value under ``obj`` (at dotted key ``prefix``): strings are one line, nested
+    configs (fields, dict values, list items) first, then ``obj.validate()``."""
+    if isinstance(obj, str):
+        what = _line_break(obj)
+        if what:
+            key = prefix.rstrip(".") or "a config value"
+            raise ConfigError(f"{key}={obj!r} holds {what}; config values must be one line")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            what = _line_break(str(k))
+            if what:
+                raise ConfigError(f"{prefix.rstrip('.')}: the key {str(k)!r} holds {what}")
+            _validate(v, f"{prefix}{k}.")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _validate(v, f"{prefix.rstrip('.')}[{i}].")
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            _validate(getattr(obj, f.name), f"{prefix}{f.name}.")
+        check = getattr(obj, "validate", None)
+        if callable(check):
+            token = _PREFIX.set(prefix)
+            try:
+                check()
+            finally:
+                _PREFIX.reset(token)
 
 
 def to_yaml(cfg: Any) -> str:
@@ -157,7 +282,7 @@ def override(obj: T, overrides: Sequence[str], origin: str) -> T:
     schema = type(obj)
     cfg = OmegaConf.structured(obj)
     for item in overrides:
-        cfg = _merge(schema, cfg, OmegaConf.from_dotlist([item]), f"{origin}: {item}")
+        cfg = _merge(schema, cfg, _parse_override(item), f"{origin}: {item}")
     out = OmegaConf.to_object(cfg)
     _validate(out)
     return out  # type: ignore[return-value]

@@ -448,3 +448,21 @@ def test_shipped_sweeps_load_and_expand(name, jobs):
     assert len({j.out_dir for j in expanded}) == jobs
     if name == "glue-conll-ptb":
         assert all(j.head.bidirectional == (j.task == "conll") for j in expanded)
+
+
+def test_ctrl_c_checkpoints_the_job_at_the_step_in_progress(tmp_path):
+    grid = {"task": ["conll"], "init": ["pretrained"], "seed": [3]}
+    cfg = sweep_yaml(tmp_path, grid, {"max_steps": 40, "eval_every": 20})
+    proc = _run_cli(["finetune", str(cfg), "--executor", "inline"], {"RNNPIPE_TEST_STEP_DELAY": "0.3"})
+    job = tmp_path / "sweep" / "jobs" / "conll-pretrained-seed3"
+    deadline = time.time() + 240
+    while not (job / "tensorboard").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.5)  # a few steps in, before the first evaluation's checkpoint (step 20)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    state = torch.load(job / "checkpoint.pt", weights_only=True)["state"]
+    assert 1 <= state["step"] < 20  # saved at the step the interrupt came in, not at an evaluation
+    assert "interrupted: checkpointed at step" in (job / "log.txt").read_text()
+    assert _run_cli(["finetune", str(cfg), "--executor", "inline"]).wait(timeout=300) == 0
+    assert json.loads((job / "result.json").read_text())["steps"] == 40

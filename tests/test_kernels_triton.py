@@ -19,6 +19,10 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2
 @pytest.fixture(autouse=True)
 def _triton(monkeypatch):
     monkeypatch.setenv("RNNPIPE_KERNELS", "triton")
+    # The inputs come from the global generator: seeded per test, so a test's numbers do not
+    # depend on which tests ran before it (bf16's 2e-2 tolerance is met by the kernels' rounding
+    # differences at these shapes, not by every possible draw).
+    torch.manual_seed(0)
 
 
 def both(fn, inputs, dtype, monkeypatch):

@@ -7,6 +7,7 @@ from enum import Enum
 
 from omegaconf import MISSING
 
+from pipeline.config import check_range, config_key
 from pipeline.errors import ConfigError
 
 
@@ -72,15 +73,14 @@ class SourceConfig:
         if not self.paths:
             raise ConfigError("source.paths is empty: give at least one input path or URL")
         for name in ("valid_fraction", "test_fraction"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ConfigError(f"source.{name} must be in [0, 1), got {v}")
+            check_range(name, getattr(self, name), ge=0, lt=1)
         if self.valid_fraction + self.test_fraction >= 1.0:
-            raise ConfigError("source.valid_fraction + source.test_fraction must be below 1")
-        if self.unit_mb <= 0:
-            raise ConfigError(f"source.unit_mb must be positive, got {self.unit_mb}")
-        if self.limit_bytes < 0:
-            raise ConfigError(f"source.limit_bytes must be >= 0, got {self.limit_bytes}")
+            raise ConfigError(
+                f"{config_key('valid_fraction')} + {config_key('test_fraction')} must be below 1, got "
+                f"{self.valid_fraction} + {self.test_fraction}"
+            )
+        check_range("unit_mb", self.unit_mb, gt=0)
+        check_range("limit_bytes", self.limit_bytes, ge=0, note=" (0 = all)")
         if (self.valid_paths or self.test_paths) and self.kind is not SourceKind.text:
             raise ConfigError("source.valid_paths/test_paths are for source.kind=text only")
         if self.kind is SourceKind.enwik8 and self.split is SplitMode.hash:
@@ -104,13 +104,13 @@ class TokenizerConfig:
     sample_seed: int = 0
 
     def validate(self) -> None:
-        if self.kind is TokenizerKind.sentencepiece and not self.model:
-            if self.vocab_size < 16:
-                raise ConfigError(f"tokenizer.vocab_size must be at least 16, got {self.vocab_size}")
-            if self.train_sample_mb <= 0:
-                raise ConfigError("tokenizer.train_sample_mb must be positive")
-            if self.train_threads < 1:
-                raise ConfigError("tokenizer.train_threads must be at least 1")
+        """Check every value's range (a ConfigError names the key) and the kind's options."""
+        # Checked whatever the kind: a value out of range is a mistake even where it is unused.
+        check_range("vocab_size", self.vocab_size, ge=16)
+        check_range("character_coverage", self.character_coverage, gt=0, le=1)
+        check_range("train_sample_mb", self.train_sample_mb, gt=0)
+        check_range("train_threads", self.train_threads, ge=1)
+        check_range("sample_seed", self.sample_seed, ge=0, lt=2**32)  # numpy's seed range
         if self.model and self.kind is TokenizerKind.bytes:
             raise ConfigError("tokenizer.model is for char or sentencepiece tokenizers, not bytes")
 
@@ -123,14 +123,16 @@ class ShardConfig:
     dtype: str = "auto"  # auto (smallest unsigned that holds the vocabulary) | uint8 | uint16 | uint32
 
     def validate(self) -> None:
-        if self.sample_tokens < 1:
-            raise ConfigError(f"shards.sample_tokens must be positive, got {self.sample_tokens}")
-        if self.samples_per_shard < 0:
-            raise ConfigError("shards.samples_per_shard must be >= 0")
-        if self.shard_mb <= 0:
-            raise ConfigError("shards.shard_mb must be positive")
+        """Check every value's range (a ConfigError names the key)."""
+        check_range("sample_tokens", self.sample_tokens, ge=1)
+        check_range(
+            "samples_per_shard", self.samples_per_shard, ge=0, note=" (0 = as many as fit in shard_mb)"
+        )
+        check_range("shard_mb", self.shard_mb, gt=0)
         if self.dtype not in ("auto", "uint8", "uint16", "uint32"):
-            raise ConfigError(f"shards.dtype must be auto, uint8, uint16 or uint32, got {self.dtype!r}")
+            raise ConfigError(
+                f"{config_key('dtype')} must be auto, uint8, uint16 or uint32, got {self.dtype!r}"
+            )
 
 
 @dataclass
@@ -143,3 +145,8 @@ class PrepareConfig:
     work_dir: str = ""
     keep_work: bool = False  # keep the work dir after success (it holds a copy of every token)
     overwrite: bool = False  # replace an output directory that holds a different dataset
+
+    def validate(self) -> None:
+        """Check that the output is named."""
+        if not self.output:
+            raise ConfigError(f"{config_key('output')} is empty: name the dataset's directory")

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import lzma
+import zlib
 
 import fsspec
 
 from pipeline import fsio
 from pipeline.data.config import PrepareConfig, SourceKind, TextFormat
 from pipeline.data.sources import InputFile
+from pipeline.data.wikipedia import corrupt_stream
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -112,6 +115,11 @@ def _copy(url: str, cache_dir: str, decompress: bool) -> str:
                 dst.write(block)
     except PipelineError:
         raise
+    except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+        kind = next((c.strip(".") for c in COMPRESSED if url.split("::")[0].endswith(c)), "")
+        if decompress and kind and not isinstance(e, FileNotFoundError):
+            raise corrupt_stream(url, kind, e) from e
+        raise PipelineError(f"cannot read input {url}: {type(e).__name__}: {e}") from e
     except Exception as e:
         raise PipelineError(f"cannot read input {url}: {type(e).__name__}: {e}") from e
     return dest

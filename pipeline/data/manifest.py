@@ -1,8 +1,10 @@
 """A prepared dataset: its manifest, its verification, and reading its token streams back.
 
-``manifest.json`` at the dataset root describes everything (docs/data-format.md). ``verify``
-re-hashes every shard and re-reads every sample; :func:`iter_split` streams a split's tokens in
-order, the way the pretrain stage consumes them.
+``manifest.json`` at the dataset root describes everything (docs/data-format.md). It is
+validated when read: every key the readers use is present with its type, and every path in it
+is relative and stays inside the dataset root (:func:`inside`), so a crafted manifest can make no
+reader or writer leave the dataset. ``verify`` re-hashes every shard and re-reads every sample;
+:func:`iter_split` streams a split's tokens in order, the way the pretrain stage consumes them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +26,32 @@ from pipeline.errors import PipelineError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+DTYPES = ("uint8", "uint16", "uint32")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# What a reader needs, per level: key -> (types, what to call them). bool is excluded from int.
+_TOP: dict[str, tuple[tuple[type, ...], str]] = {
+    "format": ((str,), "a string"),
+    "version": ((int,), "an integer"),
+    "dtype": ((str,), "a string"),
+    "sample_tokens": ((int,), "an integer"),
+    "tokenizer": ((dict,), "an object"),
+    "splits": ((dict,), "an object"),
+}
+_TOKENIZER = {"kind": ((str,), "a string"), "vocab_size": ((int,), "an integer")}
+_SPLIT = {
+    "shards": ((list,), "a list"),
+    "tokens": ((int,), "an integer"),
+    "samples": ((int,), "an integer"),
+    "bytes": ((int,), "an integer"),
+}
+_SHARD = {
+    "path": ((str,), "a string"),
+    "size": ((int,), "an integer"),
+    "sha256": ((str,), "a string"),
+    "samples": ((int,), "an integer"),
+    "tokens": ((int,), "an integer"),
+    "bytes": ((int,), "an integer"),
+}
 # Config keys that do not change the dataset's content (where it lives, how it is run).
 _NOT_CONTENT = ("output", "work_dir", "keep_work", "overwrite")
 _NOT_CONTENT_SOURCE = ("cache_dir",)
@@ -35,7 +65,9 @@ def dataset_fingerprint_keys(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_manifest(root: str) -> dict[str, Any]:
-    """The manifest of the dataset at ``root``; a clear error when missing, unreadable or too new."""
+    """The manifest of the dataset at ``root``, validated (:func:`validate_manifest`); a
+    :class:`PipelineError` naming the manifest and the key when it is missing, unreadable, too
+    new, lacks a key or holds a path that leaves the dataset root."""
     url = fsio.join(fsio.absolute(root), MANIFEST)
     if not fsio.exists(url):
         raise PipelineError(
@@ -46,12 +78,109 @@ def read_manifest(root: str) -> dict[str, Any]:
         manifest = json.loads(fsio.read_text(url))
     except ValueError as e:
         raise PipelineError(f"{url} is not valid JSON: {e}") from e
-    if manifest.get("format") != "rnnpipe-shards" or manifest.get("version", 0) > FORMAT_VERSION:
+    validate_manifest(manifest, fsio.absolute(root))
+    return manifest
+
+
+def _check_keys(obj: Any, spec: dict[str, tuple[tuple[type, ...], str]], where: str, url: str) -> None:
+    for key, (types, what) in spec.items():
+        name = f"{where}.{key}" if where else key
+        if key not in obj:
+            raise PipelineError(f"{url}: {name} is missing (a manifest of rnnpipe's has it)")
+        value = obj[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise PipelineError(f"{url}: {name} is {type(value).__name__} {value!r:.60}, expected {what}")
+        if types == (int,) and value < 0:
+            raise PipelineError(f"{url}: {name} is {value}, expected a count (>= 0)")
+
+
+def validate_manifest(manifest: Any, root: str) -> None:
+    """Check a parsed manifest of the dataset at ``root`` (docs/data-format.md): the keys every
+    reader uses are present with their types, and every path (``splits.*.shards[*].path``,
+    ``tokenizer.model_file``) is relative, normalised, free of ``..`` and inside ``root``.
+    Raises :class:`PipelineError` naming the manifest and the key."""
+    url = fsio.join(root, MANIFEST)
+    if not isinstance(manifest, dict):
+        raise PipelineError(f"{url}: holds {type(manifest).__name__}, not a manifest object")
+    if (
+        manifest.get("format") != "rnnpipe-shards"
+        or not isinstance(manifest.get("version"), int)
+        or (manifest["version"] > FORMAT_VERSION)
+    ):
         raise PipelineError(
             f"{url}: unsupported format {manifest.get('format')!r} version "
             f"{manifest.get('version')!r} (this rnnpipe reads version {FORMAT_VERSION})"
         )
-    return manifest
+    _check_keys(manifest, _TOP, "", url)
+    if manifest["dtype"] not in DTYPES:
+        raise PipelineError(f"{url}: dtype is {manifest['dtype']!r}, expected one of {', '.join(DTYPES)}")
+    if manifest["sample_tokens"] < 1:
+        raise PipelineError(f"{url}: sample_tokens is {manifest['sample_tokens']}, expected >= 1")
+    tok = manifest["tokenizer"]
+    _check_keys(tok, _TOKENIZER, "tokenizer", url)
+    model_file = tok.get("model_file")
+    if tok["kind"] in ("char", "sentencepiece") and not isinstance(model_file, str):
+        raise PipelineError(
+            f"{url}: tokenizer.model_file is {model_file!r}: a {tok['kind']} tokenizer needs its file"
+        )
+    if model_file is not None:
+        _inside(root, model_file, "tokenizer.model_file", url)
+    if not manifest["splits"]:
+        raise PipelineError(f"{url}: splits is empty (a dataset has at least a train split)")
+    for split, info in manifest["splits"].items():
+        where = f"splits.{split}"
+        if not isinstance(info, dict):
+            raise PipelineError(f"{url}: {where} is {type(info).__name__}, expected an object")
+        _check_keys(info, _SPLIT, where, url)
+        for i, shard in enumerate(info["shards"]):
+            at = f"{where}.shards[{i}]"
+            if not isinstance(shard, dict):
+                raise PipelineError(f"{url}: {at} is {type(shard).__name__}, expected an object")
+            _check_keys(shard, _SHARD, at, url)
+            if not _SHA256.match(shard["sha256"]):
+                raise PipelineError(f"{url}: {at}.sha256 is {shard['sha256']!r:.80}, not a sha256 hex digest")
+            _inside(root, shard["path"], f"{at}.path", url)
+
+
+def path_problem(rel: Any) -> str | None:
+    """What is wrong with ``rel`` as a path inside a dataset (None: nothing): it must be a
+    non-empty relative POSIX path, normalised, without ``..`` components or a URL scheme."""
+    if not isinstance(rel, str) or not rel:
+        return "is not a non-empty string"
+    if "\0" in rel or "\\" in rel:
+        return "holds a NUL or a backslash"
+    if rel.startswith("/") or "://" in rel or "::" in rel or rel.startswith("~"):
+        return "is absolute (or a URL)"
+    if ".." in rel.split("/"):
+        return "has a '..' component"
+    if posixpath.normpath(rel) != rel or rel == ".":
+        return f"is not normalised (it would be {posixpath.normpath(rel)!r})"
+    return None
+
+
+def _inside(root: str, rel: Any, key: str, where: str) -> str:
+    problem = path_problem(rel)
+    url = "" if problem else fsio.join(root, rel)
+    if problem is None and fsio.is_local(root):
+        # A symlink inside the dataset may still point out of it: resolve both and compare.
+        real_root = os.path.realpath(root)
+        real = os.path.realpath(url)
+        if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+            problem = f"resolves to {real}, outside the dataset root {real_root} (a symlink?)"
+    if problem:
+        raise PipelineError(
+            f"{where}: {key}={rel!r} {problem}; every path in a manifest is relative to the "
+            "dataset root and stays inside it"
+        )
+    return url
+
+
+def inside(root: str, rel: Any, key: str) -> str:
+    """The URL of ``rel`` (a path read from a manifest under ``key``) in the dataset at ``root``;
+    :class:`PipelineError` naming the key and the path when it is absolute, not normalised, has
+    ``..`` components or (local datasets) resolves outside ``root``."""
+    root = fsio.absolute(root)
+    return _inside(root, rel, key, fsio.join(root, MANIFEST))
 
 
 def dataset_digest(manifest: dict[str, Any]) -> str:
@@ -71,11 +200,13 @@ def dataset_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def check_sizes(root: str, rehash_newer: bool = False) -> list[str]:
-    """Cheap problems with the dataset at ``root``: the manifest, and every shard present with the
-    size the manifest records and counts that add up. With ``rehash_newer``, a shard modified after
-    the manifest was written (prepare writes the manifest last) has its sha256 checked too. A
-    preflight check in well under a second: :func:`verify` re-hashes and re-reads everything."""
+def check_sizes(root: str, rehash_newer: bool = False, hashes: bool = False) -> list[str]:
+    """Problems with the dataset at ``root`` (empty = whole): the manifest, and every shard present
+    with the size the manifest records and counts that add up. With ``hashes``, every shard's and
+    the tokenizer file's sha256 are checked too (what prepare's completeness needs: a flipped byte
+    keeps the size). Without, it is a preflight check in well under a second; ``rehash_newer``
+    then re-hashes only a shard modified after the manifest was written (prepare writes the
+    manifest last). :func:`verify` also re-reads every sample."""
     root = fsio.absolute(root)
     try:
         manifest = read_manifest(root)
@@ -85,6 +216,13 @@ def check_sizes(root: str, rehash_newer: bool = False) -> list[str]:
     fs, base = fsio.filesystem(root)
     local = fsio.is_local(root)
     written = os.stat(fsio.join(root, MANIFEST)).st_mtime_ns if local else 0
+    tok = manifest["tokenizer"]
+    if hashes and tok.get("model_file"):
+        url = fsio.join(root, tok["model_file"])
+        if not fsio.exists(url):
+            problems.append(f"{url}: missing (the manifest names it as the tokenizer)")
+        elif sha256_cached(url) != tok.get("model_sha256"):
+            problems.append(f"{url}: sha256 differs from the manifest")
     for split, info in manifest["splits"].items():
         for shard in info["shards"]:
             url = fsio.join(root, shard["path"])
@@ -95,11 +233,14 @@ def check_sizes(root: str, rehash_newer: bool = False) -> list[str]:
                 continue
             if size != shard["size"]:
                 problems.append(f"{url}: {size} bytes, the manifest says {shard['size']}")
+            elif hashes and sha256_cached(url) != shard["sha256"]:
+                problems.append(f"{url}: sha256 differs from the manifest (the shard is damaged)")
             elif (
                 rehash_newer
+                and not hashes
                 and local
                 and os.stat(url).st_mtime_ns > written
-                and fsio.sha256_of(url)[0] != shard["sha256"]
+                and sha256_cached(url) != shard["sha256"]
             ):
                 problems.append(f"{url}: changed after the manifest was written (sha256 differs)")
         for key in ("samples", "tokens"):
@@ -111,11 +252,29 @@ def check_sizes(root: str, rehash_newer: bool = False) -> list[str]:
     return problems
 
 
+_SHA_CACHE: dict[tuple[str, int, int, int, int, int], str] = {}
+
+
+def sha256_cached(url: str) -> str:
+    """sha256 hex of the file at ``url``. A local file's digest is remembered in this process under
+    its inode, size, mtime and ctime: a write changes ctime (which no tool can set back), so a
+    stage's plan and its completeness check after the run hash a dataset once, not twice."""
+    if not fsio.is_local(url):
+        return fsio.sha256_of(url)[0]
+    st = os.stat(url)
+    key = (url, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = fsio.sha256_of(url)[0]
+    return _SHA_CACHE[key]
+
+
 def load_tokenizer(root: str) -> Tokenizer:
     """The tokenizer a dataset was encoded with."""
     root = fsio.absolute(root)
     manifest = read_manifest(root)
-    return tokenizer_from_manifest(manifest, lambda rel: fsio.read_bytes(fsio.join(root, rel)))
+    return tokenizer_from_manifest(
+        manifest, lambda rel: fsio.read_bytes(inside(root, rel, "tokenizer.model_file"))
+    )
 
 
 def iter_split(root: str, split: str) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
@@ -124,8 +283,8 @@ def iter_split(root: str, split: str) -> Iterator[tuple[np.ndarray, dict[str, An
     manifest = read_manifest(root)
     if split not in manifest["splits"]:
         raise PipelineError(f"{root} has no split {split!r} (it has {', '.join(manifest['splits'])})")
-    for shard in manifest["splits"][split]["shards"]:
-        for _, tokens, meta in iter_shard(fsio.join(root, shard["path"])):
+    for i, shard in enumerate(manifest["splits"][split]["shards"]):
+        for _, tokens, meta in iter_shard(inside(root, shard["path"], f"splits.{split}.shards[{i}].path")):
             yield tokens, meta
 
 

@@ -4,8 +4,16 @@
 
 Each arrow is a map over independent tasks on the given executor (a job array on Slurm). The
 manifest is written last: a dataset without one is incomplete, whatever else is there. Re-running
-on the same output skips finished units and shards; the result is byte-identical however often it
+on the same output skips finished units and shards (a shard is finished when its sha256 matches),
+so it rewrites exactly the missing or damaged ones; the result is byte-identical however often it
 was interrupted, and for a given config does not depend on the executor or number of workers.
+
+A run holds an exclusive lock on its output (``.rnnpipe-prepare.lock``, :mod:`pipeline.locking`):
+a second prepare on it fails at once, naming the holder. ``.work/state.json`` is the first file a
+run writes, so a ``.work`` without it holds nothing but what a kill left half-written.
+
+RNNPIPE_TEST_PREPARE_DELAY (seconds slept once planning is done, with the lock held and the pool
+started) exists for tests that need a prepare to be running.
 """
 
 from __future__ import annotations
@@ -13,13 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import time
 from typing import Any, Protocol
 
 from pipeline import __version__, fsio
 from pipeline.config import fingerprint, to_dict
 from pipeline.data.config import PrepareConfig, SourceKind, TokenizerKind
 from pipeline.data.inputs import materialize, resolve_inputs
-from pipeline.data.manifest import MANIFEST, dataset_fingerprint_keys, read_manifest
+from pipeline.data.manifest import MANIFEST, check_sizes, dataset_fingerprint_keys, read_manifest
 from pipeline.data.shards import shard_path
 from pipeline.data.sources import (
     ENWIK8_SHA256,
@@ -45,10 +55,14 @@ from pipeline.data.tasks import (
 )
 from pipeline.data.tokenizers import load_tokenizer_file
 from pipeline.errors import PipelineError
+from pipeline.locking import exclusive
 from pipeline.provenance import provenance
 
 log = logging.getLogger(__name__)
 PROVENANCE = "provenance.json"
+LOCK = ".rnnpipe-prepare.lock"
+# What overwrite=true removes. Not the lock: it is held while removing, and removing a lock file
+# races the next holder.
 _OUR_ENTRIES = ("train", "valid", "test", "tokenizer", MANIFEST, "config.yaml", PROVENANCE, ".work")
 
 
@@ -58,21 +72,42 @@ class TaskMapper(Protocol):
 
 def prepare(cfg: PrepareConfig, executor: TaskMapper, config_yaml: str = "") -> dict[str, Any]:
     """Run the stage; returns the manifest. ``config_yaml`` (the whole resolved job config) is
-    saved as ``config.yaml`` beside the shards. Raises :class:`PipelineError` on bad input."""
+    saved as ``config.yaml`` beside the shards. Holds the output's lock for the whole run. Raises
+    :class:`PipelineError` on bad input, and at once when another prepare holds the output."""
     root = fsio.absolute(cfg.output)
     work = fsio.absolute(cfg.work_dir) if cfg.work_dir else fsio.join(root, ".work")
     values = to_dict(cfg)
     fp = fingerprint(dataset_fingerprint_keys(values))
+    # A refused run touches nothing, not even the lock file (it records its holder): check first,
+    # then again under the lock, where it counts.
+    _check_output(root, work, fp, cfg.overwrite)
+    with exclusive(root, LOCK, "prepare"):
+        return _prepare(cfg, executor, config_yaml, root, work, values, fp)
+
+
+def _prepare(
+    cfg: PrepareConfig,
+    executor: TaskMapper,
+    config_yaml: str,
+    root: str,
+    work: str,
+    values: dict[str, Any],
+    fp: str,
+) -> dict[str, Any]:
     for cache in (load_plan, load_json):  # a second run in this process must not see the first's files
         cache.cache_clear()
     old = _guard_output(root, work, fp, cfg.overwrite)
-    if old is not None and _complete(root, old):
-        log.info("%s already holds this dataset (manifest.json matches); nothing to do", root)
+    if old is not None and _complete(root):
+        log.info("%s already holds this dataset (every shard's sha256 matches); nothing to do", root)
         return old
+    # state.json first: a .work without it is known to hold only what a kill left half-written.
     fsio.makedirs(work)
     fsio.write_text_atomic(fsio.join(work, "state.json"), json.dumps({"fingerprint": fp, "config": values}))
 
     plan = _plan(cfg, work, executor)
+    delay = float(os.environ.get("RNNPIPE_TEST_PREPARE_DELAY", "0"))
+    if delay > 0:
+        time.sleep(delay)
     log.info("plan: %d input file(s), %d unit(s), splits %s", len(plan.inputs), len(plan.units), plan.splits)
     units = list(range(len(plan.units)))
     weights = [u.weight for u in plan.units]
@@ -162,28 +197,70 @@ def _fit(
     return files
 
 
-def _guard_output(root: str, work: str, fp: str, overwrite: bool) -> dict[str, Any] | None:
-    """Refuse an output holding a different dataset; returns the matching manifest if one exists."""
-    manifest = read_manifest(root) if fsio.exists(fsio.join(root, MANIFEST)) else None
+def foreign_entries(root: str, work: str) -> list[str]:
+    """The entries of ``root`` that make it a directory rnnpipe did not write (sorted; empty when
+    it is absent, holds a manifest or ``.work/state.json``, or holds only what prepare writes
+    first: its lock file and a ``.work`` with nothing but ``*.partial`` files in it)."""
+    if not fsio.exists(root) or fsio.exists(fsio.join(root, MANIFEST)):
+        return []
+    if fsio.exists(fsio.join(work, "state.json")):
+        return []
+    fs, path = fsio.filesystem(root)
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    own_work = work == fsio.join(root, ".work")
+    return [n for n in names if n != LOCK and not (n == ".work" and own_work and _only_partials(work))]
+
+
+def _only_partials(work: str) -> bool:
+    """True where ``work`` holds no file but ``*.partial`` ones (a kill before state.json)."""
+    fs, path = fsio.filesystem(work)
+    return all(p.endswith(fsio.PARTIAL_SUFFIX) for p in fs.find(path))
+
+
+def _refuse_foreign(root: str, work: str, foreign: list[str]) -> None:
+    if foreign:
+        raise PipelineError(
+            f"output {root} is not empty and holds no rnnpipe dataset "
+            f"({', '.join(foreign[:5])}...); choose an empty or new directory (overwrite=true "
+            "removes only a dataset rnnpipe wrote: one with its manifest.json or .work/state.json)"
+        )
+
+
+def own_manifest(root: str, overwrite: bool) -> dict[str, Any] | None:
+    """The output's manifest (None: there is none). One that fails validation is replaced with
+    overwrite=true when it is rnnpipe's (its format says so); otherwise its error is raised."""
+    url = fsio.join(root, MANIFEST)
+    if not fsio.exists(url):
+        return None
+    try:
+        return read_manifest(root)
+    except PipelineError as e:
+        try:
+            ours = json.loads(fsio.read_text(url)).get("format") == "rnnpipe-shards"
+        except (ValueError, AttributeError):
+            ours = False
+        if not (ours and overwrite):
+            hint = "; overwrite=true replaces this damaged dataset" if ours else ""
+            raise PipelineError(f"{e}{hint}") from None
+        log.warning("%s: damaged manifest (%s); overwrite=true replaces it", url, e)
+        return {"fingerprint": None, "config": {}}
+
+
+def _check_output(root: str, work: str, fp: str, overwrite: bool) -> tuple[dict[str, Any] | None, bool, bool]:
+    """(this config's manifest or None, another dataset is there, the work dir is stale), touching
+    nothing: raises where the output holds something else, or (without ``overwrite``) another
+    dataset. The work dir is stale when a kill left it without state.json, or when an earlier run
+    of another config failed before planning."""
+    _refuse_foreign(root, work, foreign_entries(root, work))
+    manifest = own_manifest(root, overwrite)
     state_url = fsio.join(work, "state.json")
     state = json.loads(fsio.read_text(state_url)) if fsio.exists(state_url) else None
+    stale = state is None and fsio.exists(work) and _only_partials(work)
     if state is not None and state.get("fingerprint") != fp and not fsio.exists(fsio.join(work, "plan.json")):
-        fsio.remove(work, recursive=True)  # an earlier run failed before planning: nothing to keep
-        state = None
+        state, stale = None, True
     other = (manifest is not None and manifest.get("fingerprint") != fp) or (
         state is not None and state.get("fingerprint") != fp
     )
-    foreign = []
-    if manifest is None and state is None and fsio.exists(root):
-        fs, path = fsio.filesystem(root)
-        foreign = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    if not other and not foreign:
-        return manifest
-    if foreign and not overwrite:
-        raise PipelineError(
-            f"output {root} is not empty and holds no rnnpipe dataset "
-            f"({', '.join(sorted(foreign)[:5])}...); choose an empty or new directory"
-        )
     if other and not overwrite:
         was = (manifest or {}).get("config") or (state or {}).get("config") or {}
         what = (
@@ -194,6 +271,17 @@ def _guard_output(root: str, work: str, fp: str, overwrite: bool) -> dict[str, A
             f"source.paths={was.get('source', {}).get('paths')}, tokenizer="
             f"{was.get('tokenizer', {}).get('kind')}); use another output or overwrite=true"
         )
+    return (None if other else manifest), other, stale
+
+
+def _guard_output(root: str, work: str, fp: str, overwrite: bool) -> dict[str, Any] | None:
+    """Refuse an output holding a different dataset or something else; returns the matching
+    manifest if one exists. ``overwrite`` replaces only a dataset rnnpipe wrote."""
+    manifest, other, stale = _check_output(root, work, fp, overwrite)
+    if stale:
+        fsio.remove(work, recursive=True)  # nothing in it is worth keeping
+    if not other:
+        return manifest
     log.warning("overwrite=true: removing the dataset in %s", root)
     for name in _OUR_ENTRIES:
         fsio.remove(fsio.join(root, name), recursive=True)
@@ -202,13 +290,10 @@ def _guard_output(root: str, work: str, fp: str, overwrite: bool) -> dict[str, A
     return None
 
 
-def _complete(root: str, manifest: dict[str, Any]) -> bool:
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            url = fsio.join(root, shard["path"])
-            if not fsio.exists(url) or fsio.size(url) != shard["size"]:
-                return False
-    return True
+def _complete(root: str) -> bool:
+    """Every shard and the tokenizer file in place with the sha256 the manifest records (sizes
+    alone miss a flipped byte)."""
+    return not check_sizes(root, hashes=True)
 
 
 def _plan(cfg: PrepareConfig, work: str, executor: TaskMapper) -> Plan:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -213,16 +213,30 @@ def train_sentencepiece(
     return out.getvalue()
 
 
-def tokenizer_from_manifest(manifest: dict[str, Any], read_file) -> Tokenizer:
-    """The tokenizer a dataset's manifest describes; ``read_file(relpath) -> bytes`` reads its files."""
-    t = manifest["tokenizer"]
+def tokenizer_from_manifest(manifest: dict[str, Any], read_file: Callable[[str], bytes]) -> Tokenizer:
+    """The tokenizer a dataset's (or an export's) manifest describes; ``read_file(relpath) -> bytes``
+    reads its files. ``tokenizer.model_file`` must be a relative path inside the directory the
+    manifest describes (no absolute path, no ``..``): :class:`PipelineError` otherwise, before
+    ``read_file`` sees it."""
+    # manifest.py imports this module: its path rule is imported here, when it is needed.
+    from pipeline.data.manifest import path_problem
+
+    t = manifest.get("tokenizer")
+    if not isinstance(t, dict) or not isinstance(t.get("kind"), str):
+        raise PipelineError(f"the manifest's tokenizer is {t!r:.80}: expected an object with a kind")
     if t["kind"] == "bytes":
         return ByteTokenizer()
+    if t["kind"] not in ("char", "sentencepiece"):
+        raise PipelineError(f"unknown tokenizer kind {t['kind']!r} in manifest")
+    rel = t.get("model_file")
+    problem = path_problem(rel)
+    if problem:
+        raise PipelineError(
+            f"tokenizer.model_file={rel!r} {problem}: it must be a relative path inside the dataset"
+        )
     if t["kind"] == "char":
-        return CharTokenizer.from_json(read_file(t["model_file"]).decode("utf-8"))
-    if t["kind"] == "sentencepiece":
-        return SentencePieceTokenizer(read_file(t["model_file"]))
-    raise PipelineError(f"unknown tokenizer kind {t['kind']!r} in manifest")
+        return CharTokenizer.from_json(read_file(rel).decode("utf-8"))
+    return SentencePieceTokenizer(read_file(rel))
 
 
 def load_tokenizer_file(kind: str, data: bytes) -> Tokenizer:

@@ -23,8 +23,10 @@ import gzip
 import logging
 import re
 import xml.etree.ElementTree as ET
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 
@@ -70,11 +72,44 @@ def detect_compression(url: str) -> str:
     return "none"
 
 
-def _decompressed(f, compression: str):
-    if compression == "bz2":
-        return bz2.BZ2File(f)
-    if compression == "gzip":
-        return gzip.GzipFile(fileobj=f)
+def corrupt_stream(url: str, compression: str, error: BaseException, at: int | None = None) -> PipelineError:
+    """The one-line error for a compressed input that cannot be decompressed to its end: the file,
+    "truncated/corrupt <compression> stream", where (``at``: decompressed bytes read) and why."""
+    where = f" after {at:,} decompressed bytes" if at is not None else ""
+    reason = f"{type(error).__name__}: {error}".strip()
+    return PipelineError(
+        f"{url}: truncated/corrupt {compression} stream{where} ({reason}); download or copy it again"
+    )
+
+
+class _Decompressed:
+    """A bz2 or gzip reader over ``raw`` whose read errors name the input (a truncated file ends
+    in EOFError, a corrupt one in OSError or zlib.error, deep in the standard library)."""
+
+    def __init__(self, raw: Any, compression: str, url: str):
+        self._f = bz2.BZ2File(raw) if compression == "bz2" else gzip.GzipFile(fileobj=raw)
+        self.compression, self.url, self.done = compression, url, 0
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` decompressed bytes; b"" at the end of the stream."""
+        try:
+            data = self._f.read(n)
+        except (EOFError, OSError, zlib.error) as e:
+            raise corrupt_stream(self.url, self.compression, e, self.done) from None
+        self.done += len(data)
+        return data
+
+    def __enter__(self) -> _Decompressed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
+def _decompressed(f: Any, compression: str, url: str) -> Any:
+    """``f`` (opened ``url``) decompressed as ``compression`` (``none``: ``f`` itself)."""
+    if compression in ("bz2", "gzip"):
+        return _Decompressed(f, compression, url)
     return f
 
 
@@ -101,7 +136,7 @@ def inspect_dump(url: str, unit_bytes: int, report: Callable[[int], None]) -> Du
     # One compressed stream: find page starts ``unit_bytes`` apart in the decompressed XML.
     starts, total = [0], 0
     tail = b""
-    with fsspec.open(url, "rb") as raw, _decompressed(raw, compression) as f:
+    with fsspec.open(url, "rb") as raw, _decompressed(raw, compression, url) as f:
         last = 0
         while True:
             chunk = f.read(CHUNK)
@@ -147,7 +182,7 @@ def _bz2_stream_offsets(url: str) -> list[int]:
 def _read_namespaces(url: str, compression: str) -> dict[str, str]:
     """The ``<siteinfo>`` namespaces (key -> name) from the XML before the first ``<page>``."""
     head = b""
-    with fsspec.open(url, "rb") as raw, _decompressed(raw, compression) as f:
+    with fsspec.open(url, "rb") as raw, _decompressed(raw, compression, url) as f:
         while _PAGE_OPEN not in head:
             chunk = f.read(CHUNK)
             if not chunk:
@@ -178,13 +213,13 @@ def _unit_chunks(
     with fsspec.open(url, "rb") as raw:
         if info.layout == "multistream":
             raw.seek(start)
-            yield from _multistream_chunks(raw, end - start, report)
+            yield from _multistream_chunks(raw, end - start, report, url)
             return
         if info.layout == "plain":
             raw.seek(start)
             f, skip = raw, 0
         else:  # one compressed stream: decompress from the start (ranges are decompressed offsets)
-            f, skip = _decompressed(raw, info.compression), start
+            f, skip = _decompressed(raw, info.compression, url), start
         while skip:
             skip -= len(f.read(min(skip, CHUNK)))
         own = end - start
@@ -204,14 +239,17 @@ def _unit_chunks(
 
 
 def _multistream_chunks(
-    raw, own_compressed: int, report: Callable[[int], None]
+    raw, own_compressed: int, report: Callable[[int], None], url: str
 ) -> Iterator[tuple[bytes, bool]]:
     decomp = bz2.BZ2Decompressor()
     fed = 0
+    started = False  # the current stream has been fed bytes but not reached its end marker
     while True:
         limit = own_compressed - fed if fed < own_compressed else CHUNK
         data = raw.read(min(CHUNK, limit))
         if not data:
+            if started:  # the file ends inside a stream
+                raise corrupt_stream(url, "bz2", EOFError(f"the file ends at compressed byte {fed:,}"))
             return
         own = fed < own_compressed
         fed += len(data)
@@ -221,12 +259,14 @@ def _multistream_chunks(
             try:
                 out = decomp.decompress(data)
             except OSError as e:
-                raise PipelineError(f"corrupt bz2 data near compressed byte {fed}: {e}") from e
+                raise corrupt_stream(url, "bz2", OSError(f"near compressed byte {fed:,}: {e}")) from None
+            started = True
             if out:
                 yield out, own
             if decomp.eof:
                 data = decomp.unused_data
                 decomp = bz2.BZ2Decompressor()
+                started = False
             else:
                 data = b""
 

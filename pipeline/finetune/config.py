@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from pipeline.config import check_range, config_key
 from pipeline.errors import ConfigError
 
 
@@ -47,10 +48,17 @@ class TaskConfig:
     job_overrides: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        """Check that the task has its files and every value's range (a ConfigError names the key)."""
         if not self.train or not self.dev:
-            raise ConfigError("a task needs train and dev paths (tasks.<name>.train, tasks.<name>.dev)")
-        if min(self.max_train, self.max_dev, self.max_test) < 0:
-            raise ConfigError("tasks.<name>.max_train/max_dev/max_test must be >= 0")
+            keys = f"{config_key('train')}, {config_key('dev')}"
+            raise ConfigError(f"a task needs train and dev paths ({keys})")
+        if self.tag_column == 0:
+            raise ConfigError(
+                f"{config_key('tag_column')} must not be 0 (the word's column): "
+                "a column number from 1, or from the end with -1 = the last"
+            )
+        for name in ("max_train", "max_dev", "max_test"):
+            check_range(name, getattr(self, name), ge=0, note=" (0 = all)")
 
 
 @dataclass
@@ -60,8 +68,8 @@ class HeadConfig:
     dropout: float = 0.1  # on the features before the head
 
     def validate(self) -> None:
-        if not 0 <= self.dropout < 1:
-            raise ConfigError("job.head.dropout must be in [0, 1)")
+        """Check the dropout's range."""
+        check_range("dropout", self.dropout, ge=0, lt=1)
 
 
 @dataclass
@@ -74,10 +82,13 @@ class FinetuneOptim:
     freeze_steps: int = 0  # backbone frozen for the first N steps (gradual unfreezing); -1 = always
 
     def validate(self) -> None:
-        if self.lr <= 0 or not 0 < self.layer_decay <= 1:
-            raise ConfigError("job.optim.lr must be > 0 and job.optim.layer_decay in (0, 1]")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.freeze_steps < -1:
-            raise ConfigError("job.optim.warmup_steps, grad_clip >= 0 and freeze_steps >= -1")
+        """Check every value's range (a ConfigError names the key)."""
+        check_range("lr", self.lr, gt=0)
+        check_range("layer_decay", self.layer_decay, gt=0, le=1)
+        check_range("weight_decay", self.weight_decay, ge=0)
+        check_range("warmup_steps", self.warmup_steps, ge=0, note=" (0 = no warm-up)")
+        check_range("grad_clip", self.grad_clip, ge=0, note=" (0 = off)")
+        check_range("freeze_steps", self.freeze_steps, ge=-1, note=" (-1 = always frozen)")
 
 
 @dataclass
@@ -99,10 +110,16 @@ class JobSpec:
     save_model: bool = False  # also write the best weights as model.pt (a state dict) in the job dir
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.max_len < 2 or self.seq_len < 1:
-            raise ConfigError("job.batch_size >= 1, job.max_len >= 2 and job.seq_len >= 1")
-        if self.max_steps < 1 or self.eval_every < 1 or self.patience < 0:
-            raise ConfigError("job.max_steps, job.eval_every >= 1 and job.patience >= 0")
+        """Check every value's range (a ConfigError names the key)."""
+        check_range("seed", self.seed, ge=0, lt=2**32)  # numpy's and torch's seed range
+        check_range("batch_size", self.batch_size, ge=1)
+        check_range("max_len", self.max_len, ge=2)
+        check_range("seq_len", self.seq_len, ge=1)
+        check_range("max_steps", self.max_steps, ge=1)
+        check_range("eval_every", self.eval_every, ge=1)
+        check_range("patience", self.patience, ge=0, note=" (0 = never stop early)")
+        if self.dropout != -1:
+            check_range("dropout", self.dropout, ge=0, lt=1, note=" (or -1 = the pretrained config's)")
 
 
 @dataclass

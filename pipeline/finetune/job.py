@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,7 @@ from pipeline.provenance import provenance
 from pipeline.train.checkpoint import load_state, save_state
 from pipeline.train.data import IGNORE, StreamBatches
 from pipeline.train.evaluate import evaluate as evaluate_stream
+from pipeline.train.signals import StopFlag
 from pipeline.train.state import FinetuneState
 
 log = logging.getLogger("rnnpipe.finetune")
@@ -274,75 +276,8 @@ def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
     order = _epoch_order(cfg.seed, st.epoch, n_train) if n_train else None
     t0 = time.time()
     frozen = None
-    while st.step < cfg.max_steps and not st.done:
-        want_frozen = cfg.optim.freeze_steps == -1 or st.step < cfg.optim.freeze_steps
-        if want_frozen != frozen:  # frozen parameters get no gradients and skip the optimiser
-            frozen = want_frozen
-            model.backbone.requires_grad_(not frozen)
-        if kind is TaskKind.lm:
-            assert streams is not None
-            batch = next(streams)
-            if batch.reset:
-                st.hidden = None
-            logits, new_state = model.backbone(batch.inputs_BT.to(device), st.hidden)
-            st.hidden = detach_state(new_state)
-            loss = F.cross_entropy(
-                logits.flatten(0, 1), batch.targets_BT.to(device).flatten(), ignore_index=IGNORE
-            )
-        else:
-            ids, lengths, targets = _train_batch(data, order, st.pos, cfg.batch_size)
-            logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(lengths).to(device))
-            y = torch.from_numpy(targets).to(device)
-            loss = F.cross_entropy(
-                logits.flatten(0, -2) if y.dim() == 2 else logits, y.flatten(), ignore_index=IGNORE
-            )
-            st.pos += 1
-            if st.pos == steps_per_epoch:
-                st.epoch, st.pos = st.epoch + 1, 0
-                order = _epoch_order(cfg.seed, st.epoch, n_train)
-        if not torch.isfinite(loss):
-            raise PipelineError(f"{out}: the loss is {loss.item()} at step {st.step + 1}; lower job.optim.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            if cfg.optim.grad_clip
-            else torch.tensor(0.0)
-        )
-        opt.step()
-        sched.step()
-        st.step += 1
-        step = st.step
-        if step % 10 == 0 or step == 1:
-            tb.add_scalar("train/loss", loss.item(), step)
-            tb.add_scalar("train/grad_norm", float(grad_norm), step)
-            tb.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
-        if delay:
-            time.sleep(delay)
-        if step % cfg.eval_every and step < cfg.max_steps:
-            continue
-        dev = evaluate(model, data, data.dev, device)
-        for k, v in dev.items():
-            tb.add_scalar(f"dev/{k}", v, step)
-        score = dev[metric]
-        if st.best is None or (score > st.best if higher else score < st.best):
-            st.best, st.best_step, st.bad = score, step, 0
-            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        else:
-            st.bad += 1
-            st.done = bool(cfg.patience) and st.bad >= cfg.patience
-        log.info(
-            "step %d/%d loss %.4f dev %s %.3f (best %.3f at %d)",
-            step,
-            cfg.max_steps,
-            loss.item(),
-            metric,
-            score,
-            st.best,
-            st.best_step,
-        )
-        st.wall += time.time() - t0
-        t0 = time.time()
+
+    def save() -> None:
         save_state(
             ckpt_path,
             {
@@ -355,6 +290,90 @@ def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
                 "config": to_dict(cfg),
             },
         )
+
+    # Ctrl-C: checkpoint after the step in progress, then stop (a second one stops at once).
+    # USR2/TERM stay with the executor (submitit requeues the job; it resumes from the last evaluation).
+    interrupt = StopFlag().install((signal.SIGINT,))
+    try:
+        while st.step < cfg.max_steps and not st.done:
+            want_frozen = cfg.optim.freeze_steps == -1 or st.step < cfg.optim.freeze_steps
+            if want_frozen != frozen:  # frozen parameters get no gradients and skip the optimiser
+                frozen = want_frozen
+                model.backbone.requires_grad_(not frozen)
+            if kind is TaskKind.lm:
+                assert streams is not None
+                batch = next(streams)
+                if batch.reset:
+                    st.hidden = None
+                logits, new_state = model.backbone(batch.inputs_BT.to(device), st.hidden)
+                st.hidden = detach_state(new_state)
+                loss = F.cross_entropy(
+                    logits.flatten(0, 1), batch.targets_BT.to(device).flatten(), ignore_index=IGNORE
+                )
+            else:
+                ids, lengths, targets = _train_batch(data, order, st.pos, cfg.batch_size)
+                logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(lengths).to(device))
+                y = torch.from_numpy(targets).to(device)
+                loss = F.cross_entropy(
+                    logits.flatten(0, -2) if y.dim() == 2 else logits, y.flatten(), ignore_index=IGNORE
+                )
+                st.pos += 1
+                if st.pos == steps_per_epoch:
+                    st.epoch, st.pos = st.epoch + 1, 0
+                    order = _epoch_order(cfg.seed, st.epoch, n_train)
+            if not torch.isfinite(loss):
+                raise PipelineError(
+                    f"{out}: the loss is {loss.item()} at step {st.step + 1}; lower job.optim.lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                if cfg.optim.grad_clip
+                else torch.tensor(0.0)
+            )
+            opt.step()
+            sched.step()
+            st.step += 1
+            step = st.step
+            if step % 10 == 0 or step == 1:
+                tb.add_scalar("train/loss", loss.item(), step)
+                tb.add_scalar("train/grad_norm", float(grad_norm), step)
+                tb.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
+            if delay:
+                time.sleep(delay)
+            if interrupt:
+                st.wall += time.time() - t0
+                save()
+                log.warning("%s: interrupted: checkpointed at step %d", out, st.step)
+                raise KeyboardInterrupt
+            if step % cfg.eval_every and step < cfg.max_steps:
+                continue
+            dev = evaluate(model, data, data.dev, device)
+            for k, v in dev.items():
+                tb.add_scalar(f"dev/{k}", v, step)
+            score = dev[metric]
+            if st.best is None or (score > st.best if higher else score < st.best):
+                st.best, st.best_step, st.bad = score, step, 0
+                best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            else:
+                st.bad += 1
+                st.done = bool(cfg.patience) and st.bad >= cfg.patience
+            log.info(
+                "step %d/%d loss %.4f dev %s %.3f (best %.3f at %d)",
+                step,
+                cfg.max_steps,
+                loss.item(),
+                metric,
+                score,
+                st.best,
+                st.best_step,
+            )
+            st.wall += time.time() - t0
+            t0 = time.time()
+            save()
+    finally:
+        interrupt.restore()
     st.wall += time.time() - t0
     if best_weights is not None:
         model.load_state_dict(best_weights)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import fsio
-from pipeline.config import override
+from pipeline.config import config_key, override
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.finetune.config import JobConfig, JobSpec, TaskConfig, TaskKind
 
@@ -37,6 +37,8 @@ class SweepConfig:
     grid: dict[str, list[Any]] = field(default_factory=dict)  # job key -> values
 
     def validate(self) -> None:
+        if not self.out_dir:
+            raise ConfigError(f"{config_key('out_dir')} is empty: name the sweep's output directory")
         if not self.pretrained:
             raise ConfigError("pretrained: set it to an rnnpipe export directory or a pretrain run dir")
         if not self.tasks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from pipeline.config import check_range, config_key
 from pipeline.errors import ConfigError
 
 
@@ -44,17 +45,28 @@ class ModelConfig:
     vocab_size: int = 0  # 0 = from the dataset's manifest
 
     def validate(self) -> None:
-        if self.n_layers < 1 or self.d_model < 1:
-            raise ConfigError("model.n_layers and model.d_model must be positive")
-        if self.mlp_ratio < 0 or not 0 <= self.dropout < 1:
-            raise ConfigError("model.mlp_ratio must be >= 0 and model.dropout in [0, 1)")
-        if self.attention_every < 0 or self.attention_memory < 0:
-            raise ConfigError("model.attention_every and model.attention_memory must be >= 0")
-        uses_attention = self.mixer is MixerKind.attention or self.attention_every > 0
-        if uses_attention and (self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2):
+        """Check every value's range and that attention heads split ``d_model`` evenly."""
+        check_range("n_layers", self.n_layers, ge=1)
+        check_range("d_model", self.d_model, ge=1)
+        check_range("mlp_ratio", self.mlp_ratio, ge=0, note=" (0 = no MLP)")
+        check_range("dropout", self.dropout, ge=0, lt=1)
+        check_range("attention_every", self.attention_every, ge=0, note=" (0 = no attention layers)")
+        check_range("n_heads", self.n_heads, ge=1)
+        check_range("rope_base", self.rope_base, gt=0)
+        check_range("attention_memory", self.attention_memory, ge=0, note=" (0 = all positions)")
+        check_range("vocab_size", self.vocab_size, ge=0, note=" (0 = the dataset's)")
+        if self.mlp_ratio and not round(self.mlp_ratio * self.d_model):
+            # The block builds no MLP for a width that rounds to 0: say so rather than drop it.
             raise ConfigError(
-                f"model.d_model ({self.d_model}) must split into model.n_heads ({self.n_heads}) "
-                "heads of an even width (rotary positions rotate pairs)"
+                f"{config_key('mlp_ratio')}={self.mlp_ratio} gives an MLP of width 0 at "
+                f"{config_key('d_model')}={self.d_model}: use 0 for no MLP or a larger ratio"
+            )
+        if MixerKind.attention in self.layer_kinds() and (
+            self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2
+        ):
+            raise ConfigError(
+                f"{config_key('d_model')} ({self.d_model}) must split into {config_key('n_heads')} "
+                f"({self.n_heads}) heads of an even width (rotary positions rotate pairs)"
             )
 
     def layer_kinds(self) -> list[MixerKind]:

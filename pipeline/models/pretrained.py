@@ -31,6 +31,15 @@ def _config(path: Path) -> dict:
     return json.loads(file.read_text())
 
 
+def inside(root: Path, rel: str) -> Path:
+    """``root / rel`` for a relative path that stays inside ``root`` (a file named by an export's or
+    a dataset's metadata); PipelineError for an absolute path or one that climbs out with ``..``."""
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts:
+        raise PipelineError(f"{root}: the tokenizer file {rel!r} is not a relative path inside it")
+    return Path(root) / rel
+
+
 def save_pretrained(
     out: str | Path,
     state: dict[str, torch.Tensor],
@@ -55,8 +64,9 @@ def save_pretrained(
     mtime = (out / WEIGHTS).stat().st_mtime_ns
     source = {**(source or {}), "weights_sha256": sha, "weights_size": size, "weights_mtime_ns": mtime}
     for rel, data in (tokenizer_files or {}).items():
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel).write_bytes(data)
+        target = inside(out, rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
     meta = {
         "model": model,
         "vocab_size": tokenizer["vocab_size"],
@@ -88,4 +98,6 @@ def load_pretrained_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer the exported model was trained with."""
     path = Path(path)
     meta = _config(path)
-    return tokenizer_from_manifest({"tokenizer": meta["tokenizer"]}, lambda rel: (path / rel).read_bytes())
+    return tokenizer_from_manifest(
+        {"tokenizer": meta["tokenizer"]}, lambda rel: inside(path, rel).read_bytes()
+    )

@@ -7,17 +7,25 @@
                                           fingerprint and provenance (the checkpoint's header)
     <run_dir>/checkpoints/latest          the newest complete tag, replaced atomically
 
-A checkpoint killed while being written has no COMPLETE and never becomes ``latest``; the next
-save removes it. The last ``keep`` complete checkpoints are kept. Whether a checkpoint may be
-resumed under a new config is decided in one place, :func:`check_resume`, from its header alone:
-nothing is loaded before that check passes. Finding and checking checkpoints needs no torch (a
-preflight stays fast); saving and loading import it.
+A checkpoint killed while being written has no COMPLETE (and an unreadable COMPLETE counts as none)
+and never becomes ``latest``; the next save removes it. A save that fails (a full disk) removes
+its partial directory and raises :class:`CheckpointError` on every rank, naming the last complete
+checkpoint. The last ``keep`` complete checkpoints are kept, and past them the newest one saved
+before a loss spike (:mod:`pipeline.train.divergence`): the last good one if the run diverges.
+
+Trust: DeepSpeed's files are pickles, loaded with ``torch.load(weights_only=False)`` by DeepSpeed
+itself; a checkpoint directory is code. Load only checkpoints you or your colleagues wrote.
+
+Whether a checkpoint may be resumed under a new config is decided in one place,
+:func:`check_resume`, from its header alone: nothing is loaded before that check passes. Finding
+and checking checkpoints needs no torch (a preflight stays fast); saving and loading import it.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -33,7 +41,13 @@ from pipeline.train.config import resume_changes, run_view
 if TYPE_CHECKING:
     from pipeline.train.state import TrainState
 
+log = logging.getLogger("rnnpipe.train")
 COMPLETE = "COMPLETE"
+RUN_LOCK = ".rnnpipe-pretrain.lock"  # held by rank 0 while a run trains (pipeline.locking)
+
+
+class CheckpointError(PipelineError):
+    """A checkpoint could not be written; the run stops (nothing partial is left looking complete)."""
 
 
 def tag_of(step: int) -> str:
@@ -72,35 +86,120 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _agree(ok: bool, device: Any) -> bool:
+    """True only if ``ok`` on every rank (a collective: every rank must call it)."""
+    dist = _dist()
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    import torch
+
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def save(engine: Any, run_dir: Path, state: TrainState, header: dict[str, Any], keep: int) -> Path:
     """Save a checkpoint at ``state.step`` on every rank (a collective); returns its directory.
-    ``header`` (config, dataset digest, fingerprint, provenance) goes into the COMPLETE marker."""
+    ``header`` (config, dataset digest, fingerprint, provenance, ``diverging_since``) goes into the
+    COMPLETE marker. Raises :class:`CheckpointError` on every rank if any rank's part failed."""
     root = run_dir / "checkpoints"
     tag = tag_of(state.step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": state.step}, save_latest=False)
     dist = _dist()
     rank = dist.get_rank() if dist.is_initialized() else 0
-    save_state(root / tag / f"rank{rank:05d}.pt", state.state_dict())
-    delay = float(os.environ.get("RNNPIPE_TEST_CHECKPOINT_DELAY", "0"))  # tests: a window to kill in
-    if delay:
-        time.sleep(delay)
-    _barrier()
-    if rank == 0:
+    device = getattr(engine, "device", "cpu")
+    reason = ""
+    failed: list[str] = []
+    writer = engine.checkpoint_engine
+    write = writer.save
+
+    def guarded(state_dict: Any, path: str) -> None:
+        # A failed write (ENOSPC on one rank only, say) must not leave DeepSpeed's own collectives
+        # (its closing barrier) waiting for this rank: note it, go on, and agree below.
+        try:
+            write(state_dict, path)
+        except Exception as e:
+            failed.append(f"{path}: {type(e).__name__}: {e}")
+
+    own = "save" in vars(writer)
+    writer.save = guarded
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state={"step": state.step}, save_latest=False)
+        if failed:
+            raise OSError(failed[0])
+        save_state(root / tag / f"rank{rank:05d}.pt", state.state_dict())
+        delay = float(os.environ.get("RNNPIPE_TEST_CHECKPOINT_DELAY", "0"))  # tests: a window to kill in
+        if delay:
+            time.sleep(delay)
+    except Exception as e:  # ENOSPC, EFBIG, EIO, a quota: all end the same way
+        reason = f"rank {rank}: {failed[0] if failed else f'{type(e).__name__}: {e}'}"
+    finally:
+        if own:
+            writer.save = write
+        else:
+            del writer.save  # DeepSpeed's own method again
+    ok = _agree(not reason, device)
+    if ok and rank == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
         marker = {"step": state.step, "world": world, **header}
-        fsio.write_text_atomic(str(root / tag / COMPLETE), json.dumps(marker, indent=1) + "\n")
-        fsio.write_text_atomic(str(root / "latest"), tag)
+        try:
+            fsio.write_text_atomic(str(root / tag / COMPLETE), json.dumps(marker, indent=1) + "\n")
+            fsio.write_text_atomic(str(root / "latest"), tag)
+        except Exception as e:
+            reason = f"rank 0, writing its {COMPLETE} marker: {type(e).__name__}: {e}"
+            (root / tag / COMPLETE).unlink(missing_ok=True)
+    ok = _agree(ok and not reason, device)
+    if not ok:
+        if rank == 0:
+            shutil.rmtree(root / tag, ignore_errors=True)  # frees the space; nothing half-written stays
+        last = find_latest(run_dir)
+        reason = reason or "another rank could not write its part"
+        raise CheckpointError(
+            f"checkpoint at step {state.step} not written: {reason}; "
+            + (f"the last complete one is {last}" if last else "no complete checkpoint exists")
+        )
+    if rank == 0:
         _prune(root, keep, tag)
     _barrier()
     return root / tag
 
 
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` is a complete checkpoint: its COMPLETE marker reads as a header."""
+    try:
+        header = json.loads((Path(path) / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and isinstance(header.get("step"), int) and "world" in header
+
+
+def _complete(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step*") if is_complete(p))
+
+
+def last_good(root: Path) -> tuple[Path | None, list[Path]]:
+    """The newest complete checkpoint saved before the current loss spike (or the newest of all
+    when there is none), and the complete ones after it that may already hold diverged weights.
+    A spike at step k condemns the checkpoint of step k - 1 as well: step k's loss was computed
+    with its weights."""
+    complete = _complete(root)
+    suspect: list[Path] = []
+    since = None
+    while complete and read_header(complete[-1]).get("diverging_since") is not None:
+        since = read_header(complete[-1])["diverging_since"]
+        suspect.insert(0, complete.pop())
+    while since is not None and complete and read_header(complete[-1])["step"] >= since - 1:
+        suspect.insert(0, complete.pop())
+    return (complete[-1] if complete else None), suspect
+
+
 def _prune(root: Path, keep: int, current: str) -> None:
-    complete = sorted(p for p in root.glob("step*") if (p / COMPLETE).exists())
+    complete = _complete(root)
+    good, _ = last_good(root)
     for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != good:  # kept past `keep` while later ones may have diverged
+            shutil.rmtree(old, ignore_errors=True)
     for partial in root.glob("step*"):  # killed while being written
-        if partial.name != current and not (partial / COMPLETE).exists():
+        if partial.name != current and not is_complete(partial):
             shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -108,11 +207,13 @@ def find_latest(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
     root = Path(run_dir) / "checkpoints"
     latest = root / "latest"
-    if latest.exists():
+    try:
         tag = latest.read_text().strip()
-        if (root / tag / COMPLETE).exists():
-            return root / tag
-    complete = sorted(p for p in root.glob("step*") if (p / COMPLETE).exists())
+    except OSError:
+        tag = ""
+    if tag and is_complete(root / tag):
+        return root / tag
+    complete = _complete(root)
     return complete[-1] if complete else None
 
 
@@ -128,8 +229,10 @@ def resolve(run_dir: Path, resume: str) -> Path | None:
         if found is None:
             raise PipelineError(f"train.resume={resume}: that run has no complete checkpoint")
         return found
-    if not (path / COMPLETE).exists():
-        raise PipelineError(f"train.resume={resume} is not a complete checkpoint (no {COMPLETE} marker)")
+    if not is_complete(path):
+        raise PipelineError(
+            f"train.resume={resume} is not a complete checkpoint (no readable {COMPLETE} marker)"
+        )
     return path
 
 
@@ -148,6 +251,8 @@ class ResumeCheck:
     checkpoint: Path
     step: int
     allowed: dict[str, tuple[Any, Any]]
+    saved_world: int = 1  # the ranks that wrote it
+    saved_batch: int = 1  # their data.batch_size
 
     def describe(self) -> str:
         return describe_diff(self.allowed) if self.allowed else "no config change"
@@ -180,22 +285,41 @@ def check_resume(path: Path, cfg: dict[str, Any], dataset: str, world_size: int)
             "the new config, or overwrite=true (pretrain.overwrite=true in a pipeline) to replace this "
             "run: its checkpoints are deleted"
         )
-    return ResumeCheck(Path(path), int(header["step"]), allowed)
+    return ResumeCheck(
+        Path(path),
+        int(header["step"]),
+        allowed,
+        int(header["world"]),
+        int(header["config"]["data"]["batch_size"]),
+    )
 
 
-def load(engine: Any, path: Path, state: TrainState, device: Any) -> dict[str, Any]:
+def load(
+    engine: Any, path: Path, state: TrainState, device: Any, plan: Any, layer_kinds: list[str]
+) -> dict[str, Any]:
     """Load a checkpoint into ``engine`` and ``state`` (a collective, after :func:`check_resume`);
-    returns its header."""
+    returns its header. ``plan``: :func:`pipeline.train.elastic.plan`'s, how DeepSpeed loads it.
+    Written by another number of ranks or with another data.batch_size, every old rank's train
+    state is re-mapped onto this run's
+    (:func:`pipeline.train.elastic.resume_state`; ``layer_kinds`` say where each hidden state's
+    batch dimension is) and the log says how."""
+    from pipeline.train import elastic
+
     dist = _dist()
     header = read_header(path)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if header["world"] != world:  # check_resume refuses this first; the loaders below would hang
-        raise PipelineError(f"{path} was written by {header['world']} rank(s); this run has {world}")
-    _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
-    if client is None:
-        raise PipelineError(f"DeepSpeed could not load {path}")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    state.load_state_dict(load_state(path / f"rank{rank:05d}.pt"), device)
+    elastic.load_engine(engine, plan)
+    saved_batch = int(header["config"]["data"]["batch_size"])
+    if header["world"] == world and saved_batch == state.loader.batch:
+        state.load_state_dict(load_state(path / f"rank{rank:05d}.pt"), device)
+    else:  # the streams (or windows) are cut for another world size or batch: re-map them
+        mine, message = elastic.resume_state(
+            path, header["world"], saved_batch, rank, state.loader, layer_kinds
+        )
+        state.load_state_dict(mine, device)
+        if rank == 0:
+            log.warning("%s", message)
     if state.step != engine.global_steps:
         raise PipelineError(
             f"{path}: the train state is at step {state.step}, DeepSpeed's at {engine.global_steps}"

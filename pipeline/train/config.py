@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from pipeline.config import config_diff, fingerprint, flatten
+from pipeline.config import check_choice, check_range, config_diff, config_key, fingerprint, flatten
 from pipeline.errors import ConfigError
 from pipeline.models.config import ModelConfig
 
@@ -24,6 +24,13 @@ class Precision(Enum):
     bf16 = "bf16"
 
 
+# How much the training reader checks each shard against the manifest when it opens it.
+VERIFY_LEVELS = ("sizes", "full")  # sizes: size, sample and token counts; full: also the sha256
+
+# numpy's and torch's generators take seeds in [0, 2**32) (numpy refuses negative ones).
+SEED_LIMIT = 2**32
+
+
 @dataclass
 class DataConfig:
     path: str = MISSING  # a prepared dataset (the prepare stage's output)
@@ -32,17 +39,24 @@ class DataConfig:
     batch_size: int = 8  # sequences (streams) per rank per micro-step
     seed: int = 0  # shuffle mode: the order of windows
     workers: int = 0  # shuffle mode: DataLoader worker processes per rank
+    verify: str = "sizes"  # sizes | full (also each shard's sha256): see VERIFY_LEVELS
 
     def validate(self) -> None:
-        if self.seq_len < 1 or self.batch_size < 1 or self.workers < 0:
-            raise ConfigError("data.seq_len and data.batch_size must be positive, data.workers >= 0")
+        """Check every value's range (a ConfigError names the key)."""
+        if not self.path:
+            raise ConfigError(f"{config_key('path')} is empty: name a prepared dataset")
+        check_range("seq_len", self.seq_len, ge=1)
+        check_range("batch_size", self.batch_size, ge=1)
+        check_range("seed", self.seed, ge=0, lt=SEED_LIMIT)
+        check_range("workers", self.workers, ge=0)
+        check_choice("verify", self.verify, VERIFY_LEVELS)
 
 
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # the cosine decays to lr × this
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # 0 = none: the schedule starts at lr
     weight_decay: float = 0.1  # not on biases, norms and embeddings
     beta1: float = 0.9
     beta2: float = 0.95
@@ -50,8 +64,15 @@ class OptimConfig:
     grad_clip: float = 1.0  # global norm; 0 = none
 
     def validate(self) -> None:
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ConfigError("optim: lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0, grad_clip >= 0")
+        """Check every value's range (a ConfigError names the key)."""
+        check_range("lr", self.lr, gt=0)
+        check_range("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+        check_range("warmup_steps", self.warmup_steps, ge=0, note=" (0 = no warm-up)")
+        check_range("weight_decay", self.weight_decay, ge=0)
+        check_range("beta1", self.beta1, ge=0, lt=1)
+        check_range("beta2", self.beta2, ge=0, lt=1)
+        check_range("eps", self.eps, gt=0)
+        check_range("grad_clip", self.grad_clip, ge=0, note=" (0 = no clipping)")
 
 
 @dataclass
@@ -73,17 +94,32 @@ class TrainConfig:
     max_nonfinite: int = 5  # this many non-finite losses in a row stop the run
     sample_tokens: int = 200  # generated at each evaluation (0 = none)
     peak_tflops: float = 0.0  # for MFU; 0 = the GPU's datasheet figure, or a measured CPU matmul rate
+    # Start a new run from an export's weights (rnnpipe export DIR): same model config, a fresh
+    # optimizer and schedule. Ignored when the run resumes from a checkpoint of its own.
+    init_from: str = ""
     inject_nan_at: list[int] = field(default_factory=list)  # testing: steps whose loss is made NaN
 
     def validate(self) -> None:
-        if self.steps < 1 or self.grad_accum < 1:
-            raise ConfigError("train.steps and train.grad_accum must be positive")
+        """Check every value's range (a ConfigError names the key)."""
+        check_range("steps", self.steps, ge=1)
+        check_range("grad_accum", self.grad_accum, ge=1)
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.resume not in ("auto", "none") and not self.resume:
-            raise ConfigError("train.resume must be auto, none or a checkpoint path")
-        if self.keep_checkpoints < 1 or self.max_nonfinite < 1 or self.eval_batch_size < 1:
-            raise ConfigError("train.keep_checkpoints, max_nonfinite and eval_batch_size must be positive")
+            raise ConfigError(f"{config_key('zero_stage')} must be 0, 1, 2 or 3, got {self.zero_stage}")
+        check_range("seed", self.seed, ge=0, lt=SEED_LIMIT)
+        check_range("log_every", self.log_every, ge=1)
+        check_range("eval_every", self.eval_every, ge=0, note=" (0 = only at the end)")
+        check_range("eval_batch_size", self.eval_batch_size, ge=1)
+        check_range("eval_max_tokens", self.eval_max_tokens, ge=0, note=" (0 = the whole split)")
+        check_range("checkpoint_every", self.checkpoint_every, ge=0, note=" (0 = only on stop)")
+        check_range("keep_checkpoints", self.keep_checkpoints, ge=1)
+        if not self.resume:
+            raise ConfigError(f"{config_key('resume')} must be auto, none or a checkpoint path, got ''")
+        check_range("time_limit_min", self.time_limit_min, ge=0, note=" (0 = none)")
+        check_range("max_nonfinite", self.max_nonfinite, ge=1)
+        check_range("sample_tokens", self.sample_tokens, ge=0, note=" (0 = none)")
+        check_range("peak_tflops", self.peak_tflops, ge=0, note=" (0 = measured or the datasheet's)")
+        for i, micro_step in enumerate(self.inject_nan_at):
+            check_range(f"inject_nan_at[{i}]", micro_step, ge=0)
 
 
 @dataclass
@@ -98,8 +134,11 @@ class PretrainConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        """Check the run dir; resolve the attention memory stream mode needs."""
         from pipeline.models.config import MixerKind
 
+        if not self.run_dir:
+            raise ConfigError(f"{config_key('run_dir')} is empty: name the run's directory")
         # Resolved here, not in the loop, so that the config a run records (and its fingerprint)
         # is the one it trains: in stream mode an unbounded KV cache would grow all epoch.
         if (
@@ -134,9 +173,11 @@ def deepspeed_config(cfg: PretrainConfig, on_gpu: bool) -> dict[str, Any]:
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": t.steps,
-                "warmup_num_steps": o.warmup_steps,
+                # WarmupCosineLR refuses 0 warm-up steps (and warms up over at least 2): no warm-up
+                # is a warm-up that starts at the peak, so the schedule is lr, then the cosine.
+                "warmup_num_steps": max(1, o.warmup_steps),
                 "warmup_type": "linear",
-                "warmup_min_ratio": 0.0,
+                "warmup_min_ratio": 0.0 if o.warmup_steps else 1.0,
                 "cos_min_ratio": o.min_lr_ratio,
             },
         },
@@ -163,6 +204,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 NOT_CONTENT = (
     "run_dir",
     "data.path",  # the dataset's content digest stands for it
+    "data.verify",  # how much the reader checks the shards, not what it reads
     "train.log_every",
     "train.eval_every",
     "train.eval_batch_size",
@@ -181,7 +223,10 @@ SHUFFLE_ONLY = ("data.seed", "data.workers")
 # Keys a resumed run may change: the schedule is recomputed from them (WarmupCosineLR keeps only
 # its position in the checkpoint) and the clip norm is read from the config each step.
 RESUME_SCHEDULE = ("train.steps", "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps")
-RESUME_SAFE = (*NOT_CONTENT, *RESUME_SCHEDULE, "optim.grad_clip", "train.inject_nan_at")
+# A checkpoint resumes on another number of ranks (and data.batch_size): the optimizer state is
+# converted to DeepSpeed's universal checkpoint and the data position re-mapped (pipeline.train.elastic).
+RESUME_ELASTIC = ("world_size", "data.batch_size")
+RESUME_SAFE = (*NOT_CONTENT, *RESUME_SCHEDULE, *RESUME_ELASTIC, "optim.grad_clip", "train.inject_nan_at")
 
 
 def _neutral(cfg: dict[str, Any]) -> set[str]:
@@ -191,17 +236,26 @@ def _neutral(cfg: dict[str, Any]) -> set[str]:
     return keys
 
 
+# Keys added after runs were recorded without them, with the default that means "as before": an
+# older checkpoint's header without one has that value, and at that value the key is left out of
+# the identity, so adding it changed no run's fingerprint.
+ADDED_KEYS: dict[str, Any] = {"train.init_from": "", "data.verify": "sizes"}
+
+
 def run_view(cfg: dict[str, Any], dataset: str, world_size: int) -> dict[str, Any]:
     """A pretrain config (plain values) as dotted keys, with the dataset's content digest and the
     world size (the global batch and, in stream mode, how the streams are split across ranks)."""
-    return {**flatten(cfg), "dataset": dataset, "world_size": world_size}
+    return {**ADDED_KEYS, **flatten(cfg), "dataset": dataset, "world_size": world_size}
 
 
 def run_identity(cfg: dict[str, Any], dataset: str, world_size: int) -> dict[str, Any]:
     """What a pretrain run's weights are made from: :func:`run_view` without the keys that cannot
     change them (:data:`NOT_CONTENT`)."""
     neutral = _neutral(cfg)
-    return {k: v for k, v in run_view(cfg, dataset, world_size).items() if k not in neutral}
+    view = run_view(cfg, dataset, world_size)
+    return {
+        k: v for k, v in view.items() if k not in neutral and not (k in ADDED_KEYS and v == ADDED_KEYS[k])
+    }
 
 
 def run_fingerprint(cfg: dict[str, Any], dataset: str, world_size: int) -> str:

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from pipeline import fsio
-from pipeline.data.manifest import read_manifest
-from pipeline.errors import PipelineError
+from pipeline.data.manifest import inside, read_manifest
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.train.config import VERIFY_LEVELS  # data.verify: what the reader checks per shard
 
 IGNORE = -100  # target id that the loss skips
 
@@ -32,28 +33,44 @@ class Batch:
     targets: int  # non-padded targets in the batch
 
 
+def _damaged(url: str, root: str, what: str) -> PipelineError:
+    """The one error every damaged shard gives: the shard, what is wrong, and the way out."""
+    return PipelineError(
+        f"{url}: {what}. The shard is damaged: rnnpipe verify {root} lists every problem, and "
+        "running the same rnnpipe prepare again rebuilds the damaged shards"
+    )
+
+
 class SplitReader:
     """Random access to one split's token stream: ``read(a, b)`` returns tokens [a, b).
 
     The tars are uncompressed, so a sample's ``.npy`` data sits at a fixed offset in its shard:
-    the index (built once from the tar headers) lets a read seek straight to it.
+    the index (built once from the tar headers) lets a read seek straight to it. Opening checks
+    every shard against the manifest: its file size, and its sample and token counts from the
+    index, always (a broken tar header makes ``tarfile`` stop early without an error: the counts
+    catch it); with ``verify="full"`` its sha256 too (``data.verify``: a flipped byte keeps every
+    size). Any damage raises :class:`PipelineError` naming the shard.
     """
 
-    def __init__(self, root: str, split: str, cache_samples: int = 64):
+    def __init__(self, root: str, split: str, cache_samples: int = 64, verify: str = "sizes"):
+        if verify not in VERIFY_LEVELS:
+            raise ConfigError(f"data.verify={verify!r}: expected one of {', '.join(VERIFY_LEVELS)}")
         root = fsio.absolute(root)
         manifest = read_manifest(root)
         if split not in manifest["splits"]:
             raise PipelineError(f"{root} has no {split} split (it has {', '.join(manifest['splits'])})")
         info = manifest["splits"][split]
+        self.root = root
         self.manifest = manifest
+        self.verify = verify
         self.tokens = int(info["tokens"])
         self.bytes = int(info["bytes"])
         self.dtype = np.dtype(manifest["dtype"])
         self.sample_tokens = int(manifest["sample_tokens"])
         self._where: list[tuple[str, int, int]] = []  # per sample: (shard url, data offset, tokens)
-        for shard in info["shards"]:
-            url = fsio.join(root, shard["path"])
-            self._where += self._index(url)
+        for i, shard in enumerate(info["shards"]):
+            url = inside(root, shard["path"], f"splits.{split}.shards[{i}].path")
+            self._where += self._index(url, shard)
         if sum(n for _, _, n in self._where) != self.tokens:
             raise PipelineError(
                 f"{root}: the {split} shards hold a different number of tokens than the "
@@ -62,19 +79,71 @@ class SplitReader:
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._cache_size = cache_samples
 
-    def _index(self, url: str) -> list[tuple[str, int, int]]:
+    def _index(self, url: str, shard: dict[str, Any]) -> list[tuple[str, int, int]]:
+        """(url, data offset, tokens) of each sample of the shard at ``url``, checked against its
+        manifest entry ``shard``."""
         fs, path = fsio.filesystem(url)
-        out = []
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            members = [m for m in tar.getmembers() if m.name.endswith(".npy")]
-            for m in members:
-                f.seek(m.offset_data)
-                np.lib.format.read_magic(f)
-                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-                if dtype != self.dtype:
-                    raise PipelineError(f"{url}: sample {m.name} is {dtype}, the manifest says {self.dtype}")
-                out.append((url, f.tell(), int(shape[0])))
+        try:
+            size = int(fs.size(path))
+        except FileNotFoundError:
+            raise _damaged(url, self.root, "missing") from None
+        if size != shard["size"]:
+            cut = " (truncated)" if size < shard["size"] else ""
+            raise _damaged(url, self.root, f"{size} bytes, the manifest says {shard['size']}{cut}")
+        if self.verify == "full":
+            sha = fsio.sha256_of(url)[0]
+            if sha != shard["sha256"]:
+                raise _damaged(
+                    url, self.root, f"sha256 {sha[:16]}… differs from the manifest's {shard['sha256'][:16]}…"
+                )
+        out: list[tuple[str, int, int]] = []
+        try:
+            with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                for m in tar.getmembers():
+                    if m.name.endswith(".npy"):
+                        out.append((url, *self._npy_data(f, m, url)))
+        except PipelineError:
+            raise
+        except (tarfile.TarError, EOFError, ValueError, OSError) as e:
+            what = f"unreadable after {len(out)} samples ({type(e).__name__}: {e}): truncated or corrupt"
+            raise _damaged(url, self.root, what) from None
+        tokens = sum(n for _, _, n in out)
+        if len(out) != shard["samples"] or tokens != shard["tokens"]:
+            # tarfile ends its listing at a broken header (after the first) without an error.
+            raise _damaged(
+                url,
+                self.root,
+                f"its tar index lists {len(out)} samples and {tokens} tokens, the manifest says "
+                f"{shard['samples']} and {shard['tokens']} (a broken tar header?)",
+            )
         return out
+
+    def _npy_data(self, f: Any, m: tarfile.TarInfo, url: str) -> tuple[int, int]:
+        """(offset of the array data in the shard, tokens) of the ``.npy`` member ``m``."""
+        f.seek(m.offset_data)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except Exception as e:  # numpy parses the header with ast: a broken one raises anything
+            raise ValueError(f"sample {m.name}: broken .npy header ({type(e).__name__}: {e})") from None
+        if dtype != self.dtype:
+            raise _damaged(url, self.root, f"sample {m.name} is {dtype}, the manifest says {self.dtype}")
+        if len(shape) != 1:
+            raise _damaged(url, self.root, f"sample {m.name} has shape {shape}, expected a 1-d array")
+        offset = f.tell()
+        if offset - m.offset_data + shape[0] * dtype.itemsize != m.size:
+            raise _damaged(
+                url,
+                self.root,
+                f"sample {m.name}: its .npy header says {shape[0]} tokens, the member holds "
+                f"{m.size - (offset - m.offset_data)} bytes of data",
+            )
+        return offset, int(shape[0])
 
     def _sample(self, i: int) -> np.ndarray:
         if i in self._cache:
@@ -82,9 +151,18 @@ class SplitReader:
             return self._cache[i]
         url, offset, n = self._where[i]
         fs, path = fsio.filesystem(url)
-        with fs.open(path, "rb") as f:
-            f.seek(offset)
-            arr = np.frombuffer(f.read(n * self.dtype.itemsize), dtype=self.dtype)
+        want = n * self.dtype.itemsize
+        try:
+            with fs.open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(want)
+        except OSError as e:
+            raise _damaged(url, self.root, f"cannot read sample {i} ({type(e).__name__}: {e})") from None
+        if len(data) != want:  # the file shrank after it was indexed
+            raise _damaged(
+                url, self.root, f"sample {i}: read {len(data)} of {want} bytes at byte {offset} (truncated)"
+            )
+        arr = np.frombuffer(data, dtype=self.dtype)
         self._cache[i] = arr
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -102,9 +180,11 @@ class SplitReader:
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
     def sample_count(self) -> int:
+        """Samples in the split."""
         return len(self._where)
 
     def sample_length(self, i: int) -> int:
+        """Tokens in sample ``i``."""
         return self._where[i][2]
 
     def shard_samples(self) -> list[list[int]]:

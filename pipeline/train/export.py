@@ -39,12 +39,20 @@ def export(source: str | Path, out: str | Path) -> Path:
     cfg = header.get("config")
     if cfg is None:
         raise PipelineError(f"{ckpt} was not written by this rnnpipe pretrain (no config in its marker)")
+    # A checkpoint is code: DeepSpeed's files are pickles. Say where they come from before loading.
+    log.info("export: loading checkpoint %s (pickled files: load only checkpoints you trust)", ckpt)
     if any(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO 1, 2, 3: gather the fp32 partitions
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    else:  # ZeRO 0: the module's weights are whole in the model-states file
-        state = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    else:  # ZeRO 0: the module's weights are whole in the model-states file, read without unpickling code
+        try:
+            state = torch.load(states, map_location="cpu", weights_only=True)["module"]
+        except Exception as e:  # the restricted unpickler refuses anything but tensors and plain values
+            raise PipelineError(
+                f"{states}: not loadable as plain tensors and values ({type(e).__name__}: {e}); "
+                "rnnpipe does not unpickle it"
+            ) from e
     manifest = read_manifest(cfg["data"]["path"])
     tokenizer = manifest["tokenizer"]
     files = {}

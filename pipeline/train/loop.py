@@ -4,14 +4,16 @@
 :mod:`launch.distributed`); it knows nothing of Slurm. Its result says ``"done"`` or
 ``"preempted"`` (a signal arrived: checkpointed, run again to continue) and holds the model.
 
-Three environment variables exist for tests only: RNNPIPE_TEST_STEP_DELAY (seconds to sleep after
+Four environment variables exist for tests only: RNNPIPE_TEST_STEP_DELAY (seconds to sleep after
 each step, so a test can signal or kill a run mid-way), RNNPIPE_TEST_EVAL_DELAY (the same per
-evaluation batch, see :mod:`pipeline.train.evaluate`) and RNNPIPE_TEST_CHECKPOINT_DELAY (see
-:mod:`pipeline.train.checkpoint`).
+evaluation batch, see :mod:`pipeline.train.evaluate`), RNNPIPE_TEST_CHECKPOINT_DELAY (see
+:mod:`pipeline.train.checkpoint`) and RNNPIPE_TEST_HUGE_GRAD_AT (micro-steps, comma-separated,
+whose gradient is scaled by 1e30: a finite loss with a non-finite gradient norm).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -33,10 +35,11 @@ from pipeline import __version__, fsio
 from pipeline.config import flatten, to_dict
 from pipeline.data.manifest import dataset_digest, load_tokenizer
 from pipeline.errors import PipelineError
+from pipeline.locking import exclusive
 from pipeline.models import LanguageModel, training_flops_per_token
 from pipeline.models.mixers import detach_state
 from pipeline.provenance import describe_code, provenance
-from pipeline.train import checkpoint
+from pipeline.train import checkpoint, divergence, elastic, init_from
 from pipeline.train.config import (
     RESUME_SCHEDULE,
     DataMode,
@@ -59,34 +62,69 @@ class TrainResult:
     status: str  # done | preempted
     model: torch.nn.Module  # the trained module (partitioned under ZeRO-3 outside a forward)
     step: int
+    exit_status: int = 0  # 0; 75 (USR2/TERM) or 130 (Ctrl-C) when preempted
 
 
 def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
     """Train on this rank until ``train.steps`` or a signal. ``stop``: a flag the caller installed
     earlier (so a signal that arrives while this process starts up is not lost); by default the
-    loop installs its own for its duration."""
-    import deepspeed
-
+    loop installs its own for its duration. Rank 0 holds the run dir's lock throughout."""
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # One writer per run dir: a second run would interleave checkpoints and log every step twice.
+    held = contextlib.ExitStack()
+    refused = ""
+    if rank == 0:
+        try:
+            held.enter_context(exclusive(str(run_dir), checkpoint.RUN_LOCK, "pretrain"))
+        except PipelineError as e:
+            refused = str(e)
+    if _any(bool(refused), device):
+        raise PipelineError(refused or f"{run_dir} is in use by another pretrain (rank 0 could not lock it)")
+    try:
+        return _train(cfg, stop, rank, world, device, run_dir)
+    finally:
+        held.close()
+
+
+def _train(
+    cfg: PretrainConfig, stop: StopFlag | None, rank: int, world: int, device: torch.device, run_dir: Path
+) -> TrainResult:
+    import deepspeed
+
     t = cfg.train
 
     # Model: identical on every rank (same seed), then each rank its own random stream (dropout).
-    train_reader = SplitReader(cfg.data.path, "train")
-    valid_reader = SplitReader(cfg.data.path, "valid")
+    train_reader = SplitReader(cfg.data.path, "train", verify=cfg.data.verify)
+    valid_reader = SplitReader(cfg.data.path, "valid", verify=cfg.data.verify)
     vocab = int(train_reader.manifest["tokenizer"]["vocab_size"])
     torch.manual_seed(t.seed)
     model = LanguageModel(cfg.model, vocab)
+    resume_from = checkpoint.resolve(run_dir, t.resume)
+    dataset = dataset_digest(train_reader.manifest)
+    values = to_dict(cfg)
+    ds_config = deepspeed_config(cfg, device.type == "cuda")
+    check = plan = None
+    if resume_from is not None:  # checked from its header before anything loads
+        check = checkpoint.check_resume(resume_from, values, dataset, world)
+        # Another world size: ZeRO's partitioned optimizer state goes through DeepSpeed's universal
+        # checkpoint (converted once, by rank 0), which the engine must be configured to load.
+        plan = elastic.plan(resume_from, check.saved_world, world, t.zero_stage, rank)
+        for key, value in plan.overrides.items():
+            ds_config[key] = {**ds_config.get(key, {}), **value}
+    init = None
+    if t.init_from and resume_from is None:
+        init = init_from.load(model, cfg, vocab, train_reader.manifest["tokenizer"])
+        if rank == 0:
+            log.info("train.init_from: starting from %s (step %s)", init["path"], init["step"])
     model.gradient_checkpointing = t.activation_checkpointing
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.startswith("embed.")]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not n.startswith("embed."))]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=deepspeed_config(cfg, device.type == "cuda")
-    )
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     random.seed(t.seed + rank)
     np.random.seed(t.seed + rank)
     torch.manual_seed(t.seed + rank)
@@ -98,8 +136,6 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
             train_reader, rank, world, cfg.data.batch_size, cfg.data.seq_len, cfg.data.seed, cfg.data.workers
         )
     state = TrainState(loader=loader)  # everything but the weights and optimizer, checkpointed per rank
-    dataset = dataset_digest(train_reader.manifest)
-    values = to_dict(cfg)
     hosts: list[Any] = [None] * world
     dist.all_gather_object(hosts, socket.gethostname())
     prov = provenance(world_size=world, hosts=hosts)
@@ -113,15 +149,17 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
         "rnnpipe": __version__,
     }
 
-    resume_from = checkpoint.resolve(run_dir, t.resume)
-    if resume_from is not None:
-        check = checkpoint.check_resume(resume_from, values, dataset, world)  # before loading anything
-        checkpoint.load(engine, resume_from, state, device)
+    if init is not None:
+        header["init_from"] = init
+    if resume_from is not None and check is not None and plan is not None:
+        if rank == 0:  # DeepSpeed's files are pickles: say where the code-bearing files come from
+            log.info("loading checkpoint %s (a checkpoint is code: load only ones you trust)", resume_from)
+        kinds = [k.value for k in cfg.model.layer_kinds()]
+        checkpoint.load(engine, resume_from, state, device, plan, kinds)
         if rank == 0:
             log.info("resumed from %s at step %d (%s)", resume_from, engine.global_steps, check.describe())
         if set(check.allowed) & set(RESUME_SCHEDULE):
             _recompute_schedule(engine, rank)
-    last_good = resume_from
 
     start = engine.global_steps
     metrics = Metrics(run_dir, rank == 0, start, t.steps)
@@ -137,15 +175,49 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
     # The speed since the last log line (not carried over a resume; the loss window is, in state).
     window = {"timed": 0, "tokens": 0, "t": time.time()}
     nonfinite_run = 0
+    nonfinite_kinds: set[str] = set()  # of the current run of non-finite micro-steps or steps
     status = "done"
+    exit_status = 0
     step_delay = float(os.environ.get("RNNPIPE_TEST_STEP_DELAY", "0"))
-    # DeepSpeed keeps the gradient norm where its optimizer wrappers clip (ZeRO >= 1); at ZeRO-0 it
-    # may clip without keeping it (fp32), so the loop takes the norm itself there.
+    loss_cap = divergence.ceiling(vocab)
+    huge_grad_at = {int(x) for x in os.environ.get("RNNPIPE_TEST_HUGE_GRAD_AT", "").split(",") if x}
+    # DeepSpeed keeps the gradient norm where its optimizer wrappers clip (ZeRO >= 1), and skips
+    # the update when it is not finite; at ZeRO-0 it does neither, so the loop takes the norm
+    # itself there (the gradients are already all-reduced: every rank gets the same norm).
     own_grad_norm = t.zero_stage == 0
+    step_loss = [0.0, 0]  # (sum, count) of this step's micro-batch losses, for the divergence watch
     started = time.time()
 
     def save() -> Path:
-        return checkpoint.save(engine, run_dir, state, header, t.keep_checkpoints)
+        return checkpoint.save(
+            engine, run_dir, state, {**header, "diverging_since": state.diverging_since}, t.keep_checkpoints
+        )
+
+    def nonfinite(what: str) -> None:
+        """A micro-step (loss) or step (gradient norm) without a usable update: count it, restart
+        the streams' state, and stop after train.max_nonfinite in a row."""
+        nonlocal nonfinite_run
+        state.nonfinite_total += 1
+        nonfinite_run += 1
+        nonfinite_kinds.add(what)
+        state.hidden = None  # the state may be non-finite too: restart the streams' state
+        if rank == 0:
+            log.warning(
+                "non-finite %s at micro-step %d (step %d): skipped (%d in a row, %d in all)",
+                what,
+                state.micro_index,
+                engine.global_steps + (what == "loss"),
+                nonfinite_run,
+                state.nonfinite_total,
+            )
+        metrics.scalars(engine.global_steps + 1, {"train/nonfinite_total": state.nonfinite_total})
+        if nonfinite_run >= t.max_nonfinite:
+            plural = {"loss": "losses", "gradient norm": "gradient norms"}
+            kinds = " or ".join(plural[k] for k in sorted(nonfinite_kinds, reverse=True))
+            raise PipelineError(
+                f"{nonfinite_run} non-finite {kinds} in a row at step "
+                f"{engine.global_steps + 1}: stopping; {divergence.advice(run_dir / 'checkpoints')}"
+            )
 
     def evaluate_split(reader: SplitReader, full: bool = False) -> dict[str, float] | None:
         """The split's metrics; None when a signal cut the evaluation short."""
@@ -174,53 +246,50 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
             if state.micro_index in t.inject_nan_at:
                 loss = loss * float("nan")
             if not _all(torch.isfinite(loss.detach()), device):
-                state.nonfinite_total += 1
-                nonfinite_run += 1
-                state.hidden = None  # the state may be non-finite too: restart the streams' state
-                if rank == 0:
-                    log.warning(
-                        "non-finite loss at micro-step %d (step %d): skipped (%d in a row, %d in all)",
-                        state.micro_index,
-                        engine.global_steps + 1,
-                        nonfinite_run,
-                        state.nonfinite_total,
-                    )
-                metrics.scalars(engine.global_steps + 1, {"train/nonfinite_total": state.nonfinite_total})
-                if nonfinite_run >= t.max_nonfinite:
-                    where = (
-                        f"the last good checkpoint is {last_good}"
-                        if last_good
-                        else "no checkpoint was written"
-                    )
-                    raise PipelineError(
-                        f"{nonfinite_run} non-finite losses in a row at step {engine.global_steps + 1}: "
-                        f"stopping; {where} (resume from it, e.g. with a lower optim.lr)"
-                    )
+                nonfinite("loss")
                 continue
-            nonfinite_run = 0
-            engine.backward(loss)
+            engine.backward(loss * 1e30 if state.micro_index in huge_grad_at else loss)
             boundary = engine.is_gradient_accumulation_boundary()
-            next_step = engine.global_steps + 1
             own_norm = None
-            if boundary and own_grad_norm and (next_step % t.log_every == 0 or next_step == t.steps):
+            if boundary and own_grad_norm:
                 own_norm = _grad_norm(engine.module)  # before DeepSpeed clips the gradients
+                if not math.isfinite(own_norm):
+                    # No update: zero gradients at a zero rate leave every weight as it is (the
+                    # scheduler sets the next step's rate as usual; Adam's moments decay once).
+                    for p in engine.module.parameters():
+                        if p.grad is not None:
+                            p.grad.zero_()
+                    for group in engine.optimizer.param_groups:
+                        group["lr"] = 0.0
+            skipped = engine.skipped_steps
             engine.step()
             state.hidden = detach_state(new_hidden)
             counted = _sum(batch.targets, device)
             state.tokens_seen += counted
-            state.loss_window[0] += loss.item()
+            value = loss.item()
+            state.loss_window[0] += value
             state.loss_window[1] += 1
+            step_loss[0] += value
+            step_loss[1] += 1
             window["timed"] += 1
             window["tokens"] += counted
             if not boundary:
                 continue
             step = state.step = engine.global_steps
+            if engine.skipped_steps > skipped or (own_norm is not None and not math.isfinite(own_norm)):
+                nonfinite("gradient norm")  # the update was skipped (by DeepSpeed, or above)
+            else:
+                nonfinite_run = 0
+                nonfinite_kinds.clear()
+            divergence.follow(state, step_loss[0] / max(step_loss[1], 1), step, rank == 0, loss_cap)
+            step_loss = [0.0, 0]
             if step_delay:
                 time.sleep(step_delay)
 
             if step % t.log_every == 0 or step == t.steps:
                 elapsed = time.time() - window["t"]
-                mean_loss = state.loss_window[0] / state.loss_window[1]
+                # The mean over ranks (what the gradient averages), so runs on any world size compare.
+                mean_loss = _mean(state.loss_window[0] / state.loss_window[1], device)
                 tok_s = window["tokens"] / max(elapsed, 1e-9)
                 scalars = {
                     "train/loss": mean_loss,
@@ -242,7 +311,7 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 result = evaluate_split(valid_reader)
                 if result is not None:  # else a signal came: checkpoint below, without it
-                    _report(engine, cfg, "valid", step, result, metrics, rank, device)
+                    _report(engine, cfg, "valid", step, result, metrics, rank, device, valid_reader)
             stopping = _any(bool(stop), device)
             out_of_time = bool(t.time_limit_min) and _any(
                 time.time() - started > 60 * t.time_limit_min, device
@@ -253,13 +322,14 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
                 or step == t.steps
                 or (t.checkpoint_every and step % t.checkpoint_every == 0)
             ):
-                last_good = save()
+                save()
             if out_of_time and not stopping:
                 if rank == 0:
                     log.info("train.time_limit_min=%g reached at step %d", t.time_limit_min, step)
                 break
             if stopping:
                 status = "preempted"
+                exit_status = stop.exit_status()
                 if rank == 0:
                     log.warning(
                         "signal %s: checkpointed at step %d, exiting to be requeued", stop.signal, step
@@ -271,16 +341,21 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
             # the job to be requeued (it evaluates again) rather than risk its time limit.
             results = {"valid": evaluate_split(valid_reader, full=True)}
             if "test" in train_reader.manifest["splits"] and results["valid"] is not None:
-                results["test"] = evaluate_split(SplitReader(cfg.data.path, "test"), full=True)
+                results["test"] = evaluate_split(
+                    SplitReader(cfg.data.path, "test", verify=cfg.data.verify), full=True
+                )
             if any(r is None for r in results.values()):
                 status = "preempted"
+                exit_status = stop.exit_status()
                 if rank == 0:
                     log.warning("signal %s during the final evaluation: exiting to be requeued", stop.signal)
             else:
                 final: dict[str, float] = {}
                 for split, result in results.items():
                     step = engine.global_steps
-                    final.update(_report(engine, cfg, split, step, result, metrics, rank, device))
+                    final.update(
+                        _report(engine, cfg, split, step, result, metrics, rank, device, valid_reader)
+                    )
                 code = prov["code"]
                 params = {
                     **flatten(values),
@@ -294,7 +369,7 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
         if own_flag:
             stop.restore()
         metrics.close()
-    return TrainResult(status, engine.module, engine.global_steps)
+    return TrainResult(status, engine.module, engine.global_steps, exit_status)
 
 
 def _recompute_schedule(engine: Any, rank: int) -> None:
@@ -315,8 +390,9 @@ def _recompute_schedule(engine: Any, rank: int) -> None:
         )
 
 
-def _report(engine, cfg, split, step, result, metrics, rank, device) -> dict[str, float]:
-    """Log and record a split's evaluation (and, for valid, a generated sample)."""
+def _report(engine, cfg, split, step, result, metrics, rank, device, reader) -> dict[str, float]:
+    """Log and record a split's evaluation (and, for valid, a sample generated from the start of
+    ``reader``, the valid split)."""
     t = cfg.train
     metrics.scalars(step, {f"{split}/{k}": v for k, v in result.items() if k != "tokens"})
     if rank == 0:
@@ -329,7 +405,6 @@ def _report(engine, cfg, split, step, result, metrics, rank, device) -> dict[str
             result["ppl"],
         )
     if split == "valid" and t.sample_tokens:
-        reader = SplitReader(cfg.data.path, "valid")
         prompt = torch.from_numpy(reader.read(0, min(64, reader.tokens))).to(device)
         gen = torch.Generator(device=device).manual_seed(t.seed)
         engine.module.eval()
@@ -400,6 +475,12 @@ def _grad_norm(module: torch.nn.Module) -> float:
     """The global L2 norm of the gradients (already all-reduced across ranks at ZeRO-0)."""
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def _mean(x: float, device: torch.device) -> float:
+    t = torch.tensor([x], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
 
 
 def _sum(n: int, device: torch.device) -> int:

@@ -67,6 +67,10 @@ class TrainState:
     tokens_seen: int = 0  # target tokens trained on, summed over ranks
     nonfinite_total: int = 0  # micro-batches skipped for a non-finite loss
     loss_window: list[float] = field(default_factory=lambda: [0.0, 0])  # (sum, count) since the last log
+    # Divergence watch: the loss's running mean and variance over steps (and how many steps they
+    # cover), and the first step of the current loss spike (None: no spike now).
+    loss_stats: list[float] = field(default_factory=lambda: [0.0, 0.0, 0])
+    diverging_since: int | None = None
     hidden: Any = None  # this rank's recurrent state, carried between segments (stream mode)
     loader: Any = None  # the data position: an object with state_dict()/load_state_dict()
 
@@ -95,7 +99,7 @@ class TrainState:
                 continue
             if f.name == "hidden":
                 value = to_device(value, device)
-            elif f.name == "loss_window":
+            elif f.name in ("loss_window", "loss_stats"):
                 value = list(value)
             setattr(self, f.name, value)
         set_rng_state(state["rng"])
