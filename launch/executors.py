@@ -27,6 +27,7 @@ from typing import Any
 import submitit
 from tqdm import tqdm
 
+from pipeline.config import check_range
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.locking import die_with_parent
 
@@ -68,13 +69,12 @@ class SlurmConfig:
     poll_s: float = 5.0
 
     def validate(self) -> None:
-        if self.max_array_size < 1 or self.array_parallelism < 1:
-            raise ConfigError("executor.slurm.max_array_size and array_parallelism must be positive")
-        if self.cpus_per_task < 1 or self.mem_gb <= 0 or self.time_min < 1 or self.gpus_per_node < 0:
-            raise ConfigError(
-                "executor.slurm: cpus_per_task >= 1, mem_gb > 0, time_min >= 1 and gpus_per_node >= 0, got "
-                f"{self.cpus_per_task}, {self.mem_gb:g}, {self.time_min} and {self.gpus_per_node}"
-            )
+        for key in ("max_array_size", "array_parallelism", "cpus_per_task", "time_min"):
+            check_range(key, getattr(self, key), ge=1)
+        check_range("mem_gb", self.mem_gb, gt=0)
+        check_range("gpus_per_node", self.gpus_per_node, ge=0)
+        check_range("max_requeues", self.max_requeues, ge=0)
+        check_range("poll_s", self.poll_s, gt=0)
         # Each value becomes part of an #SBATCH line: a newline would end it and start a command.
         for key in ("partition", "account", "qos", "constraint", "log_dir"):
             _one_line(f"slurm.{key}", getattr(self, key))
@@ -94,8 +94,7 @@ class ExecutorConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def validate(self) -> None:
-        if self.workers < 0:
-            raise ConfigError(f"executor.workers must be >= 0, got {self.workers}")
+        check_range("workers", self.workers, ge=0)
 
 
 class TasksFailed(PipelineError):

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+STOP = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)  # forwarded to the ranks
+
 
 def launch_local(config_file: str, nproc: int) -> int:
     """Start ``nproc`` ranks on ``config_file`` (0: one per GPU, or 1) and wait for all; returns
@@ -41,7 +43,7 @@ def launch_local(config_file: str, nproc: int) -> int:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, forward) for s in STOP}
     try:
         port = free_port()
         threads = max(1, (os.cpu_count() or 1) // nproc)
@@ -58,7 +60,13 @@ def launch_local(config_file: str, nproc: int) -> int:
                 "RNNPIPE_LAUNCHER_PID": str(os.getpid()),
             }
             cmd = [sys.executable, "-m", "launch.rank", config_file]
-            procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+            # The rank starts with the stop signals blocked (the mask survives exec) and unblocks
+            # them once its own handler is in: one forwarded meanwhile waits, pending, not kills.
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP)
+            try:
+                procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP)  # ours arrive now, and are forwarded
             for signum in caught:  # came while the earlier ranks were being started
                 procs[-1].send_signal(signum)
         codes: dict[int, int] = {}

@@ -24,10 +24,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launch import record
 from launch.executors import ExecutorConfig, ExecutorKind
 from launch.stage import Decision, SlurmContext, Submitted, Upstream, any_runs, short
 from pipeline import fsio
@@ -151,6 +153,8 @@ def check(job: PretrainJob, upstream: Upstream | None = None) -> None:
         raise PipelineError(
             f"{job.run_dir} is in use by {who}: wait for it to finish, or use another run_dir"
         )
+    if _is_rank0() and "SLURM_JOB_ID" not in os.environ:  # (a job's own tasks are that submission)
+        record.refuse_if_busy(os.path.join(job.run_dir, "slurm"))  # submitted, not started yet
     if not any_runs(upstream):
         from pipeline.data.manifest import check_sizes
 
@@ -338,14 +342,21 @@ def export_final(cfg: PretrainConfig) -> str:
 
 
 def slurm_task(cfg: PretrainConfig, export: bool = False) -> int:
-    """One task of the Slurm job (run by submitit through srun on every node)."""
-    code = run_rank(cfg, start_rank())
+    """One task of the Slurm job (run by submitit through srun on every node). Rank 0 holds the
+    run dir's lock over the training and the export (the loop re-enters it); a refused rank 0
+    fails the job step, and srun stops the other tasks."""
+    from pipeline.locking import exclusive
+    from pipeline.train.checkpoint import RUN_LOCK
+
+    stop = start_rank()
     rank0 = os.environ.get("SLURM_PROCID") == "0"
-    # Checkpointed on a signal: rank 0 asks Slurm to run the job again (it was submitted --requeue).
-    if code == EXIT_PREEMPTED and rank0:  # (not after Ctrl-C: the user stopped it)
-        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
-    if code == 0 and export and rank0:
-        export_final(cfg)
+    with exclusive(cfg.run_dir, RUN_LOCK, "pretrain") if rank0 else contextlib.nullcontext():
+        code = run_rank(cfg, stop)
+        # Checkpointed on a signal: rank 0 asks Slurm to run the job again (it was submitted --requeue).
+        if code == EXIT_PREEMPTED and rank0:  # (not after Ctrl-C: the user stopped it)
+            subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+        if code == 0 and export and rank0:
+            export_final(cfg)
     return code
 
 
@@ -389,10 +400,11 @@ def _submit_job(job: PretrainJob, folder: str, after: str, code: Any, export: bo
 
 def submit(job: PretrainJob, decision: Decision, ctx: SlurmContext) -> Submitted:
     """The pipeline's pretrain job: train, then export (rank 0)."""
-    if decision.clear:
-        clear_run(job.run_dir)
-    write_config(job)
-    sjob = _submit_job(job, os.path.join(ctx.folder, NAME), ctx.after, ctx.code, export=True)
+    with _run_lock(job):  # (the job's rank 0 takes it when it starts)
+        if decision.clear:
+            clear_run(job.run_dir)
+        write_config(job)
+        sjob = _submit_job(job, os.path.join(ctx.folder, NAME), ctx.after, ctx.code, export=True)
     d = job.distributed
     return Submitted(
         sjob.job_id, [str(sjob.paths.stderr)], f"{d.nodes} node(s) x {tasks_per_node(job)} task(s)"
@@ -417,6 +429,8 @@ def _launch(job: PretrainJob, config_file: str, export: bool) -> int:
 def run(job: PretrainJob, decision: Decision) -> None:
     """The pipeline's pretrain stage on this machine: train, then export."""
     with _run_lock(job):
+        if not plan(job).run:  # finished meanwhile (by another launch): nothing to redo
+            return
         if decision.clear:
             clear_run(job.run_dir)
         code = _launch(job, write_config(job), export=True)
@@ -470,13 +484,18 @@ def command(job: PretrainJob, wait: bool = False, export: bool = False) -> int:
             return code
         from launch.snapshot import take
 
-        early().restore()  # nothing trains here: Ctrl-C stops the submission (or --wait) as usual
+        stop = early()
+        stop.restore()  # nothing trains here: Ctrl-C stops the submission (or --wait) as usual
+        if stop:  # came during the preflight: submit nothing
+            return stop.exit_status()
         folder = os.path.join(job.run_dir, "slurm")
         sjob = _submit_job(job, folder, "", take(folder), export)
+        # Until the job's rank 0 holds the run dir, this record keeps a second launch out.
+        record.record(folder, NAME, {"job_id": str(sjob.job_id), "submitted_at": time.time()})
     # (the lock is the job's now: its rank 0 takes it when it starts)
     print(
         f"submitted Slurm job {sjob.job_id}: {job.distributed.nodes} node(s) × {tasks_per_node(job)} "
-        f"task(s); logs in {job.run_dir}/slurm"
+        f"task(s); logs in {job.run_dir}/slurm" + ("; Ctrl-C stops the waiting, not the job" if wait else "")
     )
     if not wait:
         return 0

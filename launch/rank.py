@@ -15,9 +15,12 @@ import sys
 def main(argv: list[str]) -> int:
     """Run the rank of the config file ``argv[0]``; returns its exit status (0; 75 or 130 after a
     signal, with a checkpoint)."""
-    from pipeline.train.signals import early
+    from pipeline.train.signals import STOP_SIGNALS, early
 
     stop = early()
+    # The launcher starts ranks with these blocked (so that one forwarded before this point waits):
+    # with the handler in, let them in; a pending one arrives now and sets the flag.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     from pipeline.locking import die_with_parent
 
     # SIGKILL: a launcher killed with -9 means the whole launch is to stop now (its lock on the

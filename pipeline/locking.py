@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import errno
 import fcntl
+import logging
 import os
 import signal
 import sys
@@ -29,6 +31,8 @@ from pipeline import fsio
 from pipeline.errors import PipelineError
 
 _PR_SET_PDEATHSIG = 1
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # "no locks here", not "taken"
+log = logging.getLogger("rnnpipe")
 HELD_ENV = "RNNPIPE_HELD_LOCKS"  # lock files an ancestor holds for this process (os.pathsep-separated)
 _held: dict[str, int] = {}  # lock files this process holds, and how many blocks hold each
 
@@ -98,6 +102,7 @@ def exclusive(directory: str, name: str, what: str) -> Iterator[None]:
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        locked = True
         try:
             _lock_soon(fd)
         except BlockingIOError:
@@ -105,14 +110,27 @@ def exclusive(directory: str, name: str, what: str) -> Iterator[None]:
             raise PipelineError(
                 f"{directory} is in use by {who}: wait for it to finish (or stop it), or use another one"
             ) from None
-        since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{what} pid {os.getpid()} on {os.uname().nodename} since {since}\n".encode(), 0)
-        _held[path] = 1
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+            # Lustre without -o flock, some FUSE mounts: the filesystem has no locks to give.
+            log.warning(
+                "%s: this filesystem refuses file locks (%s): running without one; keep one writer "
+                "per directory yourself (on Lustre, mount with -o flock)",
+                directory,
+                os.strerror(e.errno or 0),
+            )
+            locked = False
+        if locked:
+            since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{what} pid {os.getpid()} on {os.uname().nodename} since {since}\n".encode(), 0)
+            _held[path] = 1
         try:
             yield
         finally:
-            del _held[path]
+            if locked:
+                del _held[path]
     finally:
         os.close(fd)  # releases the lock; the file stays (removing it would race a new holder)
 

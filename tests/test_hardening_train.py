@@ -219,12 +219,13 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize(("ranks", "zero"), [(1, 0), (2, 0), (2, 2)])
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_leaves_nothing_half_written(
-    tmp_path, dataset, ranks
+    tmp_path, dataset, ranks, zero
 ):
     """A file-size limit makes the big writes fail (EFBIG, as ENOSPC would). With 2 ranks at ZeRO-0
-    only rank 0 writes DeepSpeed's files: the ranks must still agree, not hang."""
+    only rank 0 writes DeepSpeed's files; at ZeRO-2 every rank writes its optimizer partition: the
+    ranks must agree either way, not hang."""
     run_dir = tmp_path / "run"
     executor = "inline" if ranks == 1 else "local"
     args = cmd(
@@ -233,13 +234,14 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_leaves_nothing_ha
         "train.steps=4",
         "train.checkpoint_every=2",
         f"distributed.nproc={ranks}",
+        f"train.zero_stage={zero}",
         executor=executor,
     )
     failed = subprocess.run(
         args, capture_output=True, text=True, env=env(), preexec_fn=_limit_file_size, timeout=300
     )
     assert failed.returncode == 1, failed.stderr[-2000:]
-    assert "checkpoint at step 2 not written: rank 0: " in failed.stderr, failed.stderr[-2000:]
+    assert "checkpoint at step 2 not written: rank " in failed.stderr, failed.stderr[-2000:]
     assert "no complete checkpoint exists" in failed.stderr
     assert not list((run_dir / "checkpoints").glob("step*"))  # the partial one is removed
     again = subprocess.run(args, capture_output=True, text=True, env=env())  # space again: resume=auto
@@ -256,6 +258,54 @@ def test_an_unreadable_marker_means_incomplete(tmp_path):
     assert checkpoint.find_latest(tmp_path) == root / checkpoint.tag_of(2)
     with pytest.raises(PipelineError, match="not a complete checkpoint"):
         checkpoint.resolve(tmp_path, str(root / checkpoint.tag_of(4)))
+
+
+# ---------------------------------------------------------------------------- the trust boundary
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_crafted_pickles_in_rnnpipe_files_are_refused_without_running(tmp_path):
+    from pipeline.train.export import export
+
+    marker = tmp_path / "ran"
+    state = tmp_path / "rank00000.pt"
+    torch.save({"step": 1, "loader": _Payload(marker)}, state)
+    with pytest.raises(PipelineError, match="not a readable rnnpipe state file"):
+        checkpoint.load_state(state)  # also what fine-tune checkpoints are read with
+    ckpt = tmp_path / "run" / "checkpoints" / checkpoint.tag_of(1)
+    ckpt.mkdir(parents=True)
+    (ckpt / checkpoint.COMPLETE).write_text(json.dumps({"step": 1, "world": 1, "config": {"data": {}}}))
+    torch.save({"module": _Payload(marker)}, ckpt / "mp_rank_00_model_states.pt")  # a ZeRO-0 export source
+    with pytest.raises(PipelineError, match="rnnpipe does not unpickle it"):
+        export(ckpt, tmp_path / "export")
+    assert not marker.exists()
+
+
+def test_a_slurm_submission_not_started_yet_keeps_a_second_launch_out(tmp_path, dataset, monkeypatch):
+    from launch import pretrain, record, slurm
+    from pipeline.config import load_config
+
+    run_dir = tmp_path / "run"
+    record.record(str(run_dir / "slurm"), "pretrain", {"job_id": "4242", "submitted_at": time.time()})
+    monkeypatch.setattr(
+        slurm, "job_states", lambda ids: {"4242": slurm.JobState("4242", "PENDING", "", "", "", "Priority")}
+    )
+    job = load_config(pretrain.PretrainJob, str(CONFIG), [f"run_dir={run_dir}", f"data.path={dataset}"])
+    with pytest.raises(PipelineError, match=r"still going: pretrain \(job 4242, PENDING\)"):
+        pretrain.check(job)
+    monkeypatch.setattr(
+        slurm, "job_states", lambda ids: {"4242": slurm.JobState("4242", "COMPLETED", "0:0", "", "", "")}
+    )
+    pretrain.check(job)  # ended: the run dir is free again
 
 
 # -------------------------------------------------------------------------------- divergence

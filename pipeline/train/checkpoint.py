@@ -122,6 +122,17 @@ def save(engine: Any, run_dir: Path, state: TrainState, header: dict[str, Any], 
 
     own = "save" in vars(writer)
     writer.save = guarded
+    # Rank 0 also copies DeepSpeed's recovery script (ZeRO >= 1) with a plain file copy: guarded too.
+    copy_script = getattr(engine, "_copy_recovery_script", None)
+    if copy_script is not None:
+
+        def guarded_copy(*args: Any, **kwargs: Any) -> None:
+            try:
+                copy_script(*args, **kwargs)
+            except Exception as e:
+                failed.append(f"zero_to_fp32.py: {type(e).__name__}: {e}")
+
+        engine._copy_recovery_script = guarded_copy
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state={"step": state.step}, save_latest=False)
         if failed:
@@ -137,6 +148,8 @@ def save(engine: Any, run_dir: Path, state: TrainState, header: dict[str, Any], 
             writer.save = write
         else:
             del writer.save  # DeepSpeed's own method again
+        if copy_script is not None:
+            del engine._copy_recovery_script
     ok = _agree(not reason, device)
     if ok and rank == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1

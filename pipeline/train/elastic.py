@@ -188,12 +188,10 @@ def plan(ckpt: Path, saved_world: int, world: int, zero_stage: int, rank: int) -
         return same
     error = ""
     if rank == 0:
-        # A process pool pays off for a large checkpoint (the other ranks wait meanwhile, within
-        # the process group's timeout); a small one converts faster in this process.
-        size = sum(f.stat().st_size for f in ckpt.glob("*optim_states.pt"))
-        workers = 1 if size < 1 << 30 else max(1, min(8, os.cpu_count() or 1))
+        # In this process (no pool: nothing of it may outlive a killed rank). The other ranks wait
+        # meanwhile, within the process group's timeout (30 min by default on CPU: gloo).
         try:
-            to_universal(ckpt, workers)
+            to_universal(ckpt)
         except Exception as e:  # told to the other ranks, which would otherwise wait forever
             error = str(e) if isinstance(e, PipelineError) else f"{type(e).__name__}: {e}"
     error = _broadcast_text(error)
