@@ -46,4 +46,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from launch.distributed import exit_now
+
+    exit_now(main(sys.argv[1:]))

@@ -35,3 +35,4 @@ def main(config: str, out: str, overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    distributed.exit_now(0)

@@ -59,4 +59,7 @@ def main(mixer: str, out: str) -> None:
 
 
 if __name__ == "__main__":
+    from launch.distributed import exit_now
+
     main(sys.argv[1], sys.argv[2])
+    exit_now(0)
