@@ -43,8 +43,33 @@ test: install
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# The benchmark tables (docs/benchmarks.md) and figures (docs/figures/), on this machine: about
+# 12 minutes on 2 CPU cores with nothing else running (2026-12-01): the prepare table 1.5, the 3
+# loss-curve runs 1-3 (LRN 34 s, minGRU 22 s alone; attention 3 min beside other jobs), the
+# pretrain speed sweep 5.5 (9 runs of 12 steps), the kernel chart 1.5. Other processes on the
+# cores stretch it (the loss runs took 5-11 minutes each beside a test suite). The kernel, mixer
+# and LM tables take tens of minutes: python benchmarks/kernels.py --write docs/benchmarks.md.
+BENCH_DIR ?= /tmp/rnnpipe-bench
+BENCH_ENV := RNNPIPE_PROGRESS=0
+LOSS_MIXERS := lrn mingru attention
+# enwik8-head with 1 % valid and test splits (41,541 bytes each), so that every evaluation is of
+# the whole valid split (eval_max_tokens=0) and the final one is on the same bytes as the others.
+LOSS_DATA := $(BENCH_DIR)/enwik8-head-1pc
+LOSS_RUN := $(BIN)/rnnpipe -q pretrain configs/pretrain/tiny-lrn.yaml data.path=$(LOSS_DATA) \
+	train.steps=500 train.log_every=10 train.eval_every=50 train.eval_max_tokens=0 train.eval_batch_size=16 \
+	train.checkpoint_every=0 train.sample_tokens=0 train.resume=none overwrite=true --executor inline
+
 bench: install
 	$(BIN)/python benchmarks/prepare.py --data $(DATA) --write docs/benchmarks.md
+	$(BENCH_ENV) $(BIN)/rnnpipe -q prepare configs/prepare/enwik8-head.yaml output=$(LOSS_DATA) \
+		"source.paths=[$(DATA)/enwik8-head/enwik8-head.txt]" source.valid_fraction=0.01 \
+		source.test_fraction=0.01 --executor inline
+	for m in $(LOSS_MIXERS); do $(BENCH_ENV) $(LOSS_RUN) run_dir=$(BENCH_DIR)/$$m model.mixer=$$m || exit 1; done
+	$(BIN)/rnnpipe -q plot $(addprefix $(BENCH_DIR)/,$(LOSS_MIXERS)) --out docs/figures/loss-curves.png \
+		--title "enwik8-head bytes, 500 steps of 8 × 128 tokens, valid: 41,541 bytes"
+	$(BIN)/python benchmarks/pretrain.py --data $(DATA) --seq-lens 128,512,2048 --steps 12 --log-every 3 \
+		--budget-min 0 --write docs/benchmarks.md --plot docs/figures/pretrain-speed.png
+	$(BIN)/python benchmarks/kernels.py --tables kernels --repeats 2 --no-rnn --plot docs/figures/kernels-gbs.png
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

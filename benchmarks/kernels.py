@@ -1,6 +1,7 @@
 """Benchmark the recurrence kernels, the mixers against torch's GRU/LSTM, and LM training speed.
 
-    python benchmarks/kernels.py [--quick] [--write docs/benchmarks.md]
+    python benchmarks/kernels.py [--quick] [--write docs/benchmarks.md] [--tables kernels,mixers,lm]
+        [--no-rnn] [--plot docs/figures/kernels-gbs.png]
 
 Three tables (CPU always; on a GPU the kernels are the Triton ones, on CPU the references):
 1. ``linear_scan`` and ``lrn_recurrence`` forward + backward at the issue's (B, T, D) shapes, fp32
@@ -87,9 +88,14 @@ def peer_scans(a, b):
     return peers
 
 
-def kernel_rows(shapes, repeats: int) -> list[str]:
+def kernel_rows(shapes, repeats: int, records: list[dict] | None = None, rnn: bool = True) -> list[str]:
+    """The kernel table's rows. ``records`` (if given) gets one dict per measured op and shape
+    (op, shape, dtype, ms, gbs; the copy rate as op "device copy") for the chart; ``rnn=False``
+    leaves out the nn.GRU/nn.LSTM rows for scale (minutes on CPU at the full shapes)."""
+    records = [] if records is None else records
     dev = device()
     copy = copy_bandwidth(dev)
+    records.append({"op": "device copy", "shape": None, "dtype": "float32", "ms": None, "gbs": copy})
     rows = [f"| device copy (read + write, 256 MiB) | – | float32 | – | {copy:.1f} | 100 % |"]
     print(rows[-1], flush=True)
     for B, T, D in shapes:
@@ -142,12 +148,15 @@ def kernel_rows(shapes, repeats: int) -> list[str]:
                     )
                     continue
                 gbs = moved * n * item / s / 1e9
+                records.append(
+                    {"op": name, "shape": (B, T, D), "dtype": str(dtype)[6:], "ms": s * 1e3, "gbs": gbs}
+                )
                 rows.append(
                     f"| {name} | {B}×{T}×{D} | {str(dtype)[6:]} | {s * 1e3:,.1f} | {gbs:.2f} | "
                     f"{100 * gbs / copy:.0f} % |"
                 )
                 print(rows[-1], flush=True)
-        for name, cls in (("nn.GRU", nn.GRU), ("nn.LSTM", nn.LSTM)):
+        for name, cls in (("nn.GRU", nn.GRU), ("nn.LSTM", nn.LSTM)) if rnn else ():
             rnn = cls(D, D, batch_first=True).to(dev)
             x = torch.randn(B, T, D, device=dev).requires_grad_()
 
@@ -228,13 +237,47 @@ def lm_rows(lengths, tokens_per_step: int, target: int, steps: int) -> list[str]
 
 
 def machine() -> str:
+    """The device the numbers come from, in words (the GPU's name, or the CPU, its cores and threads)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     cpu = "unknown CPU"
     if Path("/proc/cpuinfo").exists():
         m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
         cpu = m.group(1).strip() if m else cpu
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    # The charts must say what they ran on: the cores and that no GPU took part.
+    return f"{cpu}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, no GPU"
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds every process on this machine has spent busy since boot (Linux /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()  # children: the finished subprocesses (pretrain runs) this process waited for
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def others_share():
+    """Start watching; the returned function gives the share (0–1) of this machine's CPU time that
+    *other* processes took since. A benchmark on a shared machine is only as good as this is small:
+    two cores shared with a test suite halve the numbers without any other sign."""
+    busy0, own0, t0 = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+
+    def share() -> float:
+        busy = _busy_cpu_seconds()
+        if busy is None or busy0 is None:
+            return 0.0
+        wall = max(time.perf_counter() - t0, 1e-9)
+        others = (busy - busy0) - (_own_cpu_seconds() - own0)
+        return min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1))))
+
+    return share
 
 
 def replace_section(path: Path, begin: str, end: str, body: str) -> None:
@@ -247,54 +290,112 @@ def replace_section(path: Path, begin: str, end: str, body: str) -> None:
     path.write_text(text)
 
 
+def plot_kernels(out: str, records: list[dict], where: str, backend: str, repeats: int) -> str:
+    """Grouped bars of effective GB/s per shape, one bar per op and dtype, the copy rate dashed."""
+    from benchmarks.charts import bar_chart
+
+    measured = [r for r in records if r["shape"] is not None]
+    shapes = list(dict.fromkeys(r["shape"] for r in measured))
+    ops = list(dict.fromkeys(r["op"] for r in measured))
+    dtypes = list(dict.fromkeys(r["dtype"] for r in measured))
+    series: dict[str, list[float | None]] = {}
+    # Each op's dtypes side by side (not the order measured: all of float32 first).
+    for r in sorted(measured, key=lambda r: (ops.index(r["op"]), dtypes.index(r["dtype"]))):
+        series.setdefault(f"{r['op']} {r['dtype']}", [None] * len(shapes))[shapes.index(r["shape"])] = r[
+            "gbs"
+        ]
+    copy = next(r["gbs"] for r in records if r["op"] == "device copy")
+    return bar_chart(
+        out,
+        ["×".join(map(str, shape)) for shape in shapes],
+        series,
+        xlabel="shape B×T×D",
+        ylabel="GB/s = least bytes moved / time",
+        title=f"Recurrence kernels, forward + backward: {backend}",
+        note=(
+            "Bytes moved: linear_scan reads a, b and writes h (forward), reads a, h, dh and writes da, db "
+            "(backward): 8 tensors of B·T·D; lrn_recurrence reads q, k, v and writes h, then reads "
+            "q, k, v, h, dh and writes dq, dk, dv: 12 tensors; 4 bytes an element in float32, 2 in "
+            f"bfloat16. Above the copy line: the working set fits in cache. Median of {repeats} on {where}"
+        ),
+        reference=(f"device copy (256 MiB): {copy:.1f} GB/s", copy),
+    )
+
+
+TABLES = ("kernels", "mixers", "lm")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller shapes (minutes, not tens of minutes)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write", help="markdown file for the tables (between markers)")
+    parser.add_argument(
+        "--tables", default=",".join(TABLES), help=f"which to measure, comma-separated ({','.join(TABLES)})"
+    )
+    parser.add_argument(
+        "--no-rnn", action="store_true", help="leave out the nn.GRU/nn.LSTM rows for scale (minutes on CPU)"
+    )
+    parser.add_argument("--plot", metavar="PNG", help="draw the kernel table's GB/s as a chart")
     args = parser.parse_args()
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()]
+    if unknown := set(tables) - set(TABLES):
+        parser.error(f"--tables: unknown {', '.join(sorted(unknown))} (choose from {', '.join(TABLES)})")
+    if args.plot and "kernels" not in tables:
+        parser.error("--plot draws the kernels table: add kernels to --tables")
+    if args.plot and not args.plot.lower().endswith(".png"):  # before minutes of measuring, not after
+        parser.error(f"--plot {args.plot}: must end in .png")
     where = f"{machine()}, torch {torch.__version__}, Python {platform.python_version()}"
     backend = "Triton kernels" if torch.cuda.is_available() else "PyTorch reference (CPU)"
     shapes = QUICK_SHAPES if args.quick else SHAPES
-
-    kernel = "\n".join(
-        [
-            f"Kernels on {where}; backend: {backend}. Forward + backward of one call, median of "
-            f"{args.repeats}. GB/s: the bytes a pass must move at least (scan 8, LRN 12 tensors of B·T·D) "
-            "over its time; %: of this device's copy bandwidth (working sets that fit in cache exceed "
-            "100 %). nn.GRU/nn.LSTM: one run, float32. On a GPU the optional peers (accelerated-scan, "
-            "flash-linear-attention) run when installed.",
-            "",
-            "| op | B×T×D | dtype | ms | GB/s | % of copy |",
-            "|---|---|---|---|---|---|",
-            *kernel_rows(shapes, args.repeats),
-        ]
-    )
-    mixers = "\n".join(
-        [
-            f"One training step (forward + backward) of a layer, batch 64, width 128, on {where}.",
-            "",
-            "| layers | T | ours ms | torch ms | speed-up |",
-            "|---|---|---|---|---|",
-            *mixer_rows(args.repeats),
-        ]
-    )
-    lengths = (512, 2048) if args.quick else (512, 2048, 8192)
-    lm = "\n".join(
-        [
-            f"LM training (forward, backward, AdamW) on {where}: 4 layers, MLP ratio 4, vocabulary 256, "
-            "about 3 M parameters each (width chosen to match), 16,384 tokens per step.",
-            "",
-            "| mixer | d_model | parameters | T | batch | tokens/s |",
-            "|---|---|---|---|---|---|",
-            *lm_rows(lengths, 16384, 3_000_000, args.repeats),
-        ]
-    )
+    sections = {}
+    if "kernels" in tables:
+        records: list[dict] = []
+        share = others_share()
+        rows = kernel_rows(shapes, args.repeats, records, rnn=not args.no_rnn)
+        others = f"Other processes took {share():.0%} of the CPU time while it ran."
+        sections["kernels"] = "\n".join(
+            [
+                f"Kernels on {where}; backend: {backend}. Forward + backward of one call, median of "
+                f"{args.repeats}. GB/s: the bytes a pass must move at least (scan 8, LRN 12 tensors of "
+                "B·T·D) over its time; %: of this device's copy bandwidth (working sets that fit in cache "
+                "exceed 100 %). nn.GRU/nn.LSTM: one run, float32. On a GPU the optional peers "
+                f"(accelerated-scan, flash-linear-attention) run when installed. {others}",
+                "",
+                "| op | B×T×D | dtype | ms | GB/s | % of copy |",
+                "|---|---|---|---|---|---|",
+                *rows,
+            ]
+        )
+        if args.plot:
+            print(plot_kernels(args.plot, records, f"{where}. {others}", backend, args.repeats))
+    if "mixers" in tables:
+        sections["mixers"] = "\n".join(
+            [
+                f"One training step (forward + backward) of a layer, batch 64, width 128, on {where}.",
+                "",
+                "| layers | T | ours ms | torch ms | speed-up |",
+                "|---|---|---|---|---|",
+                *mixer_rows(args.repeats),
+            ]
+        )
+    if "lm" in tables:
+        lengths = (512, 2048) if args.quick else (512, 2048, 8192)
+        sections["lm"] = "\n".join(
+            [
+                f"LM training (forward, backward, AdamW) on {where}: 4 layers, MLP ratio 4, vocabulary "
+                "256, about 3 M parameters each (width chosen to match), 16,384 tokens per step.",
+                "",
+                "| mixer | d_model | parameters | T | batch | tokens/s |",
+                "|---|---|---|---|---|---|",
+                *lm_rows(lengths, 16384, 3_000_000, args.repeats),
+            ]
+        )
     if args.write:
-        path = Path(args.write)
-        replace_section(path, "<!-- kernels-benchmark:begin -->", "<!-- kernels-benchmark:end -->", kernel)
-        replace_section(path, "<!-- mixers-benchmark:begin -->", "<!-- mixers-benchmark:end -->", mixers)
-        replace_section(path, "<!-- lm-benchmark:begin -->", "<!-- lm-benchmark:end -->", lm)
+        for name, body in sections.items():  # only what was measured: the other tables stay
+            replace_section(
+                Path(args.write), f"<!-- {name}-benchmark:begin -->", f"<!-- {name}-benchmark:end -->", body
+            )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     rnnpipe prepare CONFIG [key.sub=value ...] [--executor inline|local|slurm] [--print-config]
     rnnpipe pretrain CONFIG [key.sub=value ...] [--executor inline|local|slurm] [--wait] [--export]
     rnnpipe export RUN_OR_CHECKPOINT OUT
+    rnnpipe sample EXPORT_OR_RUN_DIR [--prompt TEXT | --prompt-file FILE | < stdin] [-n N] [--seed S]
+    rnnpipe plot RUN_DIR... --out FILE.png [--title T]
     rnnpipe finetune SWEEP [key.sub=value ...] [--executor inline|local|slurm] [--only INDEX]
     rnnpipe collect DIR | SWEEP.yaml
     rnnpipe verify DIR [--quick]
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -85,6 +88,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export(args.source, args.out)
     print(f"exported to {out}")
     return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from launch import sample
+
+    return sample.run(args)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from launch import plot
+
+    return plot.run(args)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -171,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnpipe", description="Pretraining pipeline for recurrent LMs.")
     parser.add_argument("--version", action="version", version=f"rnnpipe {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, including DeepSpeed's own messages and the checkpoint conversion's prints",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -205,6 +226,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("out", help="directory to write model.safetensors, config.json and tokenizer/ into")
     e.set_defaults(func=cmd_export)
+
+    sm = sub.add_parser(
+        "sample",
+        help="generate text from an export or a run dir's latest checkpoint, streamed as it comes",
+        description="Read the prompt (--prompt, --prompt-file, or stdin), then print its continuation "
+        "token by token.",
+    )
+    sm.add_argument("source", help="an export directory or a pretrain run directory")
+    sm.add_argument("--prompt", help="the text to continue")
+    sm.add_argument("--prompt-file", help="read the prompt from this file ('-': stdin)")
+    sm.add_argument("-n", "--tokens", type=int, default=200, help="how many tokens to generate (200)")
+    sm.add_argument(
+        "--temperature", type=float, default=0.8, help="softmax temperature; 0 takes the likeliest (0.8)"
+    )
+    sm.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
+    sm.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
+    sm.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
+    sm.set_defaults(func=cmd_sample)
+
+    pt = sub.add_parser(
+        "plot",
+        help="loss curves of pretrain runs (bits per byte against tokens seen) as a PNG",
+        description="Overlay the train and valid bits per byte of one or more pretrain runs.",
+    )
+    pt.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="pretrain run directories")
+    pt.add_argument("--out", required=True, help="the PNG to write")
+    pt.add_argument("--title", help="the figure's title")
+    pt.set_defaults(func=cmd_plot)
 
     f = sub.add_parser(
         "finetune",
@@ -292,11 +341,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    if args.verbose:  # ranks and Slurm jobs started from here log at the same level
+        os.environ["RNNPIPE_LOG_LEVEL"] = "DEBUG"
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if args.verbose:  # fsspec logs every file it opens at DEBUG: one line per shard read
+        logging.getLogger("fsspec").setLevel(logging.INFO)
+    from launch.distributed import quiet_deepspeed
+
+    quiet_deepspeed()  # before DeepSpeed loads (export, fine-tune): its warnings go below our level
     try:
         return args.func(args)
     except ConfigError as e:

@@ -3,11 +3,19 @@
 :func:`init` sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from whichever launcher
 started this process and initializes torch.distributed (NCCL on GPUs, gloo on CPU) through
 DeepSpeed, so the training loop only ever sees torch.distributed.
+
+A rank's console: :func:`setup_logging` (rnnpipe's format at the level of RNNPIPE_LOG_LEVEL, which
+``rnnpipe -v`` sets to DEBUG) and :func:`quiet_deepspeed`, which moves DeepSpeed's own messages
+(its logger, its prints while it loads and sets up the process group, the Python warnings raised
+inside it and torch.distributed) below rnnpipe's level: shown with ``-v``, hidden otherwise. Its
+errors always show.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import re
 import socket
@@ -101,18 +109,122 @@ def init() -> DistEnv:
         MASTER_ADDR=d.master_addr,
         MASTER_PORT=str(d.master_port),
     )
+    quiet_deepspeed()  # before DeepSpeed loads: it logs and prints while it does
     import torch
 
-    # DeepSpeed calls torch's renamed collectives: one FutureWarning per call would bury the log.
-    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     else:
         torch.cuda.set_device(d.local_rank)
-    import deepspeed
+    with deepspeed_prints():
+        import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        quiet_deepspeed()  # again: loading it reset its logger's level
+        # (it prints "... built successfully" when it has compiled its shared-memory collectives)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return d
+
+
+# ------------------------------------------------------------------------------------ console
+
+LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
+LOG_LEVEL_ENV = "RNNPIPE_LOG_LEVEL"  # set by ``rnnpipe -v`` (DEBUG) for the processes it starts
+DEEPSPEED_LOGGER = "DeepSpeed"  # deepspeed.utils.logging.logger's name
+
+
+def log_level(environ: dict[str, str] | None = None) -> int:
+    """The level RNNPIPE_LOG_LEVEL names (DEBUG, INFO, WARNING, ERROR, or a number); INFO without it
+    or when it names none."""
+    value = ((os.environ if environ is None else environ).get(LOG_LEVEL_ENV) or "").strip().upper()
+    if value.isdigit():
+        return int(value)
+    level = logging.getLevelName(value) if value else logging.INFO
+    return level if isinstance(level, int) else logging.INFO
+
+
+def child_log_level() -> str | None:
+    """The level for the ranks this process starts (RNNPIPE_LOG_LEVEL in their environment): its
+    own RNNPIPE_LOG_LEVEL, else its root logger's level where logging was set up (``rnnpipe -q``
+    gives WARNING); None where it was not (the ranks' default, INFO, applies)."""
+    if os.environ.get(LOG_LEVEL_ENV):
+        return os.environ[LOG_LEVEL_ENV]
+    root = logging.getLogger()
+    return logging.getLevelName(root.level) if root.handlers and root.level else None
+
+
+def setup_logging() -> None:
+    """A rank's log lines: rnnpipe's format, at RNNPIPE_LOG_LEVEL (INFO by default), on stderr; and
+    DeepSpeed's messages below that unless it is DEBUG (:func:`quiet_deepspeed`). Where the root
+    logger has handlers already (submitit's job, a test), only its level is set."""
+    level = log_level()
+    root = logging.getLogger()
+    if root.handlers:
+        root.setLevel(level)
+    else:
+        logging.basicConfig(level=level, format=LOG_FORMAT, datefmt="%H:%M:%S")
+    quiet_deepspeed()
+
+
+class _DemoteDeepSpeed(logging.Filter):
+    """On DeepSpeed's logger: its records below ERROR become DEBUG records, and every record goes to
+    the root logger's handlers (rnnpipe's format, stderr) when the root logger's level lets it
+    through, never to DeepSpeed's own handler (stdout, another format)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        root = logging.getLogger()
+        if root.isEnabledFor(record.levelno):
+            root.handle(record)
+        return False
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed's messages below rnnpipe's: its logger's INFO and WARNING records (config dumps,
+    "Attempting to get learning rate from scheduler before it has started", the accelerator it
+    picked) as DEBUG, and the Python warnings raised inside deepspeed and torch.distributed hidden,
+    unless the root logger is at DEBUG (``rnnpipe -v``, RNNPIPE_LOG_LEVEL=DEBUG). Errors show.
+
+    Safe to call before DeepSpeed loads (the filter on its logger survives the loading, which sets
+    the logger's level to WARNING: call it again afterwards) and any number of times."""
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    ds = logging.getLogger(DEEPSPEED_LOGGER)
+    if not any(isinstance(f, _DemoteDeepSpeed) for f in ds.filters):
+        ds.addFilter(_DemoteDeepSpeed())
+    if "deepspeed.utils.logging" in sys.modules:  # (before, deepspeed's loading would reset it)
+        # Not verbose: its INFO and WARNING records are not even made (some sit in hot loops).
+        ds.setLevel(logging.INFO if verbose else logging.ERROR)
+    # DeepSpeed calls torch's renamed collectives: one FutureWarning per call would bury the log.
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
+    if not verbose:
+        # Raised inside the libraries (their stack level points there), about their own internals:
+        # nothing a user of rnnpipe can act on. A warning they attribute to rnnpipe's code still shows.
+        for module in (r"deepspeed(\.|$)", r"torch\.distributed(\.|$)"):
+            warnings.filterwarnings("ignore", module=module)
+
+
+@contextlib.contextmanager
+def deepspeed_prints():
+    """Catch what DeepSpeed prints to stdout inside the block (while it loads: its op builders'
+    "[WARNING] ..." compatibility notes; while it sets up the process group) and log each line on
+    its logger, so that :func:`quiet_deepspeed` decides: DEBUG, or ERROR when the block raised (the
+    lines may say why). Only for short blocks around DeepSpeed's own calls: all of stdout is caught."""
+    buffer = io.StringIO()
+    failed = False
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        ds = logging.getLogger(DEEPSPEED_LOGGER)
+        for h in ds.handlers:  # made while loading inside the block: its own handler wrote to the buffer
+            if isinstance(h, logging.StreamHandler) and h.stream is buffer:
+                h.setStream(sys.stdout)
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                ds.log(logging.ERROR if failed else logging.INFO, "%s", line.rstrip())
 
 
 def shutdown() -> None:

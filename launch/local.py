@@ -3,7 +3,8 @@ RUN_DIR/config.yaml`` (:mod:`launch.rank`) with RANK/WORLD_SIZE/MASTER_* set.
 
 The ranks run in their own session (a terminal's Ctrl-C reaches only the launcher, which forwards
 it once), inherit the launcher's lock on the run dir (:func:`pipeline.locking.inherited`), and are
-killed if the launcher dies (kill -9 included): none trains on as an orphan.
+killed if the launcher dies (kill -9 included): none trains on as an orphan. They log at the
+launcher's level (RNNPIPE_LOG_LEVEL, :func:`launch.distributed.child_log_level`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def launch_local(config_file: str, nproc: int) -> int:
     0, or 75/130 when they checkpointed on a signal. One failing rank stops the others (they would
     wait for it forever). A signal this launcher gets is forwarded to every rank, also one that
     came while they were being started."""
-    from launch.distributed import free_port
+    from launch.distributed import LOG_LEVEL_ENV, child_log_level, free_port
     from pipeline.errors import PipelineError
     from pipeline.locking import inherited
     from pipeline.train.signals import current, is_stop_status
@@ -47,6 +48,7 @@ def launch_local(config_file: str, nproc: int) -> int:
     try:
         port = free_port()
         threads = max(1, (os.cpu_count() or 1) // nproc)
+        level = child_log_level()  # the ranks log at this launcher's level (rnnpipe -v, -q)
         for rank in range(nproc):
             env = {
                 **os.environ,
@@ -58,6 +60,7 @@ def launch_local(config_file: str, nproc: int) -> int:
                 "MASTER_PORT": str(port),
                 "OMP_NUM_THREADS": str(threads),
                 "RNNPIPE_LAUNCHER_PID": str(os.getpid()),
+                **({LOG_LEVEL_ENV: level} if level else {}),
             }
             cmd = [sys.executable, "-m", "launch.rank", config_file]
             # The rank starts with the stop signals blocked (the mask survives exec) and unblocks

@@ -14,6 +14,8 @@ resumed only when :func:`pipeline.train.checkpoint.check_resume` allows it (befo
   Signals are forwarded; if one fails the others are stopped.
 - slurm: one submitit job of nodes × tasks_per_node tasks through srun, with --signal=USR2 ahead of
   the time limit; the command prints the job id and returns (``--wait`` to wait).
+
+``rnnpipe pretrain`` ends with a summary of the run read from its run dir (:mod:`launch.summary`).
 """
 
 from __future__ import annotations
@@ -22,67 +24,33 @@ import contextlib
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launch import record
-from launch.executors import ExecutorConfig, ExecutorKind
+from launch import record, summary
+from launch.executors import ExecutorKind
+from launch.pretrain_job import (
+    PretrainJob,
+    _is_rank0,
+    export_dir,
+    export_final,
+    stage_config,
+)
 from launch.stage import Decision, SlurmContext, Submitted, Upstream, any_runs, short
 from pipeline import fsio
-from pipeline.config import base_config, check_range, to_dict, to_yaml
+from pipeline.config import to_dict, to_yaml
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.train.config import PretrainConfig
-from pipeline.train.signals import (
-    EXIT_INTERRUPTED,
-    EXIT_PREEMPTED,
-    StopFlag,
-    early,
-    ignore_late_warnings,
-)
+from pipeline.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, early
 
 log = logging.getLogger("rnnpipe")
 NAME = "pretrain"
 # What overwrite=true removes: everything a pretrain run writes into its run dir.
-RUN_OUTPUTS = ("checkpoints", "export", "tensorboard", "metrics.jsonl", "provenance.json")
-
-
-@dataclass
-class DistributedConfig:
-    nproc: int = 0  # processes per node (one per GPU); 0 = the GPUs here, or 1 without GPUs
-    nodes: int = 1  # slurm
-    gpus_per_node: int = 0  # slurm: GPUs requested per node (0 = none)
-    signal_grace_s: int = 120  # slurm: USR2 this long before the time limit (Slurm may send it 30 s early)
-
-    def validate(self) -> None:
-        check_range("nproc", self.nproc, ge=0)
-        check_range("nodes", self.nodes, ge=1)
-        check_range("gpus_per_node", self.gpus_per_node, ge=0)
-        check_range("signal_grace_s", self.signal_grace_s, ge=0)
-
-
-@dataclass
-class PretrainJob(PretrainConfig):
-    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    # Replace the run dir's run when its checkpoints cannot be resumed with this config (another
-    # model, dataset or world size): they are deleted. A run that can be resumed is resumed.
-    overwrite: bool = False
-
-
-Job = PretrainJob
-
-
-def stage_config(job: PretrainJob) -> PretrainConfig:
-    return base_config(job, PretrainConfig)
-
-
-def export_dir(cfg: PretrainConfig) -> str:
-    """Where ``--export`` puts the final model: ``<run_dir>/export``."""
-    return os.path.join(cfg.run_dir, "export")
+RUN_OUTPUTS = (
+    *("checkpoints", "export", "tensorboard", "metrics.jsonl", "provenance.json"),
+    *("wandb-id", "wandb"),  # with metrics.wandb.project: the W&B run's id and W&B's own files
+)
 
 
 def tasks_per_node(job: PretrainJob) -> int:
@@ -301,71 +269,13 @@ def prepared(job: PretrainJob) -> PretrainJob:
     return job
 
 
-def run_rank(cfg: PretrainConfig, stop: StopFlag | None = None) -> int:
-    """This process's part of the run; returns the exit status (0; 75 or 130 after a signal)."""
-    from launch import distributed
-    from pipeline.train.loop import train
-
-    distributed.init()
-    result = train(cfg, stop)
-    distributed.shutdown()
-    if result.status == "preempted":
-        return result.exit_status
-    ignore_late_warnings()
-    return 0
-
-
-def start_rank() -> StopFlag:
-    """What a rank does first: the stop flag, installed before torch and DeepSpeed load so that a
-    signal arriving meanwhile is kept (and not taken by submitit's own handler, which would end the
-    job as failed); then, under Slurm, the node-local caches, threads and logging."""
-    stop = early()  # the entry point may have installed it already
-    if "SLURM_JOB_ID" in os.environ:
-        from launch.slurm import task_setup
-
-        task_setup()
-    return stop
-
-
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
-
-
-def export_final(cfg: PretrainConfig) -> str:
-    """Export the finished run's last checkpoint to :func:`export_dir`."""
-    from pipeline.train.export import export
-
-    out = export_dir(cfg)
-    export(cfg.run_dir, out)
-    log.info("exported the final model to %s", out)
-    return out
-
-
-def slurm_task(cfg: PretrainConfig, export: bool = False) -> int:
-    """One task of the Slurm job (run by submitit through srun on every node). Rank 0 holds the
-    run dir's lock over the training and the export (the loop re-enters it); a refused rank 0
-    fails the job step, and srun stops the other tasks."""
-    from pipeline.locking import exclusive
-    from pipeline.train.checkpoint import RUN_LOCK
-
-    stop = start_rank()
-    rank0 = os.environ.get("SLURM_PROCID") == "0"
-    with exclusive(cfg.run_dir, RUN_LOCK, "pretrain") if rank0 else contextlib.nullcontext():
-        code = run_rank(cfg, stop)
-        # Checkpointed on a signal: rank 0 asks Slurm to run the job again (it was submitted --requeue).
-        if code == EXIT_PREEMPTED and rank0:  # (not after Ctrl-C: the user stopped it)
-            subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
-        if code == 0 and export and rank0:
-            export_final(cfg)
-    return code
-
-
 def slurm_executor(job: PretrainJob, folder: str, dependency: str = "", code: Any = None) -> Any:
     """The submitit executor for the pretrain job: nodes × tasks through srun, USR2 ahead of the
     time limit, --requeue; ``dependency`` (``afterok:123``) also cancels it if never met; ``code``:
     the snapshot the job runs (default: one taken now)."""
     import submitit
 
+    from launch.distributed import LOG_LEVEL_ENV
     from launch.executors import SlurmExecutor
     from launch.slurm import with_dependency
 
@@ -383,8 +293,14 @@ def slurm_executor(job: PretrainJob, folder: str, dependency: str = "", code: An
     )
     if d.gpus_per_node:
         params["gpus_per_node"] = d.gpus_per_node
-    # The job's bootstrap installs the stop flag before submitit and torch load (launch.snapshot).
-    params["setup"] = [*params.get("setup", []), "export RNNPIPE_EARLY_STOP=1"]
+    # The job's bootstrap installs the stop flag before submitit and torch load (launch.snapshot);
+    # Its tasks log at INFO into the job's log file, or as the submitter asked with -v or
+    # RNNPIPE_LOG_LEVEL (-q quiets the submitting console, not the log a user reads afterwards).
+    exports = ["export RNNPIPE_EARLY_STOP=1"]
+    level = os.environ.get(LOG_LEVEL_ENV, "")
+    if level.isalnum():  # (a level name or number: nothing for the shell to expand)
+        exports.append(f"export RNNPIPE_LOG_LEVEL={level}")
+    params["setup"] = [*params.get("setup", []), *exports]
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=0, python=base.code.python_command())
     ex.update_parameters(**params)
     return with_dependency(ex, dependency)
@@ -392,6 +308,8 @@ def slurm_executor(job: PretrainJob, folder: str, dependency: str = "", code: An
 
 def _submit_job(job: PretrainJob, folder: str, after: str, code: Any, export: bool) -> Any:
     import submitit
+
+    from launch.rank import slurm_task
 
     ex = slurm_executor(job, os.path.join(folder, "%j"), after, code)
     with submitit.helpers.clean_env():
@@ -414,6 +332,8 @@ def submit(job: PretrainJob, decision: Decision, ctx: SlurmContext) -> Submitted
 def _launch(job: PretrainJob, config_file: str, export: bool) -> int:
     """Run the stage on this machine with ``job.executor`` (inline or local)."""
     if job.executor.kind is ExecutorKind.inline:  # one rank: of torchrun, srun (pretrain.sbatch) or alone
+        from launch.rank import run_rank, start_rank
+
         code = run_rank(stage_config(job), start_rank())
         rank0 = _is_rank0()
     else:
@@ -428,6 +348,9 @@ def _launch(job: PretrainJob, config_file: str, export: bool) -> int:
 
 def run(job: PretrainJob, decision: Decision) -> None:
     """The pipeline's pretrain stage on this machine: train, then export."""
+    from launch.distributed import quiet_deepspeed
+
+    quiet_deepspeed()  # (the export loads DeepSpeed in this process; inline, so does the training)
     with _run_lock(job):
         if not plan(job).run:  # finished meanwhile (by another launch): nothing to redo
             return
@@ -435,10 +358,10 @@ def run(job: PretrainJob, decision: Decision) -> None:
             clear_run(job.run_dir)
         code = _launch(job, write_config(job), export=True)
     if code == EXIT_INTERRUPTED:  # Ctrl-C: the pipeline stops as it does on Ctrl-C anywhere (130)
-        log.warning("%s", stopped_message(job, code))
+        log.warning("%s", summary.stopped_message(job.run_dir, code))
         raise KeyboardInterrupt
     if code:
-        raise PipelineError(stopped_message(job, code).replace("same command", "pipeline"))
+        raise PipelineError(summary.stopped_message(job.run_dir, code).replace("same command", "pipeline"))
 
 
 def _run_lock(job: PretrainJob) -> contextlib.AbstractContextManager[None]:
@@ -455,7 +378,11 @@ def _run_lock(job: PretrainJob) -> contextlib.AbstractContextManager[None]:
 
 def command(job: PretrainJob, wait: bool = False, export: bool = False) -> int:
     """``rnnpipe pretrain``: preflight and the resume check (exit 2 before any rank starts), then
-    ``config.yaml`` and the launch. Returns the exit status (0; 75 or 130 after a signal)."""
+    ``config.yaml`` and the launch, and a summary of the run. Returns the exit status (0; 75 or 130
+    after a signal)."""
+    from launch.distributed import quiet_deepspeed
+
+    quiet_deepspeed()  # (the export loads DeepSpeed in this process; inline, so does the training)
     prepared(job)
     check(job)
     multi_inline = job.executor.kind is ExecutorKind.inline and world_size(job) > 1
@@ -464,6 +391,8 @@ def command(job: PretrainJob, wait: bool = False, export: bool = False) -> int:
         decision = plan(job)  # again, holding the run dir: what it holds now
         if not decision.run:
             print(f"pretrain: {decision.reason}; nothing to do")
+            if _is_rank0():
+                print(_summary(job, 0, export=True, nothing_to_do=True))
             return 0
         if decision.clear and multi_inline:
             raise ConfigError(
@@ -478,9 +407,12 @@ def command(job: PretrainJob, wait: bool = False, export: bool = False) -> int:
             log.info("pretrain: %s", decision.reason)
             config_file = write_config(job)
         if job.executor.kind is not ExecutorKind.slurm:
+            started, start_step = time.time(), summary.checkpoint_step(job.run_dir)
             code = _launch(job, config_file, export)
-            if code and (job.executor.kind is not ExecutorKind.inline or _is_rank0()):
-                print(f"rnnpipe: {stopped_message(job, code)}", file=sys.stderr)
+            if job.executor.kind is not ExecutorKind.inline or _is_rank0():
+                if code:
+                    print(f"rnnpipe: {summary.stopped_message(job.run_dir, code)}", file=sys.stderr)
+                print(_summary(job, code, export, wall_s=time.time() - started, start_step=start_step))
             return code
         from launch.snapshot import take
 
@@ -489,6 +421,7 @@ def command(job: PretrainJob, wait: bool = False, export: bool = False) -> int:
         if stop:  # came during the preflight: submit nothing
             return stop.exit_status()
         folder = os.path.join(job.run_dir, "slurm")
+        started, start_step = time.time(), summary.checkpoint_step(job.run_dir)
         sjob = _submit_job(job, folder, "", take(folder), export)
         # Until the job's rank 0 holds the run dir, this record keeps a second launch out.
         record.record(folder, NAME, {"job_id": str(sjob.job_id), "submitted_at": time.time()})
@@ -500,18 +433,14 @@ def command(job: PretrainJob, wait: bool = False, export: bool = False) -> int:
     if not wait:
         return 0
     codes = sjob.results()
-    return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
+    code = EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
+    # (rank 0 wrote the run dir on the cluster's shared file system; the time includes the queue)
+    wall = {"wall_s": time.time() - started, "wall_what": "since submission"}
+    print(_summary(job, code, export, start_step=start_step, **wall))
+    return code
 
 
-def stopped_message(job: PretrainJob, code: int) -> str:
-    """What a launch that stopped on a signal (exit status ``code``) tells the user: the checkpoint
-    to continue from, and only if there is one."""
-    from pipeline.train.checkpoint import find_latest
-
-    latest = find_latest(Path(job.run_dir))
-    if latest is None:
-        return f"pretrain stopped on a signal (exit status {code}) before its first checkpoint"
-    return (
-        f"pretrain checkpointed on a signal (exit status {code}): its last checkpoint is {latest}; "
-        "run the same command again to continue"
-    )
+def _summary(job: PretrainJob, code: int, export: bool, **kw: Any) -> str:
+    """The launch's closing summary (:func:`launch.summary.summary`)."""
+    out = export_dir(stage_config(job)) if export and code == 0 else None
+    return summary.summary(job.run_dir, code, job.train.steps, export=out, **kw)

@@ -1,15 +1,80 @@
-"""One rank of a local pretrain launch: ``python -m launch.rank RUN_DIR/config.yaml``.
+"""What a pretrain rank runs: :func:`run_rank` (its part of the run), :func:`start_rank` (first
+thing, under every launcher), :func:`slurm_task` (one task of the Slurm job), and the entry point of
+a local launch's ranks, ``python -m launch.rank RUN_DIR/config.yaml``.
 
 :func:`launch.local.launch_local` starts one per process with RANK/WORLD_SIZE/MASTER_* set. The
 stop flag goes in before anything heavy loads, so a signal during start-up is kept; and the rank
-is killed if its launcher dies (kill -9 included), so it never trains on as an orphan.
+is killed if its launcher dies (kill -9 included), so it never trains on as an orphan. Its log
+lines come at the launcher's level (RNNPIPE_LOG_LEVEL), DeepSpeed's messages below them
+(:func:`launch.distributed.setup_logging`).
+
+Nothing heavy is imported at the top: submitit unpickles :func:`slurm_task` by importing this module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.train.config import PretrainConfig
+    from pipeline.train.signals import StopFlag
+
+
+def run_rank(cfg: PretrainConfig, stop: StopFlag | None = None) -> int:
+    """This process's part of the run; returns the exit status (0; 75 or 130 after a signal)."""
+    from launch import distributed
+    from pipeline.train.loop import train
+    from pipeline.train.signals import ignore_late_warnings
+
+    distributed.init()
+    result = train(cfg, stop)
+    distributed.shutdown()
+    if result.status == "preempted":
+        return result.exit_status
+    ignore_late_warnings()
+    return 0
+
+
+def start_rank() -> StopFlag:
+    """What a rank does first: the stop flag, installed before torch and DeepSpeed load so that a
+    signal arriving meanwhile is kept (and not taken by submitit's own handler, which would end the
+    job as failed); then, under Slurm, the node-local caches, threads and logging."""
+    from pipeline.train.signals import early
+
+    stop = early()  # the entry point may have installed it already
+    if "SLURM_JOB_ID" in os.environ:
+        from launch.distributed import setup_logging
+        from launch.slurm import task_setup
+
+        setup_logging()  # first: at the submitter's RNNPIPE_LOG_LEVEL (task_setup's is then a no-op)
+        task_setup()
+    return stop
+
+
+def slurm_task(cfg: PretrainConfig, export: bool = False) -> int:
+    """One task of the Slurm job (run by submitit through srun on every node). Rank 0 holds the
+    run dir's lock over the training and the export (the loop re-enters it); a refused rank 0
+    fails the job step, and srun stops the other tasks."""
+    from launch.pretrain_job import export_final
+    from pipeline.locking import exclusive
+    from pipeline.train.checkpoint import RUN_LOCK
+    from pipeline.train.signals import EXIT_PREEMPTED
+
+    stop = start_rank()
+    rank0 = os.environ.get("SLURM_PROCID") == "0"
+    with exclusive(cfg.run_dir, RUN_LOCK, "pretrain") if rank0 else contextlib.nullcontext():
+        code = run_rank(cfg, stop)
+        # Checkpointed on a signal: rank 0 asks Slurm to run the job again (it was submitted --requeue).
+        if code == EXIT_PREEMPTED and rank0:  # (not after Ctrl-C: the user stopped it)
+            subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+        if code == 0 and export and rank0:
+            export_final(cfg)
+    return code
 
 
 def main(argv: list[str]) -> int:
@@ -27,17 +92,12 @@ def main(argv: list[str]) -> int:
     # run dir, held by rank 0, goes with it); a graceful stop goes through the launcher's signals.
     launcher = os.environ.get("RNNPIPE_LAUNCHER_PID")
     die_with_parent(signal.SIGKILL, parent=int(launcher) if launcher else None)
-    import logging
-
-    from launch.pretrain import PretrainJob, run_rank, stage_config
+    from launch.distributed import setup_logging
+    from launch.pretrain_job import PretrainJob, stage_config
     from pipeline.config import load_config
     from pipeline.errors import PipelineError
 
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging()  # at the launcher's level (RNNPIPE_LOG_LEVEL); DeepSpeed's messages below it
     try:
         return run_rank(stage_config(load_config(PretrainJob, argv[0])), stop)
     except PipelineError as e:

@@ -8,7 +8,6 @@ Nothing here submits work; :mod:`launch.executors`, :mod:`launch.pretrain` and
 from __future__ import annotations
 
 import getpass
-import logging
 import os
 import re
 import shlex
@@ -83,13 +82,11 @@ def threads_per_task(environ: Any = None) -> None:
 def task_setup() -> None:
     """What every task of an rnnpipe Slurm job does first: node-local caches, one thread per CPU,
     and log lines (the job's log file is where its user looks)."""
+    from launch.distributed import setup_logging  # (it loads nothing heavy)
+
     node_local_caches()
     threads_per_task()
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging()  # RNNPIPE_LOG_LEVEL (rnnpipe -v / -q), DeepSpeed's messages below it
 
 
 def job_states(job_ids: list[str]) -> dict[str, JobState]:

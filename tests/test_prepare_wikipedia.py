@@ -113,7 +113,7 @@ def test_no_markup_survives_and_text_round_trips(dataset):
             assert markup not in text, (split, markup)
     for texts in expected_documents(str(dump)).values():
         for t in texts:
-            ids, nbytes = tok.encode(t)
+            ids, nbytes = tok.encode_with_lengths(t)
             assert tok.decode(ids).decode("utf-8") == t
             assert int(nbytes.sum()) == len(t.encode("utf-8"))
 

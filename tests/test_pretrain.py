@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,6 +74,20 @@ def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "RNNPIPE_PROGRESS": "0", **env}
     )
+
+
+# What DeepSpeed's own output looks like (its logger's format, its prints): none of it on the console
+# unless -v (tests/test_console.py checks the -v side).
+DEEPSPEED_LINES = re.compile(
+    r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[|\[(INFO|WARNING)\]|DeepSpeed|built successfully", re.M
+)
+
+
+def assert_quiet_console(done: subprocess.CompletedProcess) -> None:
+    """No line of DeepSpeed's in what a launch printed."""
+    for name, text in (("stdout", done.stdout), ("stderr", done.stderr)):
+        found = DEEPSPEED_LINES.search(text)
+        assert found is None, f"{name}: {text[max(0, found.start() - 200) : found.end() + 200]}"
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -173,7 +188,7 @@ def test_shuffle_mode_refuses_more_ranks_times_workers_than_shards(dataset):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_two_ranks_train_and_export_matches_the_training_model(stage, dataset, tmp_path):
+def test_two_ranks_train_and_export_matches_the_training_model(stage, dataset, tmp_path, monkeypatch):
     from launch.distributed import free_port
     from pipeline.models import load_pretrained
     from tests.helpers_pretrain import fixed_tokens
@@ -236,6 +251,14 @@ def test_two_ranks_train_and_export_matches_the_training_model(stage, dataset, t
     torch.testing.assert_close(logits, torch.load(tmp_path / "logits.pt"), rtol=1e-5, atol=1e-5)
     meta = json.loads((export / "config.json").read_text())
     assert meta["source"]["step"] == 30 and meta["vocab_size"] == 256
+    # the same directory in transformers (no network), with the training model's logits
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+    hf = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(fixed_tokens(model.vocab_size)).logits, logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["stream", "shuffle"])
@@ -252,6 +275,12 @@ def test_resume_after_kill_9_gives_the_same_losses(mode, dataset, tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     done = run(pretrain_cmd(ref, dataset, *common))
     assert done.returncode == 0, done.stderr[-3000:]
+    # The console: rnnpipe's lines and the summary, nothing of DeepSpeed's.
+    assert_quiet_console(done)
+    assert "pretrain done: step 16/16, 2,048 tokens seen, wall time" in done.stdout, done.stdout
+    assert (
+        "best valid" in done.stdout and f"curves: tensorboard --logdir {ref / 'tensorboard'}" in done.stdout
+    )
 
     proc = subprocess.Popen(
         pretrain_cmd(cut, dataset, *common),
@@ -268,6 +297,8 @@ def test_resume_after_kill_9_gives_the_same_losses(mode, dataset, tmp_path):
     resumed = run(pretrain_cmd(cut, dataset, *common))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "step00000008" in resumed.stderr
+    assert "pretrain done: step 16/16 (8 this launch, resumed from step 8)" in resumed.stdout, resumed.stdout
+    assert_quiet_console(resumed)
     a, b = losses(ref), losses(cut)
     assert sorted(b) == list(range(1, 17))  # no step twice in metrics.jsonl
     for step in range(9, 17):

@@ -308,7 +308,8 @@ def test_every_output_records_its_code_and_versions(finished):
 
     events = EventAccumulator(str(finished / "pretrain" / "tensorboard")).Reload()
     assert "provenance/text_summary" in events.Tags()["tensors"]
-    start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    session = EventAccumulator(str(finished / "pretrain" / "tensorboard" / "hparams")).Reload()
+    start = session.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
     assert {"model.d_model", "optim.lr", "code.version", "code.dirty", "world_size", "fingerprint"} <= set(
         hparams

@@ -251,7 +251,7 @@ def encode_unit(task: EncodeTask, report: Report) -> dict[str, Any]:
     handles: dict[str, dict[str, Any]] = {}
     try:
         for piece in pieces:
-            ids, nbytes = tok.encode(piece.data)
+            ids, nbytes = tok.encode_with_lengths(piece.data)
             if task.extracted:
                 report(len(piece.data))
             split = piece.split

@@ -1,11 +1,12 @@
 """Tokenizers: bytes, char and sentencepiece, with exact byte counts per token.
 
-``encode`` returns the token ids and, per token, the number of UTF-8 bytes of text it stands for
-(0 for the end-of-document id), so a shard's byte count is exact for any tokenizer and later
-stages report bits per byte. ``decode(encode(x)) == x`` for every tokenizer: char and bytes by
-construction, sentencepiece because it is trained with identity normalization, no dummy prefix,
-no whitespace folding and byte fallback (a literal U+2581 is the one exception: sentencepiece
-uses that symbol for the space).
+``encode`` returns the token ids (1-D int64, what a model reads); ``encode_with_lengths`` also
+returns, per token, the number of UTF-8 bytes of text it stands for (0 for the end-of-document
+id), so a shard's byte count is exact for any tokenizer and later stages report bits per byte.
+``decode(encode(x)) == x`` for every tokenizer: char and bytes by construction, sentencepiece
+because it is trained with identity normalization, no dummy prefix, no whitespace folding and
+byte fallback (a literal U+2581 is the one exception: sentencepiece uses that symbol for the
+space).
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ class Tokenizer:
     vocab_size: int
     eod_id: int | None = None
 
-    def encode(self, text: str | bytes) -> tuple[np.ndarray, np.ndarray | None]:
+    def encode(self, text: str | bytes) -> np.ndarray:
+        """The token ids of ``text``: int64 [n], one sequence (``torch.tensor(ids)[None]``: a batch of 1)."""
+        # One array, not a tuple: a tuple given to torch.tensor would silently become a 2-row batch.
+        return np.asarray(self.encode_with_lengths(text)[0], dtype=np.int64)
+
+    def encode_with_lengths(self, text: str | bytes) -> tuple[np.ndarray, np.ndarray | None]:
         """(ids [n] of an integer dtype, UTF-8 bytes per token uint8 [n] or None where each is 1 byte)."""
         raise NotImplementedError
 
@@ -51,7 +57,7 @@ class ByteTokenizer(Tokenizer):
     kind = "bytes"
     vocab_size = 256
 
-    def encode(self, text):
+    def encode_with_lengths(self, text):
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         return np.frombuffer(data, dtype=np.uint8), None
 
@@ -84,7 +90,7 @@ class CharTokenizer(Tokenizer):
             [c.encode("utf-8") for c in self.symbols] + [b""] * int(eod) + ["\ufffd".encode()] * int(unk)
         )
 
-    def encode(self, text):
+    def encode_with_lengths(self, text):
         if isinstance(text, (bytes, bytearray, memoryview)):
             text = bytes(text).decode("utf-8")
         cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
@@ -145,6 +151,12 @@ class SentencePieceTokenizer(Tokenizer):
         self._lengths = lengths
 
     def encode(self, text):
+        if isinstance(text, (bytes, bytearray, memoryview)):
+            text = bytes(text).decode("utf-8")
+        # The ids alone: no byte counts, so no second (proto) pass where the fast count is off.
+        return np.asarray(self.sp.encode(text), dtype=np.int64)
+
+    def encode_with_lengths(self, text):
         if isinstance(text, (bytes, bytearray, memoryview)):
             text = bytes(text).decode("utf-8")
         ids = np.asarray(self.sp.encode(text), dtype=np.int64)

@@ -2,11 +2,13 @@
 
 One row per (task, init, other hyper-parameters, backbone): mean ± sample standard deviation over
 seeds of the task's main metric on dev and test (accuracy %, conlleval F1 %, or per-word perplexity;
-for language modelling also test bits per byte). Each row names the backbone its jobs fine-tuned
-(the exported weights' sha256 and step), so results of different pretrained models never share a
-row. Written as ``results.md``, ``results.csv`` and ``results.json`` (the rows, which results they
-came from and a fingerprint of them) in DIR, and to TensorBoard's hparams view under
-``DIR/tensorboard-hparams`` (one run per job).
+for language modelling also test bits per byte); a row of one seed shows its value alone. Each row
+names the backbone its jobs fine-tuned (the exported weights' sha256 and step), so results of
+different pretrained models never share a row. Written as ``results.md``, ``results.csv`` and
+``results.json`` (the rows, which results they came from and a fingerprint of them) in DIR, and to
+TensorBoard's hparams view under ``DIR/tensorboard-hparams``: one session per job with the values
+the table shows, as ``hparam/<task>/dev_<metric>``, ``hparam/<task>/test_<metric>`` (and for
+language modelling ``hparam/<task>/test_bpb``), so that each task's metric has columns of its own.
 """
 
 from __future__ import annotations
@@ -43,11 +45,25 @@ def find_results(root: str) -> list[dict[str, Any]]:
 
 
 def _fmt(values: list[float]) -> str:
+    """``82.00 ± 2.00`` (mean ± sample standard deviation); one value alone (its spread is not
+    known, not 0); ``—`` for none."""
     if not values:
         return "—"
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {std:.2f}"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table_values(res: dict[str, Any]) -> dict[str, float]:
+    """What the table shows of one result: ``dev`` and ``test`` (the task's metric) and, for
+    language modelling, ``test_bpb``; a split without labels (or without the metric) is left out."""
+    metric, test = res["metric"], res.get("test") or {}
+    out = {"dev": float(res["dev"][metric])}
+    if metric in test:
+        out["test"] = float(test[metric])
+    if "bpb" in test:
+        out["test_bpb"] = float(test["bpb"])
+    return out
 
 
 def _others(res: dict[str, Any]) -> str:
@@ -75,9 +91,10 @@ def table(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (task, init, others, backbone), rs in sorted(groups.items()):
         metric = rs[0]["metric"]
-        dev = [r["dev"][metric] for r in rs]
-        test = [r["test"][metric] for r in rs if r.get("test")]
-        bpb = [r["test"]["bpb"] for r in rs if r.get("test") and "bpb" in r["test"]]
+        shown = [table_values(r) for r in rs]
+        dev = [v["dev"] for v in shown]
+        test = [v["test"] for v in shown if "test" in v]
+        bpb = [v["test_bpb"] for v in shown if "test_bpb" in v]
         rows.append(
             {
                 "task": task,
@@ -112,21 +129,28 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def hparams_metrics(res: dict[str, Any]) -> dict[str, float]:
+    """One result's metrics in the hparams view: the values the table shows, each task's under
+    tags of its own (``hparam/conll/dev_f1``), so no column mixes two tasks' metrics."""
+    task, metric = res["task"], res["metric"]
+    names = {"dev": f"dev_{metric}", "test": f"test_{metric}", "test_bpb": "test_bpb"}
+    return {f"hparam/{task}/{names[k]}": v for k, v in table_values(res).items()}
+
+
 def _hparams_view(root: str, results: list[dict[str, Any]]) -> None:
-    from torch.utils.tensorboard import SummaryWriter
+    """``DIR/tensorboard-hparams/<job>``: one hparams session per job (see
+    :func:`pipeline.train.metrics.write_session`), rebuilt from the results every time."""
+    from pipeline.train.metrics import write_session
 
     base = fsio.join(fsio.absolute(root), "tensorboard-hparams")
     if fsio.exists(base):
-        fsio.remove(base, recursive=True)  # derived from the results: rebuilt every time
+        fsio.remove(base, recursive=True)  # a job no longer in the results leaves no session behind
     for r in results:
-        hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in r["hparams"].items()}
+        hp = dict(r["hparams"])
         hp.update(task=r["task"], init=r["init"], seed=r["seed"], backbone=backbone_label(r))
         if r.get("provenance"):
             hp["code"] = describe_code(r["provenance"]["code"])
-        metrics = {f"hparam/dev_{k}": float(v) for k, v in r["dev"].items()}
-        metrics.update({f"hparam/test_{k}": float(v) for k, v in (r.get("test") or {}).items()})
-        with SummaryWriter(str(Path(base) / Path(r["dir"]).name)) as w:
-            w.add_hparams(hp, metrics, run_name=".")
+        write_session(Path(base) / Path(r["dir"]).name, hp, hparams_metrics(r))
 
 
 def collect(root: str, results: list[dict[str, Any]] | None = None) -> tuple[str, list[dict[str, Any]]]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.config import check_range, config_key
 from pipeline.errors import ConfigError
+from pipeline.train.config import WandbConfig
 
 
 class TaskKind(Enum):
@@ -108,6 +109,9 @@ class JobSpec:
     patience: int = 3  # stop after this many evaluations without a better dev metric (0 = never)
     dropout: float = -1.0  # backbone dropout; -1 = the pretrained config's
     save_model: bool = False  # also write the best weights as model.pt (a state dict) in the job dir
+    # W&B beside TensorBoard: one run per job (named after the job, grouped by the sweep's
+    # directory unless group is set); not part of the job's identity
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> None:
         """Check every value's range (a ConfigError names the key)."""

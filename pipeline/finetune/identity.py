@@ -21,7 +21,7 @@ from pipeline.finetune.config import JobConfig
 from pipeline.models.exported import backbone_identity
 
 RESULT, CHECKPOINT = "result.json", "checkpoint.pt"
-NOT_CONTENT = ("out_dir", "pretrained", "hparams")
+NOT_CONTENT = ("out_dir", "pretrained", "hparams", "wandb")  # wandb: where metrics go, not what
 TASK_FILES = ("train", "dev", "test")
 
 _hashes: dict[tuple[str, int, int], str] = {}

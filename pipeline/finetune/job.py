@@ -17,6 +17,7 @@ RNNPIPE_TEST_STEP_DELAY (seconds slept after each step) exists for tests that ki
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -26,6 +27,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import fsio
-from pipeline.config import fingerprint, to_dict
+from pipeline.config import fingerprint, flatten, to_dict
 from pipeline.errors import PipelineError
 from pipeline.finetune import tasks
 from pipeline.finetune.config import Init, JobConfig, TaskKind
@@ -48,6 +50,7 @@ from pipeline.provenance import provenance
 from pipeline.train.checkpoint import load_state, save_state
 from pipeline.train.data import IGNORE, StreamBatches
 from pipeline.train.evaluate import evaluate as evaluate_stream
+from pipeline.train.metrics import Metrics, Tags
 from pipeline.train.signals import StopFlag
 from pipeline.train.state import FinetuneState
 
@@ -56,6 +59,20 @@ LOG = "log.txt"
 EVAL_BATCH, EVAL_STREAMS = 64, 8
 HIGHER_IS_BETTER = {TaskKind.classification: True, TaskKind.tagging: True, TaskKind.lm: False}
 PRIMARY = {TaskKind.classification: "accuracy", TaskKind.tagging: "f1", TaskKind.lm: "ppl"}
+# What :func:`evaluate` returns for each kind of task.
+METRICS = {
+    TaskKind.classification: ("accuracy",),
+    TaskKind.tagging: ("f1", "precision", "recall", "accuracy"),
+    TaskKind.lm: ("ppl", "bpb", "loss"),
+}
+
+
+def tensorboard_tags(kind: TaskKind) -> Tags:
+    """What a job of ``kind`` logs to its ``tensorboard/`` (docs/finetune.md lists them)."""
+    names = METRICS[kind]
+    dev = [f"dev/{m}" for m in names]
+    final = [f"final/{split}_{m}" for split in ("dev", "test") for m in names]
+    return Tags(frozenset(["train/loss", "train/grad_norm", "train/lr", *dev, *final]))
 
 
 @dataclass
@@ -267,9 +284,12 @@ def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-    from torch.utils.tensorboard import SummaryWriter
-
-    tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=st.step + 1 if st.step else None)
+    # TensorBoard in tensorboard/, events past the checkpoint's step purged on resume
+    # W&B (when a project is set): one run per job, grouped by the sweep's directory
+    wandb = dataclasses.replace(cfg.wandb, group=cfg.wandb.group or Path(out).parent.parent.name)
+    hp = {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith("wandb.")}
+    tags = tensorboard_tags(kind)
+    tb = Metrics(Path(out), True, st.step, cfg.max_steps, tags=tags, jsonl=False, wandb=wandb, config=hp)
     delay = float(os.environ.get("RNNPIPE_TEST_STEP_DELAY", "0"))
     n_train = len(data.train) if kind is not TaskKind.lm else 0
     steps_per_epoch = math.ceil(n_train / cfg.batch_size) if n_train else 0
@@ -337,9 +357,8 @@ def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
             st.step += 1
             step = st.step
             if step % 10 == 0 or step == 1:
-                tb.add_scalar("train/loss", loss.item(), step)
-                tb.add_scalar("train/grad_norm", float(grad_norm), step)
-                tb.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
+                logged = {"train/loss": loss.item(), "train/grad_norm": float(grad_norm)}
+                tb.scalars(step, {**logged, "train/lr": opt.param_groups[0]["lr"]})
             if delay:
                 time.sleep(delay)
             if interrupt:
@@ -350,8 +369,7 @@ def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
             if step % cfg.eval_every and step < cfg.max_steps:
                 continue
             dev = evaluate(model, data, data.dev, device)
-            for k, v in dev.items():
-                tb.add_scalar(f"dev/{k}", v, step)
+            tb.scalars(step, {f"dev/{k}": v for k, v in dev.items()})
             score = dev[metric]
             if st.best is None or (score > st.best if higher else score < st.best):
                 st.best, st.best_step, st.bad = score, step, 0
@@ -384,8 +402,7 @@ def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
     dev = evaluate(model, data, data.dev, device)
     test = evaluate(model, data, data.test, device) if data.test else None
     for split, m in (("dev", dev), ("test", test or {})):
-        for k, v in m.items():
-            tb.add_scalar(f"final/{split}_{k}", v, st.step)
+        tb.scalars(st.step, {f"final/{split}_{k}": v for k, v in m.items()})
     tb.close()
     result = {
         "task": cfg.task,

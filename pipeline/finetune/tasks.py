@@ -115,7 +115,7 @@ def read_lm_lines(path: str, limit: int = 0) -> list[str]:
 
 
 def _encode(tok: Tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
-    ids, nbytes = tok.encode(text)
+    ids, nbytes = tok.encode_with_lengths(text)
     if nbytes is None:
         nbytes = np.ones(len(ids), dtype=np.int64)
     return np.asarray(ids, dtype=np.int64), np.asarray(nbytes, dtype=np.int64)

@@ -1,12 +1,16 @@
-"""Loading an exported model (``rnnpipe export``) without DeepSpeed.
+"""Writing and loading an exported model (``rnnpipe export``) without DeepSpeed.
 
 An export directory holds ``model.safetensors`` (fp32), ``config.json`` (the model config, the
-vocabulary size and the tokenizer's description) and ``tokenizer/`` (its model file, if any).
+vocabulary size, the tokenizer's description, where the weights came from, and the keys
+``transformers`` reads), ``tokenizer/`` (rnnpipe's tokenizer file, if any), and what
+``AutoModelForCausalLM``/``AutoTokenizer`` need (see :mod:`pipeline.models.hf`). Files get the
+user's umask (0644 under the usual 022), so colleagues on a shared cluster can read them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ from pipeline.data.tokenizers import Tokenizer, tokenizer_from_manifest
 from pipeline.errors import PipelineError
 from pipeline.models.config import ModelConfig
 from pipeline.models.exported import CONFIG, WEIGHTS
+from pipeline.models.hf.files import hf_config_keys, hf_files
 from pipeline.models.lm import LanguageModel
 
 
@@ -40,6 +45,12 @@ def inside(root: Path, rel: str) -> Path:
     return Path(root) / rel
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_pretrained(
     out: str | Path,
     state: dict[str, torch.Tensor],
@@ -50,24 +61,29 @@ def save_pretrained(
 ) -> Path:
     """Write an export directory: ``state`` (a LanguageModel's state dict) as fp32 safetensors,
     ``model`` (the ModelConfig as plain values), the tokenizer's manifest entry and its files
-    (path relative to ``out`` -> content), and where it came from."""
+    (path relative to ``out`` -> content), where it came from, and the Hugging Face files."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    files = dict(tokenizer_files or {})
+    tok = tokenizer_from_manifest({"tokenizer": tokenizer}, lambda rel: files[rel])
     state = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
     if model.get("tie_embeddings", True):
         state.pop("head.weight", None)
-    step = str((source or {}).get("step", ""))
-    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "step": step})
+    # One metadata key: safetensors writes its metadata map in a random order, and two keys would
+    # give identical weights two sha256s (the step is in config.json's source)
+    save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
+    os.chmod(out / WEIGHTS, 0o666 & ~_umask())  # safetensors creates its file 0600
     # The weights' own identity, recorded once: what fine-tune results name as their backbone.
     sha, size = fsio.sha256_of(str(out / WEIGHTS))
     # (size and mtime let a reader trust the recorded sha256 without re-hashing an unchanged file)
     mtime = (out / WEIGHTS).stat().st_mtime_ns
     source = {**(source or {}), "weights_sha256": sha, "weights_size": size, "weights_mtime_ns": mtime}
-    for rel, data in (tokenizer_files or {}).items():
+    for rel, data in {**files, **hf_files(tok)}.items():
         target = inside(out, rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
     meta = {
+        **hf_config_keys(model, tok),
         "model": model,
         "vocab_size": tokenizer["vocab_size"],
         "tokenizer": tokenizer,
@@ -84,6 +100,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Lan
     cfg = config_from_dict(ModelConfig, meta["model"], f"in {path / CONFIG}")
     model = LanguageModel(cfg, int(meta["vocab_size"]))
     state = load_file(str(path / WEIGHTS), device="cpu")
+    if state and all(k.startswith("model.") for k in state):  # re-saved by transformers' save_pretrained
+        state = {k[len("model.") :]: v for k, v in state.items()}
     if cfg.tie_embeddings:
         state["head.weight"] = state["embed.weight"]  # stored once: safetensors keeps no shared tensors
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from omegaconf import MISSING
 
-from pipeline.config import check_choice, check_range, config_diff, config_key, fingerprint, flatten
+from pipeline.config import (
+    check_choice,
+    check_range,
+    config_diff,
+    config_key,
+    fingerprint,
+    flatten,
+    to_dict,
+)
 from pipeline.errors import ConfigError
 from pipeline.models.config import ModelConfig
 
@@ -122,6 +132,49 @@ class TrainConfig:
             check_range(f"inject_nan_at[{i}]", micro_step, ge=0)
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases beside TensorBoard (rank 0): the same scalars and text, the config, the
+    final results in the run's summary. Needs ``pip install 'rnnpipe[wandb]'``."""
+
+    project: str = ""  # "" = off
+    entity: str = ""  # "" = W&B's default (your user)
+    name: str = ""  # "" = the run dir's name
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
+    mode: str = "online"  # online | offline (a local run for `wandb sync`) | disabled; $WANDB_MODE wins
+    dir: str = ""  # where W&B writes its files (under wandb/); "" = the run dir
+
+    def effective_mode(self) -> str:
+        """The mode W&B runs in: ``$WANDB_MODE`` when set to one of :data:`WANDB_MODES` (so a
+        cluster without internet can force offline), else ``mode``."""
+        env = os.environ.get("WANDB_MODE", "")
+        return env if env in WANDB_MODES else self.mode
+
+    def active(self) -> bool:
+        """Whether a W&B run is to be started."""
+        return bool(self.project) and self.effective_mode() != "disabled"
+
+    def validate(self) -> None:
+        """Check the mode, and that wandb is installed when a project is set (before any work)."""
+        check_choice("mode", self.mode, WANDB_MODES)
+        if self.active() and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                f"{config_key('project')}={self.project!r} logs to Weights & Biases, but wandb is not "
+                "installed: pip install 'rnnpipe[wandb]' (or leave the project empty)"
+            )
+
+
+@dataclass
+class MetricsConfig:
+    """Where metrics go besides TensorBoard and metrics.jsonl (which are always written)."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
 @dataclass
 class PretrainConfig:
     run_dir: str = MISSING
@@ -132,6 +185,7 @@ class PretrainConfig:
     # A raw DeepSpeed config fragment merged over the derived one (it wins), e.g.
     # {zero_optimization: {offload_optimizer: {device: cpu}}}.
     deepspeed: dict[str, Any] = field(default_factory=dict)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # logging only: not the run's identity
 
     def validate(self) -> None:
         """Check the run dir; resolve the attention memory stream mode needs."""
@@ -199,6 +253,9 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ identity, resume
 
+# The logging settings (metrics.wandb.project, ...) with their defaults, as dotted keys.
+METRICS_DEFAULTS: dict[str, Any] = flatten({"metrics": to_dict(MetricsConfig())})
+
 # Keys that cannot change the trained weights: where the run lives, how it is watched and paced.
 # Everything else, with the dataset's content and the world size, is the run's identity.
 NOT_CONTENT = (
@@ -217,6 +274,7 @@ NOT_CONTENT = (
     "train.peak_tflops",
     "train.max_nonfinite",
     "train.activation_checkpointing",  # recomputes the same activations
+    *METRICS_DEFAULTS,  # where metrics are sent
 )
 # The data order in shuffle mode depends on these; stream mode reads every stream in order.
 SHUFFLE_ONLY = ("data.seed", "data.workers")
@@ -239,7 +297,7 @@ def _neutral(cfg: dict[str, Any]) -> set[str]:
 # Keys added after runs were recorded without them, with the default that means "as before": an
 # older checkpoint's header without one has that value, and at that value the key is left out of
 # the identity, so adding it changed no run's fingerprint.
-ADDED_KEYS: dict[str, Any] = {"train.init_from": "", "data.verify": "sizes"}
+ADDED_KEYS: dict[str, Any] = {"train.init_from": "", "data.verify": "sizes", **METRICS_DEFAULTS}
 
 
 def run_view(cfg: dict[str, Any], dataset: str, world_size: int) -> dict[str, Any]:

@@ -1,17 +1,94 @@
-"""Evaluation with the state carried through a whole split (as the enwik8 literature does)."""
+"""Evaluation with the state carried through a whole split (as the enwik8 literature does).
+
+A long evaluation (a whole split at the end of training) says how far it is: rank 0 logs a line
+every tenth of the split, but no more than one per half minute (a short one logs none).
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.train.data import IGNORE, SplitReader, eval_batches
+from pipeline.train.data import IGNORE, SplitReader, eval_batches, stream_bounds
+
+log = logging.getLogger("rnnpipe.train")
+PROGRESS_FRACTION = 0.1  # a progress line per this share of the batches ...
+PROGRESS_MIN_S = 30.0  # ... and at least this long after the previous one
+
+
+def eval_batch_count(
+    tokens: int, world: int, streams_per_rank: int, seq_len: int, max_tokens: int = 0
+) -> int:
+    """How many batches :func:`pipeline.train.data.eval_batches` yields on a split of ``tokens``
+    tokens: its arithmetic (the longest of world × streams contiguous streams, in seq_len steps),
+    without reading the split."""
+    total = tokens if not max_tokens else min(tokens, max_tokens)
+    longest = int(np.diff(stream_bounds(total - 1, world * streams_per_rank)).max())
+    return math.ceil(longest / seq_len)
+
+
+def split_name(reader: SplitReader) -> str:
+    """The name of the reader's split (``valid``, ``test``), for the progress lines; "evaluation"
+    when it cannot be told."""
+    name = getattr(reader, "split", None)
+    if isinstance(name, str):
+        return name
+    where = getattr(reader, "_where", None)  # (url, offset, tokens) per sample: the first shard's url
+    if where:
+        first = str(where[0][0])
+        for split, info in getattr(reader, "manifest", {}).get("splits", {}).items():
+            shards = info.get("shards") or []
+            if shards and first.endswith("/" + str(shards[0].get("path", ""))):
+                return split
+    return "evaluation"
+
+
+class _Progress:
+    """Rank 0's progress lines over ``total`` batches: one when a further :data:`PROGRESS_FRACTION`
+    is done and :data:`PROGRESS_MIN_S` have passed since the last (or the start), with the speed
+    (rank 0's targets × world: the streams differ by at most a token each) and the time left."""
+
+    def __init__(self, name: str, total: int, world: int, every_s: float, fraction: float):
+        self.name, self.total, self.world = name, total, world
+        self.every_s, self.step = every_s, max(1, math.ceil(total * fraction))
+        self.start = self.last = time.perf_counter()
+        self.next = self.step
+        self.targets = 0
+
+    def update(self, done: int, targets: int) -> None:
+        self.targets += targets
+        if done < self.next or done >= self.total:  # (the last batch: the result's line follows)
+            return
+        now = time.perf_counter()
+        if now - self.last < self.every_s:
+            return
+        self.next = (done // self.step + 1) * self.step
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        log.info(
+            "%s: %d/%d batches (%.0f%%) | %s tok/s | eta %s",
+            self.name,
+            done,
+            self.total,
+            100 * done / self.total,
+            f"{self.targets * self.world / elapsed:,.0f}",
+            _duration(elapsed / done * (self.total - done)),
+        )
+
+
+def _duration(seconds: float) -> str:
+    s = int(max(0, seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 @torch.no_grad()
@@ -26,6 +103,7 @@ def evaluate(
     max_tokens: int = 0,
     should_stop: Callable[[], bool] | None = None,
     check_every: int = 16,
+    progress_every_s: float = PROGRESS_MIN_S,
 ) -> dict[str, float] | None:
     """Loss (nats per token), bits per byte and perplexity of ``model`` on a split.
 
@@ -37,12 +115,19 @@ def evaluate(
     ``should_stop`` is asked every ``check_every`` batches (all ranks agree): when it says yes —
     a preemption signal arrived — the evaluation is abandoned and ``None`` returned, so that the
     job can still checkpoint and requeue within the signal's grace period.
+
+    Rank 0 logs its progress (:class:`_Progress`; ``progress_every_s``: the least time between two
+    lines); the results do not depend on it.
     """
     was_training = model.training
     model.eval()
     state = None
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # nats, targets
     delay = float(os.environ.get("RNNPIPE_TEST_EVAL_DELAY", "0"))  # tests: a slow evaluation
+    progress = None
+    if rank == 0:
+        total = eval_batch_count(reader.tokens, world, streams, seq_len, max_tokens)
+        progress = _Progress(split_name(reader), total, world, progress_every_s, PROGRESS_FRACTION)
     for i, batch in enumerate(eval_batches(reader, rank, world, streams, seq_len, max_tokens)):
         if should_stop is not None and i % check_every == check_every - 1 and _anyone(should_stop(), device):
             model.train(was_training)
@@ -55,6 +140,8 @@ def evaluate(
             logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
         ).double()
         totals[1] += (targets != IGNORE).sum()
+        if progress is not None:  # (batch.targets: counted on the CPU, no wait for the device)
+            progress.update(i + 1, batch.targets)
     if dist.is_initialized():
         dist.all_reduce(totals)
     model.train(was_training)

@@ -162,7 +162,7 @@ def _train(
             _recompute_schedule(engine, rank)
 
     start = engine.global_steps
-    metrics = Metrics(run_dir, rank == 0, start, t.steps)
+    metrics = Metrics(run_dir, rank == 0, start, t.steps, wandb=cfg.metrics.wandb, config=values)
     if rank == 0:
         fsio.write_text_atomic(str(run_dir / "provenance.json"), json.dumps(prov, indent=1) + "\n")
         metrics.text(start, "provenance", "```\n" + json.dumps(prov, indent=1) + "\n```")

@@ -1,0 +1,154 @@
+"""``tokenizer.json`` (the ``tokenizers`` format that ``AutoTokenizer`` loads) for every rnnpipe
+tokenizer, giving the same ids as rnnpipe's own ``encode``:
+
+- bytes: 256 byte tokens, id = byte value (byte-level pre-tokenizer, no merges);
+- char: one token per symbol of the training alphabet, the end-of-document id as a special token
+  and, where the vocabulary has one, U+FFFD as the unknown token;
+- sentencepiece: the model's pieces and scores (unigram or BPE), spaces as U+2581, byte fallback.
+
+Checked against rnnpipe's tokenizers in tests/test_hf_export.py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tokenizers import Tokenizer as FastTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+from pipeline.data.tokenizers import ByteTokenizer, CharTokenizer, SentencePieceTokenizer, Tokenizer
+
+EOD_TOKEN = "<|endoftext|>"  # the char tokenizer's end-of-document id has no text of its own
+
+
+class UnsupportedTokenizer(ValueError):
+    """No ``tokenizer.json`` can reproduce this tokenizer's ids."""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte → printable character table, which the byte-level pre-tokenizer uses."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _bytes_json() -> tuple[FastTokenizer, dict[str, Any]]:
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = FastTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok, {}
+
+
+def _char_json(t: CharTokenizer) -> tuple[FastTokenizer, dict[str, Any]]:
+    vocab = {s: i for i, s in enumerate(t.symbols)}
+    special: dict[str, Any] = {}
+    unk = None
+    if t.unk_id is not None:
+        unk = "\ufffd" if "\ufffd" not in vocab else "<unk>"
+        vocab[unk] = t.unk_id
+        if unk != "\ufffd":  # U+FFFD decodes as itself, as rnnpipe's unk does: not a special token
+            special["unk_token"] = unk
+    if t.eod_id is not None:
+        vocab[EOD_TOKEN] = t.eod_id
+        special["eos_token"] = EOD_TOKEN
+    # BPE without merges over the whole text splits it into characters: one token per symbol
+    tok = FastTokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
+    tok.decoder = decoders.Fuse()
+    return tok, special
+
+
+def _bpe_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """The merges of a sentencepiece BPE model: every split of a piece into two pieces, ranked by
+    the merged piece's id (sentencepiece's BPE ids follow its merge order), then the halves' ids."""
+    merges = []
+    for piece, pid in vocab.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                merges.append((pid, vocab[left], vocab[right], left, right))
+    return [(left, right) for *_, left, right in sorted(merges)]
+
+
+def _spm_json(t: SentencePieceTokenizer) -> tuple[FastTokenizer, dict[str, Any]]:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(t.model_proto)
+    norm = proto.normalizer_spec
+    if norm.name != "identity" or norm.add_dummy_prefix or norm.remove_extra_whitespaces:
+        raise UnsupportedTokenizer(
+            f"its normalizer ({norm.name!r}, add_dummy_prefix={norm.add_dummy_prefix}, "
+            f"remove_extra_whitespaces={norm.remove_extra_whitespaces}) is not the identity rnnpipe "
+            "trains with, so a tokenizers file could give other ids"
+        )
+    sp = t.sp
+    n = sp.get_piece_size()
+    # pieces that sentencepiece never matches in text (control, unknown, byte pieces) stay out of
+    # the BPE merges; a unigram lattice cannot exclude them: their names typed in text, such as
+    # "</s>" or "<0x41>", become those pieces (docs/evaluation.md)
+    text_piece = [not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)) for i in range(n)]
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(n)]
+    unk_id = sp.unk_id()
+    byte_fallback = proto.trainer_spec.byte_fallback
+    if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
+        vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+        merges = _bpe_merges({p: i for p, i in vocab.items() if text_piece[i]})
+        model = models.BPE(
+            vocab=vocab,
+            merges=merges,
+            unk_token=pieces[unk_id][0],
+            fuse_unk=True,
+            byte_fallback=byte_fallback,
+        )
+    else:
+        model = models.Unigram(pieces, unk_id=unk_id, byte_fallback=byte_fallback)
+    tok = FastTokenizer(model)
+    # rnnpipe trains with identity normalization and no dummy prefix: only the space becomes ▁
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    decs = [decoders.Replace("\u2581", " ")]
+    if byte_fallback:
+        decs.append(decoders.ByteFallback())
+    tok.decoder = decoders.Sequence([*decs, decoders.Fuse()])
+    special = {"unk_token": pieces[unk_id][0]}
+    if t.eod_id is not None:
+        special["eos_token"] = pieces[t.eod_id][0]
+    return tok, special
+
+
+def tokenizer_files(t: Tokenizer) -> dict[str, bytes]:
+    """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` for ``t``."""
+    if isinstance(t, ByteTokenizer):
+        fast, special = _bytes_json()
+    elif isinstance(t, CharTokenizer):
+        fast, special = _char_json(t)
+    elif isinstance(t, SentencePieceTokenizer):
+        fast, special = _spm_json(t)
+    else:
+        raise TypeError(f"no Hugging Face tokenizer for {type(t).__name__}")
+    for content in special.values():
+        fast.add_special_tokens([content])  # already in the vocabulary: this marks them special
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 1 << 30,  # a recurrent model has no context limit of its own
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        # "<|endoftext|>" or "</s>" typed in text is text, as for rnnpipe's tokenizers
+        "split_special_tokens": True,
+        "rnnpipe_kind": t.kind,
+        **special,
+    }
+    return {
+        "tokenizer.json": fast.to_str(pretty=True).encode("utf-8"),
+        "tokenizer_config.json": (json.dumps(config, indent=1, ensure_ascii=False) + "\n").encode("utf-8"),
+        "special_tokens_map.json": (json.dumps(special, indent=1, ensure_ascii=False) + "\n").encode("utf-8"),
+    }
