@@ -46,6 +46,7 @@ from pipeline.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, early
 
 log = logging.getLogger("rnnpipe")
 NAME = "pretrain"
+Job = PretrainJob  # the stage protocol's config class (launch.stage)
 # What overwrite=true removes: everything a pretrain run writes into its run dir.
 RUN_OUTPUTS = (
     *("checkpoints", "export", "tensorboard", "metrics.jsonl", "provenance.json"),

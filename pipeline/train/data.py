@@ -59,6 +59,7 @@ class SplitReader:
         manifest = read_manifest(root)
         if split not in manifest["splits"]:
             raise PipelineError(f"{root} has no {split} split (it has {', '.join(manifest['splits'])})")
+        self.split = split  # its name: valid, test, train (evaluation's progress lines say it)
         info = manifest["splits"][split]
         self.root = root
         self.manifest = manifest

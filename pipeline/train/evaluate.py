@@ -37,18 +37,9 @@ def eval_batch_count(
 
 def split_name(reader: SplitReader) -> str:
     """The name of the reader's split (``valid``, ``test``), for the progress lines; "evaluation"
-    when it cannot be told."""
+    for a reader without one (fine-tuning's in-memory streams)."""
     name = getattr(reader, "split", None)
-    if isinstance(name, str):
-        return name
-    where = getattr(reader, "_where", None)  # (url, offset, tokens) per sample: the first shard's url
-    if where:
-        first = str(where[0][0])
-        for split, info in getattr(reader, "manifest", {}).get("splits", {}).items():
-            shards = info.get("shards") or []
-            if shards and first.endswith("/" + str(shards[0].get("path", ""))):
-                return split
-    return "evaluation"
+    return name if isinstance(name, str) else "evaluation"
 
 
 class _Progress:

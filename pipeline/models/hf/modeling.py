@@ -138,6 +138,18 @@ class RnnpipeForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> RnnpipeForCausalLM:
+        """transformers' loading, then every weight in memory of its own: the tensors transformers
+        hands over can sit in storage (views of what it read) on which torch's CPU kernels round
+        differently (ATR's and GRU's matrix products did), so the logits would only be close to
+        :func:`pipeline.models.load_pretrained`'s; with own copies they are equal bit for bit."""
+        model = super().from_pretrained(*args, **kwargs)
+        with torch.no_grad():
+            for p in model.parameters():  # (a tied weight is one parameter: copied once, still tied)
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+        return model
+
+    @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the cache is the recurrent state: made by forward, not a KV DynamicCache
 
