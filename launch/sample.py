@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import check_range, config_from_dict
+from pipeline.config import check_range
 from pipeline.data.tokenizers import SentencePieceTokenizer, Tokenizer, tokenizer_from_manifest
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.models.config import ModelConfig
 from pipeline.models.lm import LanguageModel
 
 log = logging.getLogger("rnnpipe")
@@ -100,18 +99,10 @@ def load(source: str | Path, device: torch.device) -> tuple[LanguageModel, Token
         from pipeline.train.export import consolidate
 
         c = consolidate(path)
-        cfg = config_from_dict(ModelConfig, c.config["model"], f"in the config of {c.checkpoint}")
+        from pipeline.models.pretrained import model_from_state
+
         tok = tokenizer_from_manifest({"tokenizer": c.tokenizer}, lambda rel: c.tokenizer_files[rel])
-        model = LanguageModel(cfg, int(c.tokenizer["vocab_size"]))
-        state = dict(c.state)
-        if cfg.tie_embeddings:  # one matrix under two names: either may be the one that was saved
-            state.setdefault("head.weight", state.get("embed.weight"))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise PipelineError(
-                f"{c.checkpoint} does not match its run's model config: missing {missing}, "
-                f"unexpected {unexpected}"
-            )
+        model = model_from_state(c.config["model"], c.tokenizer["vocab_size"], c.state, str(c.checkpoint))
         step = c.header.get("step")
         return model.to(device).eval(), tok, f"{path}, checkpoint {c.checkpoint.name} (step {step})"
     found = "does not exist" if not path.exists() else "has neither config.json nor checkpoints/"

@@ -91,12 +91,9 @@ def checkpoint_step(run_dir: str | Path) -> int:
 
 def duration(seconds: float) -> str:
     """``3h05m``, ``4m02s``, ``12.3s``."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    s = int(seconds)
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+    from pipeline.train.metrics import duration as minutes  # (the console's ETA format)
+
+    return f"{seconds:.1f}s" if seconds < 60 else minutes(seconds)
 
 
 def outcome(code: int, nothing_to_do: bool = False) -> str:

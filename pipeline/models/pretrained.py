@@ -93,23 +93,32 @@ def save_pretrained(
     return out
 
 
+def model_from_state(
+    model: dict[str, Any], vocab_size: int, state: dict[str, torch.Tensor], where: str
+) -> LanguageModel:
+    """A LanguageModel built from its config (plain values) and loaded with ``state``, which
+    must match it (a tied output layer may be absent); PipelineError naming ``where`` otherwise."""
+    cfg = config_from_dict(ModelConfig, model, f"in {where}")
+    lm = LanguageModel(cfg, int(vocab_size))
+    state = dict(state)
+    if cfg.tie_embeddings:  # one matrix under two names: stored once (safetensors keeps no shared tensors)
+        state.setdefault("head.weight", state.get("embed.weight"))
+    missing, unexpected = lm.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise PipelineError(
+            f"{where} does not match its model config: missing {missing}, unexpected {unexpected}"
+        )
+    return lm
+
+
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> LanguageModel:
     """The exported model, in eval mode, with fp32 weights on ``device``."""
     path = Path(path)
     meta = _config(path)
-    cfg = config_from_dict(ModelConfig, meta["model"], f"in {path / CONFIG}")
-    model = LanguageModel(cfg, int(meta["vocab_size"]))
     state = load_file(str(path / WEIGHTS), device="cpu")
     if state and all(k.startswith("model.") for k in state):  # re-saved by transformers' save_pretrained
         state = {k[len("model.") :]: v for k, v in state.items()}
-    if cfg.tie_embeddings:
-        state["head.weight"] = state["embed.weight"]  # stored once: safetensors keeps no shared tensors
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise PipelineError(
-            f"{path / WEIGHTS} does not match its config: missing {missing}, unexpected {unexpected}"
-        )
-    return model.to(device).eval()
+    return model_from_state(meta["model"], meta["vocab_size"], state, str(path / WEIGHTS)).to(device).eval()
 
 
 def load_pretrained_tokenizer(path: str | Path) -> Tokenizer:

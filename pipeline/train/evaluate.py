@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.train.data import IGNORE, SplitReader, eval_batches, stream_bounds
+from pipeline.train.metrics import duration
 
 log = logging.getLogger("rnnpipe.train")
 PROGRESS_FRACTION = 0.1  # a progress line per this share of the batches ...
@@ -71,15 +72,8 @@ class _Progress:
             self.total,
             100 * done / self.total,
             f"{self.targets * self.world / elapsed:,.0f}",
-            _duration(elapsed / done * (self.total - done)),
+            duration(elapsed / done * (self.total - done)),
         )
-
-
-def _duration(seconds: float) -> str:
-    s = int(max(0, seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 @torch.no_grad()

@@ -67,7 +67,8 @@ PRETRAIN_HPARAMS = {"valid/bpb": "hparam/pretrain/valid_bpb", "test/bpb": "hpara
 PRETRAIN_TAGS = Tags(frozenset(PRETRAIN_SCALARS), frozenset(PRETRAIN_TEXTS), PRETRAIN_HPARAMS)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``1h05m`` or ``4m02s``: an ETA or a wall time on the console."""
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -257,7 +258,7 @@ class Metrics:
             values["train/grad_norm"],
             f"{values['train/tokens_per_s']:,.0f}",
             100 * values["train/mfu"],
-            _duration(eta),
+            duration(eta),
         )
 
     def close(self) -> None:
