@@ -71,5 +71,14 @@ bench: install
 		--budget-min 0 --write docs/benchmarks.md --plot docs/figures/pretrain-speed.png
 	$(BIN)/python benchmarks/kernels.py --tables kernels --repeats 2 --no-rnn --plot docs/figures/kernels-gbs.png
 
+# Recurrence added to a pretrained GPT-2 (seed 002), on this machine: stage 1 (gpt2-tiny-cpu.yaml,
+# 600 steps), then 7 stage-2 runs of 300 steps from its export (none and 3 variants at S = 64 and at
+# equal positions per pass), the section in docs/results.md and docs/figures/recurrence-convergence.png.
+# Sized for about 10-12 minutes on 2 quiet CPU cores; complete runs in $(BENCH_DIR)/recurrence are
+# reused. A check in minutes: python -m benchmarks.recurrence --quick (writes a "quick run" section).
+.PHONY: bench-recurrence
+bench-recurrence: install
+	$(BENCH_ENV) $(BIN)/python -m benchmarks.recurrence --data $(DATA) --runs $(BENCH_DIR)/recurrence
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -215,8 +215,15 @@ def load_curve(run_dir: str, label: str = "", cfg: dict[str, Any] | None = None)
 
 
 def run_label(cfg: dict[str, Any]) -> str:
-    """The model in a few words: mixer (+ attention every k for hybrids), layers × width."""
+    """The model in a few words: mixer (+ attention every k for hybrids), layers × width; a
+    huggingface-kind model: its backbone and the recurrence added to it."""
     model = cfg.get("model") or {}
+    if model.get("kind") == "huggingface":
+        hf, rec = model.get("hf") or {}, model.get("recurrence") or {}
+        name = hf.get("path") or hf.get("model_type") or "?"
+        parts = name.rstrip("/").split("/")
+        name = "/".join(parts[-2:]) if parts[-1] == "export" else parts[-1]  # an export: its run's name
+        return f"{name} + {rec.get('kind', 'none')}, segments of {rec.get('segment_len', '?')}"
     mixer = str(model.get("mixer", "?"))
     every = int(model.get("attention_every") or 0)
     if every and mixer != "attention":

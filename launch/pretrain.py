@@ -87,9 +87,13 @@ def _dataset(job: PretrainJob) -> dict[str, Any]:
 def fingerprint(job: PretrainJob) -> str:
     """The run's fingerprint, as the export would record it (needs the dataset)."""
     from pipeline.data.manifest import dataset_digest
+    from pipeline.models.backbone import backbone_digest
     from pipeline.train.config import run_fingerprint
 
-    return run_fingerprint(to_dict(stage_config(job)), dataset_digest(_dataset(job)), world_size(job))
+    cfg = stage_config(job)
+    return run_fingerprint(
+        to_dict(cfg), dataset_digest(_dataset(job)), world_size(job), backbone_digest(cfg.model)
+    )
 
 
 def is_complete(job: PretrainJob) -> bool:
@@ -145,6 +149,10 @@ def check(job: PretrainJob, upstream: Upstream | None = None) -> None:
             from pipeline.train import init_from
 
             init_from.check(stage_config(job), vocab, _dataset(job)["tokenizer"])
+        if job.model.kind.value == "huggingface":  # what the ranks would refuse, before any waits
+            from pipeline.models.backbone import check_backbone
+
+            check_backbone(job.model, vocab, _dataset(job)["tokenizer"], job.data.path)
     if job.executor.kind is ExecutorKind.slurm:
         from launch.slurm import check_partition
 
@@ -200,9 +208,12 @@ def plan(job: PretrainJob, upstream: Upstream | None = None) -> Decision:
             f"{checkpoint.read_header(latest)['step']}); starting over would mix two runs. Ways out: "
             "a new run_dir, or overwrite=true (pretrain.overwrite=true in a pipeline) to replace it"
         )
+    from pipeline.models.backbone import backbone_digest
+
     header = checkpoint.read_header(target)
     prep = (upstream or {}).get("prepare")
     values, world = to_dict(stage_config(job)), world_size(job)
+    backbone = backbone_digest(stage_config(job).model)
     try:
         if prep is not None and prep.run:  # the dataset is made first: known by its config's fingerprint
             if prep.output and header.get("dataset_config") not in (None, prep.output):
@@ -213,9 +224,9 @@ def plan(job: PretrainJob, upstream: Upstream | None = None) -> Decision:
             dataset = header.get("dataset", "?")  # rebuilt from the same config: the same content
         else:
             dataset = dataset_digest(_dataset(job))
-        found = checkpoint.check_resume(target, values, dataset, world)
+        found = checkpoint.check_resume(target, values, dataset, world, backbone)
         if found.step >= job.train.steps and header.get("fingerprint") != run_fingerprint(
-            values, dataset, world
+            values, dataset, world, backbone
         ):
             raise ConfigError(
                 f"{target} finished training at step {found.step}: {found.describe()} would change a run "
@@ -267,6 +278,9 @@ def prepared(job: PretrainJob) -> PretrainJob:
     """``job`` with absolute paths (its jobs run from elsewhere)."""
     job.run_dir = fsio.absolute(job.run_dir)
     job.data.path = fsio.absolute(job.data.path)
+    hf = job.model.hf
+    if hf.path and os.path.exists(hf.path):  # a local backbone (a hub name stays a name)
+        hf.path = fsio.absolute(hf.path)
     return job
 
 

@@ -102,7 +102,10 @@ def load(source: str | Path, device: torch.device) -> tuple[LanguageModel, Token
         from pipeline.models.pretrained import model_from_state
 
         tok = tokenizer_from_manifest({"tokenizer": c.tokenizer}, lambda rel: c.tokenizer_files[rel])
-        model = model_from_state(c.config["model"], c.tokenizer["vocab_size"], c.state, str(c.checkpoint))
+        backbone = (c.header.get("hf_backbone") or {}).get("config")
+        model = model_from_state(
+            c.config["model"], c.tokenizer["vocab_size"], c.state, str(c.checkpoint), backbone
+        )
         step = c.header.get("step")
         return model.to(device).eval(), tok, f"{path}, checkpoint {c.checkpoint.name} (step {step})"
     found = "does not exist" if not path.exists() else "has neither config.json nor checkpoints/"
@@ -179,12 +182,13 @@ def _sample(args: argparse.Namespace) -> int:
     text = read_prompt(args)
     model, tok, what = load(args.source, device)
     ids = prompt_ids(tok, text)
+    from launch.plot import run_label
+    from pipeline.config import to_dict
+
     log.info(
-        "sampling from %s: %s × %d layers, d_model %d, %s parameters; %s tokenizer, vocabulary %d; on %s",
+        "sampling from %s: %s, %s parameters; %s tokenizer, vocabulary %d; on %s",
         what,
-        model.cfg.mixer.value,
-        model.cfg.n_layers,
-        model.cfg.d_model,
+        run_label({"model": to_dict(model.cfg)}),
         f"{model.num_params():,}",
         tok.kind,
         tok.vocab_size,

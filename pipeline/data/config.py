@@ -38,6 +38,7 @@ class TokenizerKind(Enum):
     bytes = "bytes"  # vocab 256, token = byte (the enwik8 convention)
     char = "char"  # the characters of the training split
     sentencepiece = "sentencepiece"  # trained on a sample of the training split
+    huggingface = "huggingface"  # a pretrained Hugging Face tokenizer (tokenizer.path), e.g. GPT-2's
 
 
 class SentencePieceModel(Enum):
@@ -93,6 +94,10 @@ class TokenizerConfig:
     # Reuse an existing tokenizer instead of fitting one: a sentencepiece .model file, or a
     # char vocabulary (tokenizer/char_vocab.json of another prepare run).
     model: str = ""
+    # huggingface: a local tokenizer directory (tokenizer.json, or any Hugging Face tokenizer dir;
+    # the latter needs transformers), a tokenizer.json file, or a hub name such as gpt2 (needs
+    # transformers and the hub). Read once by prepare; the dataset keeps tokenizer/tokenizer.json.
+    path: str = ""
     # sentencepiece
     vocab_size: int = 8192
     model_type: SentencePieceModel = SentencePieceModel.unigram
@@ -111,8 +116,21 @@ class TokenizerConfig:
         check_range("train_sample_mb", self.train_sample_mb, gt=0)
         check_range("train_threads", self.train_threads, ge=1)
         check_range("sample_seed", self.sample_seed, ge=0, lt=2**32)  # numpy's seed range
-        if self.model and self.kind is TokenizerKind.bytes:
-            raise ConfigError("tokenizer.model is for char or sentencepiece tokenizers, not bytes")
+        if self.model and self.kind in (TokenizerKind.bytes, TokenizerKind.huggingface):
+            hint = "; huggingface takes tokenizer.path" if self.kind is TokenizerKind.huggingface else ""
+            raise ConfigError(
+                f"{config_key('model')} is for char or sentencepiece tokenizers, not {self.kind.value}{hint}"
+            )
+        if self.kind is TokenizerKind.huggingface and not self.path:
+            raise ConfigError(
+                f"{config_key('path')} is empty: {config_key('kind')}=huggingface needs a tokenizer "
+                "directory, a tokenizer.json file or a hub name (e.g. gpt2)"
+            )
+        if self.path and self.kind is not TokenizerKind.huggingface:
+            raise ConfigError(
+                f"{config_key('path')} is for {config_key('kind')}=huggingface, not {self.kind.value} "
+                f"(char and sentencepiece reuse a file with {config_key('model')})"
+            )
 
 
 @dataclass

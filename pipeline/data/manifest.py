@@ -55,12 +55,19 @@ _SHARD = {
 # Config keys that do not change the dataset's content (where it lives, how it is run).
 _NOT_CONTENT = ("output", "work_dir", "keep_work", "overwrite")
 _NOT_CONTENT_SOURCE = ("cache_dir",)
+# Keys added after datasets were recorded without them, (section, key) -> the default that means
+# "as before": at that value the key is left out of the fingerprint, so adding it changed no
+# existing dataset's fingerprint (a finished dataset stays complete on a re-run).
+ADDED_KEYS: dict[tuple[str, str], Any] = {("tokenizer", "path"): ""}
 
 
 def dataset_fingerprint_keys(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a prepare config that determines the dataset's bytes."""
     out = {k: v for k, v in config.items() if k not in _NOT_CONTENT}
     out["source"] = {k: v for k, v in config["source"].items() if k not in _NOT_CONTENT_SOURCE}
+    for (section, key), default in ADDED_KEYS.items():
+        if isinstance(out.get(section), dict) and out[section].get(key, default) == default:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
     return out
 
 
@@ -119,7 +126,7 @@ def validate_manifest(manifest: Any, root: str) -> None:
     tok = manifest["tokenizer"]
     _check_keys(tok, _TOKENIZER, "tokenizer", url)
     model_file = tok.get("model_file")
-    if tok["kind"] in ("char", "sentencepiece") and not isinstance(model_file, str):
+    if tok["kind"] in ("char", "sentencepiece", "huggingface") and not isinstance(model_file, str):
         raise PipelineError(
             f"{url}: tokenizer.model_file is {model_file!r}: a {tok['kind']} tokenizer needs its file"
         )

@@ -2,6 +2,9 @@
 
     plan ─▶ [extract ─▶ fit tokenizer ─▶] encode ─▶ pack ─▶ manifest.json
 
+(``tokenizer.kind=huggingface`` loads its pretrained tokenizer before the plan instead of fitting
+one, :mod:`pipeline.data.hf_tokenizer`.)
+
 Each arrow is a map over independent tasks on the given executor (a job array on Slurm). The
 manifest is written last: a dataset without one is incomplete, whatever else is there. Re-running
 on the same output skips finished units and shards (a shard is finished when its sha256 matches),
@@ -28,6 +31,7 @@ from typing import Any, Protocol
 from pipeline import __version__, fsio
 from pipeline.config import fingerprint, to_dict
 from pipeline.data.config import PrepareConfig, SourceKind, TokenizerKind
+from pipeline.data.hf_tokenizer import HF_TOKENIZER_FILE, check_hf_path, load_hf_tokenizer
 from pipeline.data.inputs import materialize, resolve_inputs
 from pipeline.data.manifest import MANIFEST, check_sizes, dataset_fingerprint_keys, read_manifest
 from pipeline.data.shards import shard_path
@@ -78,6 +82,10 @@ def prepare(cfg: PrepareConfig, executor: TaskMapper, config_yaml: str = "") -> 
     work = fsio.absolute(cfg.work_dir) if cfg.work_dir else fsio.join(root, ".work")
     values = to_dict(cfg)
     fp = fingerprint(dataset_fingerprint_keys(values))
+    if cfg.tokenizer.kind is TokenizerKind.huggingface:
+        # what can be told without loading it (that waits until the dataset is known to be
+        # incomplete: re-running a finished one needs neither transformers nor the hub)
+        check_hf_path(cfg.tokenizer.path)
     # A refused run touches nothing, not even the lock file (it records its holder): check first,
     # then again under the lock, where it counts.
     _check_output(root, work, fp, cfg.overwrite)
@@ -104,6 +112,12 @@ def _prepare(
     fsio.makedirs(work)
     fsio.write_text_atomic(fsio.join(work, "state.json"), json.dumps({"fingerprint": fp, "config": values}))
 
+    tok_files: dict[str, bytes] | None = None
+    tok_extra: dict[str, Any] = {}  # what the manifest's tokenizer entry records beyond the common keys
+    if cfg.tokenizer.kind is TokenizerKind.huggingface:
+        # before the plan: a tokenizer that cannot be used leaves no plan.json, so a re-run
+        # with another tokenizer.path starts afresh instead of refusing an unfinished dataset
+        tok_files, tok_extra = _pretrained(cfg, work)
     plan = _plan(cfg, work, executor)
     delay = float(os.environ.get("RNNPIPE_TEST_PREPARE_DELAY", "0"))
     if delay > 0:
@@ -112,9 +126,10 @@ def _prepare(
     units = list(range(len(plan.units)))
     weights = [u.weight for u in plan.units]
 
-    tok_files: dict[str, bytes] | None = None
     extracted = False
-    if cfg.tokenizer.model:
+    if cfg.tokenizer.kind is TokenizerKind.huggingface:
+        pass  # loaded before the plan
+    elif cfg.tokenizer.model:
         tok_files = load_tokenizer_file(
             cfg.tokenizer.kind.value, fsio.read_bytes(cfg.tokenizer.model)
         ).files()
@@ -125,13 +140,14 @@ def _prepare(
         _check_splits(plan, {s for st in stats for s, v in st["splits"].items() if v["pieces"]}, cfg)
         tok_files = _fit(cfg, work, stats, executor)
         extracted = True
-    tok = make_tokenizer(cfg.tokenizer.kind, tok_files)
+    eos_token = tok_extra.get("eos_token")
+    tok = make_tokenizer(cfg.tokenizer.kind, tok_files, eos_token)
     dtype = _dtype(cfg.shards.dtype, tok.vocab_size, cfg.tokenizer.kind.value)
     log.info("tokenizer: %s, vocabulary %d, dtype %s", tok.kind, tok.vocab_size, dtype)
 
     encoded = executor.map(
         encode_unit,
-        [EncodeTask(work, u, cfg, tok_files, dtype, extracted) for u in units],
+        [EncodeTask(work, u, cfg, tok_files, dtype, extracted, eos_token) for u in units],
         name="encode",
         weights=weights,
     )
@@ -161,6 +177,7 @@ def _prepare(
     prov = provenance(executor=type(executor).__name__)
     fsio.write_text_atomic(fsio.join(root, PROVENANCE), json.dumps(prov, indent=1) + "\n")
     manifest = _manifest(cfg, plan, encoded, layout, tasks, records, tok, fp, values)
+    manifest["tokenizer"].update(tok_extra)
     fsio.write_text_atomic(fsio.join(root, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     if not cfg.keep_work:
         fsio.remove(work, recursive=True)
@@ -195,6 +212,25 @@ def _fit(
         fsio.write_bytes_atomic(fsio.join(work, name), data)
     fsio.write_text_atomic(marker, json.dumps({"files": sorted(files)}))
     return files
+
+
+def _pretrained(cfg: PrepareConfig, work: str) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """(files, manifest entry keys: eos_token, origin) of the pretrained tokenizer
+    ``tokenizer.path`` names. Loaded once: a copy is kept in the work dir, so a re-run after a
+    kill encodes the remaining units with the same tokenizer even if the path's files (or the
+    hub's) changed meanwhile."""
+    marker = fsio.join(work, "tokenizer", "pretrained.json")
+    if fsio.exists(marker):
+        extra = json.loads(fsio.read_text(marker))
+        log.info("tokenizer: reusing the copy of %s an earlier run stored", cfg.tokenizer.path)
+        return {HF_TOKENIZER_FILE: fsio.read_bytes(fsio.join(work, HF_TOKENIZER_FILE))}, extra
+    tok, origin = load_hf_tokenizer(cfg.tokenizer.path)
+    files = tok.files()
+    for name, data in files.items():
+        fsio.write_bytes_atomic(fsio.join(work, name), data)
+    extra = {"eos_token": tok.eos_token, "origin": origin}
+    fsio.write_text_atomic(marker, json.dumps(extra))
+    return files, extra
 
 
 def foreign_entries(root: str, work: str) -> list[str]:

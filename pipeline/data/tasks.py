@@ -2,7 +2,8 @@
 
 - extract: read a unit's documents and store their text per split (only when a tokenizer must
   be fitted first: char or sentencepiece without ``tokenizer.model``);
-- fit: build the char vocabulary or train sentencepiece on a sample of the training split;
+- fit: build the char vocabulary or train sentencepiece on a sample of the training split
+  (a pretrained ``huggingface`` tokenizer is loaded by the driver instead, :mod:`pipeline.data.hf_tokenizer`);
 - encode: tokenize a unit per split (from the extracted text, or straight from the source);
 - pack: cut a split's token stream into samples and write one shard.
 
@@ -28,6 +29,7 @@ from pipeline.data.sources import Piece, Plan, iter_unit_pieces
 from pipeline.data.tokenizers import (
     ByteTokenizer,
     CharTokenizer,
+    RoundTripError,
     SentencePieceTokenizer,
     Tokenizer,
     train_sentencepiece,
@@ -211,12 +213,20 @@ class EncodeTask(UnitTask):
     tokenizer_files: dict[str, bytes] | None = None  # None: bytes
     dtype: str = "uint8"
     extracted: bool = False  # read the extract stage's text instead of the source
+    eos_token: str | None = None  # huggingface: the token whose id ends a document
 
 
-def make_tokenizer(kind: TokenizerKind, files: dict[str, bytes] | None) -> Tokenizer:
+def make_tokenizer(
+    kind: TokenizerKind, files: dict[str, bytes] | None, eos_token: str | None = None
+) -> Tokenizer:
+    """The tokenizer of ``kind`` from its files (None: bytes); ``eos_token`` for huggingface."""
     if kind is TokenizerKind.bytes or not files:
         return ByteTokenizer()
     ((name, data),) = files.items()
+    if kind is TokenizerKind.huggingface:
+        from pipeline.data.hf_tokenizer import HuggingFaceTokenizer
+
+        return HuggingFaceTokenizer(data, eos_token)
     return (
         CharTokenizer.from_json(data.decode("utf-8"))
         if name.endswith(".json")
@@ -224,20 +234,30 @@ def make_tokenizer(kind: TokenizerKind, files: dict[str, bytes] | None) -> Token
     )
 
 
+def nbytes_dtype(kind: str) -> type[np.unsignedinteger]:
+    """The dtype of a unit's per-token byte counts (``.nbytes``) for tokenizer ``kind``: uint16
+    for a pretrained vocabulary, whose tokens may exceed 255 bytes; uint8 otherwise."""
+    return np.uint16 if kind == TokenizerKind.huggingface.value else np.uint8
+
+
 @functools.lru_cache(maxsize=2)
-def _cached_tokenizer(kind: TokenizerKind, files: tuple[tuple[str, bytes], ...]) -> Tokenizer:
+def _cached_tokenizer(
+    kind: TokenizerKind, files: tuple[tuple[str, bytes], ...], eos_token: str | None = None
+) -> Tokenizer:
     """One tokenizer per worker process, not one per task (loading sentencepiece takes time)."""
-    return make_tokenizer(kind, dict(files) if files else None)
+    return make_tokenizer(kind, dict(files) if files else None, eos_token)
 
 
 def encode_unit(task: EncodeTask, report: Report) -> dict[str, Any]:
-    """Tokenize a unit: per split ``.tokens`` (dtype), ``.nbytes`` (uint8), ``.docs`` (int64)."""
+    """Tokenize a unit: per split ``.tokens`` (dtype), ``.nbytes`` (:func:`nbytes_dtype`),
+    ``.docs`` (int64)."""
     marker = fsio.join(unit_dir(task.work, task.unit), "encode.json")
     done = _read_marker(marker)
     if done is not None:
         return done
     files = tuple(sorted((task.tokenizer_files or {}).items()))
-    tok = _cached_tokenizer(task.cfg.tokenizer.kind, files)
+    tok = _cached_tokenizer(task.cfg.tokenizer.kind, files, task.eos_token)
+    nb_dtype = nbytes_dtype(tok.kind)
     plan = load_plan(task.work)
     source_stats: dict[str, int] = {}
     if task.extracted:
@@ -250,8 +270,11 @@ def encode_unit(task: EncodeTask, report: Report) -> dict[str, Any]:
     out: dict[str, dict[str, Any]] = {}
     handles: dict[str, dict[str, Any]] = {}
     try:
-        for piece in pieces:
-            ids, nbytes = tok.encode_with_lengths(piece.data)
+        for number, piece in enumerate(pieces):
+            try:
+                ids, nbytes = tok.encode_with_lengths(piece.data)
+            except RoundTripError as e:
+                raise _round_trip_error(task, piece, number, e) from None
             if task.extracted:
                 report(len(piece.data))
             split = piece.split
@@ -270,9 +293,9 @@ def encode_unit(task: EncodeTask, report: Report) -> dict[str, Any]:
             if eod:
                 h["tokens"].write(np.asarray([tok.eod_id], dtype=task.dtype).tobytes())
             if nbytes is not None:
-                h["nbytes"].write(nbytes.tobytes())
+                h["nbytes"].write(nbytes.astype(nb_dtype, copy=False).tobytes())
                 if eod:
-                    h["nbytes"].write(b"\x00")
+                    h["nbytes"].write(np.zeros(1, nb_dtype).tobytes())
             o["tokens"] += len(ids) + int(eod)
             o["bytes"] += len(ids) if nbytes is None else int(nbytes.sum(dtype=np.int64))
     finally:
@@ -282,6 +305,18 @@ def encode_unit(task: EncodeTask, report: Report) -> dict[str, Any]:
     result = {"splits": out, "source": source_stats}
     fsio.write_text_atomic(marker, json.dumps(result))
     return result
+
+
+def _round_trip_error(task: EncodeTask, piece: Piece, number: int, e: RoundTripError) -> PipelineError:
+    """The error for a document the tokenizer does not give back: which tokenizer, where, what."""
+    head = piece.data[:60] if isinstance(piece.data, str) else piece.data[:60].decode("utf-8", "replace")
+    return PipelineError(
+        f"tokenizer.path={task.cfg.tokenizer.path} does not reproduce the text of {task.label}, "
+        f"piece {number} ({piece.split} split, starting {head!r}): {e}. rnnpipe's shards decode "
+        "to their source text exactly, so a tokenizer that normalizes text (case, Unicode "
+        "forms, spaces) cannot make them; use a byte-level BPE such as GPT-2's, or "
+        "tokenizer.kind=sentencepiece"
+    )
 
 
 # ------------------------------------------------------------------------------------------- pack
@@ -326,6 +361,7 @@ def pack_shard(task: PackTask, report: Report) -> dict[str, Any]:
     tok_before = np.concatenate([[0], np.cumsum([u[1] for u in units])])
     doc_before = np.concatenate([[0], np.cumsum([u[2] for u in units])])
     bytes_tokenizer = layout["tokenizer"] == "bytes"
+    nb_dtype = nbytes_dtype(layout["tokenizer"])
 
     def samples() -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
         for s in range(first, last):
@@ -344,7 +380,7 @@ def pack_shard(task: PackTask, report: Report) -> dict[str, Any]:
                     if not bytes_tokenizer:
                         nbytes += int(
                             _read_array(
-                                fsio.join(base, f"{task.split}.nbytes"), np.uint8, int(lo), int(hi - lo)
+                                fsio.join(base, f"{task.split}.nbytes"), nb_dtype, int(lo), int(hi - lo)
                             ).sum(dtype=np.int64)
                         )
                     docs = (

@@ -1,4 +1,5 @@
-"""Tokenizers: bytes, char and sentencepiece, with exact byte counts per token.
+"""Tokenizers: bytes, char and sentencepiece, with exact byte counts per token (pretrained
+Hugging Face tokenizers, ``kind=huggingface``, are in :mod:`pipeline.data.hf_tokenizer`).
 
 ``encode`` returns the token ids (1-D int64, what a model reads); ``encode_with_lengths`` also
 returns, per token, the number of UTF-8 bytes of text it stands for (0 for the end-of-document
@@ -19,36 +20,12 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from pipeline.data.tokenizer_base import RoundTripError as RoundTripError  # (re-exported)
+from pipeline.data.tokenizer_base import Tokenizer, _utf8_lengths
 from pipeline.errors import PipelineError
 
 SPM_MODEL_FILE = "tokenizer/spm.model"
 CHAR_VOCAB_FILE = "tokenizer/char_vocab.json"
-
-
-class Tokenizer:
-    kind: str
-    vocab_size: int
-    eod_id: int | None = None
-
-    def encode(self, text: str | bytes) -> np.ndarray:
-        """The token ids of ``text``: int64 [n], one sequence (``torch.tensor(ids)[None]``: a batch of 1)."""
-        # One array, not a tuple: a tuple given to torch.tensor would silently become a 2-row batch.
-        return np.asarray(self.encode_with_lengths(text)[0], dtype=np.int64)
-
-    def encode_with_lengths(self, text: str | bytes) -> tuple[np.ndarray, np.ndarray | None]:
-        """(ids [n] of an integer dtype, UTF-8 bytes per token uint8 [n] or None where each is 1 byte)."""
-        raise NotImplementedError
-
-    def decode(self, ids: Iterable[int] | np.ndarray) -> bytes:
-        """The UTF-8 (or raw) bytes that ``ids`` stand for; the end-of-document id decodes to nothing."""
-        raise NotImplementedError
-
-    def special_ids(self) -> dict[str, int | None]:
-        return {"eod": self.eod_id}
-
-    def files(self) -> dict[str, bytes]:
-        """Files to save with the shards (path relative to the dataset root -> content)."""
-        return {}
 
 
 class ByteTokenizer(Tokenizer):
@@ -63,10 +40,6 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids):
         return np.asarray(ids, dtype=np.int64).astype(np.uint8).tobytes()
-
-
-def _utf8_lengths(codepoints: np.ndarray) -> np.ndarray:
-    return (1 + (codepoints >= 0x80) + (codepoints >= 0x800) + (codepoints >= 0x10000)).astype(np.uint8)
 
 
 class CharTokenizer(Tokenizer):
@@ -238,7 +211,7 @@ def tokenizer_from_manifest(manifest: dict[str, Any], read_file: Callable[[str],
         raise PipelineError(f"the manifest's tokenizer is {t!r:.80}: expected an object with a kind")
     if t["kind"] == "bytes":
         return ByteTokenizer()
-    if t["kind"] not in ("char", "sentencepiece"):
+    if t["kind"] not in ("char", "sentencepiece", "huggingface"):
         raise PipelineError(f"unknown tokenizer kind {t['kind']!r} in manifest")
     rel = t.get("model_file")
     problem = path_problem(rel)
@@ -248,7 +221,27 @@ def tokenizer_from_manifest(manifest: dict[str, Any], read_file: Callable[[str],
         )
     if t["kind"] == "char":
         return CharTokenizer.from_json(read_file(rel).decode("utf-8"))
+    if t["kind"] == "huggingface":
+        return _hf_from_manifest(t, read_file(rel))
     return SentencePieceTokenizer(read_file(rel))
+
+
+def _hf_from_manifest(t: dict[str, Any], data: bytes) -> Tokenizer:
+    """A ``huggingface`` tokenizer from its stored ``tokenizer.json`` and the entry's eos token,
+    checked against the entry's vocabulary size and end-of-document id."""
+    from pipeline.data.hf_tokenizer import HuggingFaceTokenizer
+
+    eos = t.get("eos_token")
+    if eos is not None and not isinstance(eos, str):
+        raise PipelineError(f"the manifest's tokenizer.eos_token is {eos!r:.60}: expected a string or null")
+    tok = HuggingFaceTokenizer(data, eos)
+    eod = (t.get("special_ids") or {}).get("eod", tok.eod_id)
+    if tok.vocab_size != t["vocab_size"] or eod != tok.eod_id:
+        raise PipelineError(
+            f"the tokenizer file {t.get('model_file')} has {tok.vocab_size} ids and eod {tok.eod_id}, "
+            f"the manifest says {t['vocab_size']} and {eod}"
+        )
+    return tok
 
 
 def load_tokenizer_file(kind: str, data: bytes) -> Tokenizer:

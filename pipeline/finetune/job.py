@@ -42,8 +42,8 @@ from pipeline.finetune.config import Init, JobConfig, TaskKind
 from pipeline.finetune.conlleval import conlleval
 from pipeline.finetune.identity import CHECKPOINT, RESULT, job_identity, read_result, stale_reason
 from pipeline.finetune.model import FinetuneModel, parameter_groups, set_dropout
+from pipeline.models import backbone as models
 from pipeline.models.exported import CONFIG, WEIGHTS
-from pipeline.models.lm import LanguageModel
 from pipeline.models.mixers import detach_state
 from pipeline.models.pretrained import load_pretrained, load_pretrained_tokenizer
 from pipeline.provenance import provenance
@@ -140,8 +140,9 @@ def build_model(cfg: JobConfig, data: TaskData) -> FinetuneModel:
     """The pretrained backbone (or the same architecture from scratch, seeded) plus the head."""
     torch.manual_seed(cfg.seed)
     pretrained = load_pretrained(cfg.pretrained)
-    if cfg.init is Init.scratch:
-        backbone = LanguageModel(pretrained.cfg, pretrained.vocab_size)
+    if cfg.init is Init.scratch:  # the same architecture, fresh weights (a backbone: from its config)
+        config = getattr(getattr(pretrained, "backbone", None), "config", None)
+        backbone = models.build_model(pretrained.cfg, pretrained.vocab_size, config and config.to_dict())
     else:
         backbone = pretrained
     if cfg.dropout >= 0:

@@ -45,7 +45,7 @@ class FinetuneModel(nn.Module):
     def __init__(self, backbone: LanguageModel, kind: TaskKind, n_labels: int, head: HeadConfig):
         super().__init__()
         self.backbone, self.kind, self.cfg = backbone, kind, head
-        d = backbone.cfg.d_model * (2 if head.bidirectional else 1)
+        d = backbone.hidden_size * (2 if head.bidirectional else 1)
         self.drop = nn.Dropout(head.dropout)
         self.pool = AttentivePooling(d) if head.pooling is Pooling.attentive else None
         self.head = nn.Linear(d, n_labels) if kind is not TaskKind.lm else None
@@ -74,6 +74,18 @@ class FinetuneModel(nn.Module):
         return self.head(pooled_BD)
 
 
+def _layers(bb: nn.Module) -> tuple[list[nn.Module], nn.Module, list[nn.Module]]:
+    """(the blocks, bottom first; what holds the final norm; the embeddings) of a backbone: an
+    rnnpipe LanguageModel, or a transformers model with added recurrence (the final norm: what
+    its base model holds outside its blocks and embeddings; the recurrence gets the head's rate)."""
+    if isinstance(bb, LanguageModel):
+        return list(bb.blocks), bb.norm, [bb.embed]
+    from pipeline.models.recurrence import decoder_layers
+
+    base = bb.backbone.base_model
+    return list(decoder_layers(base)), base, [m for m in base.modules() if isinstance(m, nn.Embedding)]
+
+
 def parameter_groups(model: FinetuneModel, optim: FinetuneOptim) -> list[dict]:
     """AdamW groups with layer-wise learning-rate decay.
 
@@ -81,16 +93,17 @@ def parameter_groups(model: FinetuneModel, optim: FinetuneOptim) -> list[dict]:
     lr × decay; block i of n lr × decay^(n − i); the embedding lr × decay^(n + 1). Biases and norm
     weights get no weight decay.
     """
-    bb = model.backbone
-    n = len(bb.blocks)
+    blocks, top, embeddings = _layers(model.backbone)
+    n = len(blocks)
     depth: dict[int, int] = {}
-    for i, block in enumerate(bb.blocks):
+    for i, block in enumerate(blocks):
         for p in block.parameters():
             depth[id(p)] = n - i
-    for p in bb.norm.parameters():
-        depth[id(p)] = 1
-    for p in bb.embed.parameters():
-        depth.setdefault(id(p), n + 1)  # tied to the lm output layer: the embedding's rate
+    for module in embeddings:
+        for p in module.parameters():
+            depth.setdefault(id(p), n + 1)  # tied to the lm output layer: the embedding's rate
+    for p in top.parameters():
+        depth.setdefault(id(p), 1)
     groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for p in model.parameters():

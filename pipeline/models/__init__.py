@@ -21,6 +21,8 @@ _WHERE = {
     "model_params": "pipeline.models.flops",
     "training_flops_per_token": "pipeline.models.flops",
     "LanguageModel": "pipeline.models.lm",
+    "AddedRecurrenceLM": "pipeline.models.recurrence",
+    "build_model": "pipeline.models.backbone",
     "load_pretrained": "pipeline.models.pretrained",
     "load_pretrained_tokenizer": "pipeline.models.pretrained",
 }

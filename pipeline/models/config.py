@@ -1,11 +1,14 @@
-"""The model config: which mixer, how many layers, how wide."""
+"""The model config: which mixer, how many layers, how wide; or a Hugging Face causal LM with
+added recurrence (``model.kind=huggingface``, see :mod:`pipeline.models.recurrence`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
-from pipeline.config import check_range, config_key
+from pipeline.config import _PREFIX, check_choice, check_range, config_key
 from pipeline.errors import ConfigError
 
 
@@ -26,8 +29,113 @@ class NormKind(Enum):
     rmsnorm = "rmsnorm"
 
 
+class ModelKind(Enum):
+    rnnpipe = "rnnpipe"  # rnnpipe's own language model (mixer, n_layers, d_model, ...)
+    huggingface = "huggingface"  # any transformers AutoModelForCausalLM, with model.recurrence added
+
+
+class RecurrenceKind(Enum):
+    none = "none"  # the unmodified model on independent segments: the baseline
+    memory_tokens = "memory_tokens"  # Recurrent Memory Transformer (Bulatov et al. 2022)
+    recurrent_summary = "recurrent_summary"  # a cell's state as prefix vectors (Yoshida et al.)
+    kv_memory = "kv_memory"  # the previous segment's keys and values (Transformer-XL)
+
+
+class FreezeKind(Enum):
+    none = "none"  # train everything
+    backbone = "backbone"  # train only the recurrence module and the new embeddings
+    embeddings = "embeddings"  # the backbone's token and position embeddings (and a tied output layer)
+
+
+HF_INITS = ("pretrained", "random")
+SUMMARY_CELLS = ("lrn", "mingru", "gru")
+
+
+@dataclass
+class HFBackboneConfig:
+    """Where a ``model.kind=huggingface`` backbone comes from."""
+
+    # A hub name (gpt2) on a machine that reaches the hub, a local transformers directory, or an
+    # rnnpipe export of a huggingface-kind model (its backbone's weights, without its recurrence).
+    path: str = ""
+    init: str = "pretrained"  # pretrained (the path's weights) | random (its config, fresh weights)
+    model_type: str = ""  # init=random without a path: a transformers model type (gpt2)
+    # Overrides of the backbone's config (n_layer, n_embd, dropout, ...); vocab_size is the dataset's.
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Check the init (whatever the model's kind: a bad value is a mistake even where unused)."""
+        check_choice("init", self.init, HF_INITS)
+
+    def check_named(self) -> None:
+        """For kind huggingface: the backbone is named one way or the other."""
+        if not self.path and not (self.init == "random" and self.model_type):
+            raise ConfigError(
+                f"{config_key('path')} is empty: name a Hugging Face model (a hub name or a directory), "
+                f"or set {config_key('init')}=random with {config_key('model_type')} (e.g. gpt2)"
+            )
+        if self.model_type and self.path:
+            raise ConfigError(
+                f"{config_key('model_type')}={self.model_type!r} is for init=random without a path; "
+                f"{config_key('path')}={self.path!r} already names the model"
+            )
+
+
+@dataclass
+class RecurrenceConfig:
+    """How a huggingface-kind backbone carries a state from one segment to the next.
+
+    The stream is cut into segments of ``segment_len`` tokens at fixed positions; each segment is
+    one pass of the backbone, and the state carries what the variant keeps. See docs/models.md.
+    """
+
+    kind: RecurrenceKind = RecurrenceKind.none
+    # Tokens per segment (one backbone pass); 0 = data.seq_len / bptt_segments for memory_tokens
+    # and recurrent_summary, data.seq_len for none and kv_memory (resolved by the pretrain config).
+    segment_len: int = 0
+    # memory_tokens: m memory vectors; recurrent_summary: k prefix vectors; kv_memory: M cached
+    # positions. 0 = the variant's default (16, 4 and segment_len).
+    memory: int = 0
+    # Segments a gradient flows back through (within one training window): at least 2 for the
+    # variants that learn their carry (memory_tokens, recurrent_summary); ignored by the others.
+    bptt_segments: int = 2
+    cell: str = "lrn"  # recurrent_summary: lrn | mingru | gru (rnnpipe's mixers)
+    cell_dim: int = 0  # recurrent_summary: the cell's width; 0 = the backbone's hidden size
+    read_layer: int = -1  # recurrent_summary: hidden states after this many layers; -1 = the last
+    inject_layer: int = 0  # recurrent_summary: the prefix enters before this layer (0 = as embeddings)
+
+    def validate(self) -> None:
+        """Check every value's range."""
+        check_range("segment_len", self.segment_len, ge=0, note=" (0 = data.seq_len)")
+        check_range("memory", self.memory, ge=0, note=" (0 = the variant's default)")
+        check_range("bptt_segments", self.bptt_segments, ge=1)
+        check_choice("cell", self.cell, SUMMARY_CELLS)
+        check_range("cell_dim", self.cell_dim, ge=0, note=" (0 = the backbone's hidden size)")
+        check_range("read_layer", self.read_layer, ge=-1, note=" (-1 = the last layer)")
+        check_range("inject_layer", self.inject_layer, ge=0)
+
+    def learns_carry(self) -> bool:
+        """Whether what crosses segments is trained through them (RMT's memory, the summary's cell)."""
+        return self.kind in (RecurrenceKind.memory_tokens, RecurrenceKind.recurrent_summary)
+
+    def memory_size(self) -> int:
+        """m, k or M: ``memory``, or the variant's default (0 for none)."""
+        if self.kind is RecurrenceKind.none:
+            return 0
+        if self.memory:
+            return self.memory
+        return {"memory_tokens": 16, "recurrent_summary": 4}.get(self.kind.value, self.segment_len)
+
+    def extra_positions(self) -> int:
+        """Positions a segment takes besides its tokens: 2m memory (read and write), k prefix
+        vectors, or up to M cached ones. With segment_len, at most the backbone's context."""
+        m = self.memory_size()
+        return {"memory_tokens": 2 * m, "recurrent_summary": m, "kv_memory": m}.get(self.kind.value, 0)
+
+
 @dataclass
 class ModelConfig:
+    kind: ModelKind = ModelKind.rnnpipe
     mixer: MixerKind = MixerKind.lrn
     n_layers: int = 4
     d_model: int = 512
@@ -43,9 +151,23 @@ class ModelConfig:
     # memory); 0 = all of them. Pretraining in stream mode uses data.seq_len when this is 0.
     attention_memory: int = 0
     vocab_size: int = 0  # 0 = from the dataset's manifest
+    # kind=huggingface: the backbone, the recurrence added to it, and what training leaves as it is.
+    hf: HFBackboneConfig = field(default_factory=HFBackboneConfig)
+    recurrence: RecurrenceConfig = field(default_factory=RecurrenceConfig)
+    freeze: FreezeKind = FreezeKind.none
 
     def validate(self) -> None:
         """Check every value's range and that attention heads split ``d_model`` evenly."""
+        if self.kind is ModelKind.huggingface:
+            self._validate_huggingface()
+        else:  # the huggingface kind's keys would be silently ignored (yet part of the identity)
+            defaults = ModelConfig()
+            for key in ("hf", "recurrence", "freeze"):
+                if getattr(self, key) != getattr(defaults, key):
+                    raise ConfigError(
+                        f"{config_key(key)} is set, but it is for {config_key('kind')}=huggingface "
+                        f"(this model is kind {self.kind.value})"
+                    )
         check_range("n_layers", self.n_layers, ge=1)
         check_range("d_model", self.d_model, ge=1)
         check_range("mlp_ratio", self.mlp_ratio, ge=0, note=" (0 = no MLP)")
@@ -68,6 +190,26 @@ class ModelConfig:
                 f"{config_key('d_model')} ({self.d_model}) must split into {config_key('n_heads')} "
                 f"({self.n_heads}) heads of an even width (rotary positions rotate pairs)"
             )
+
+    def _validate_huggingface(self) -> None:
+        """What a huggingface-kind model needs besides its nested configs' own checks."""
+        if importlib.util.find_spec("transformers") is None:
+            raise ConfigError(
+                f"{config_key('kind')}=huggingface needs transformers: pip install 'rnnpipe[hf]'"
+            )
+        token = _PREFIX.set(_PREFIX.get() + "hf.")
+        try:
+            self.hf.check_named()
+        finally:
+            _PREFIX.reset(token)
+        r = self.recurrence
+        if self.freeze is FreezeKind.backbone and r.kind in (RecurrenceKind.none, RecurrenceKind.kv_memory):
+            raise ConfigError(
+                f"{config_key('freeze')}=backbone with {config_key('recurrence.kind')}={r.kind.value} leaves "
+                "nothing to train (that variant adds no parameters): use freeze=none or embeddings"
+            )
+        if r.kind is RecurrenceKind.none and r.memory:
+            raise ConfigError(f"{config_key('recurrence.memory')}={r.memory} has no meaning for kind none")
 
     def layer_kinds(self) -> list[MixerKind]:
         """The mixer of every layer: ``mixer``, with attention at every ``attention_every``-th."""

@@ -6,7 +6,7 @@ layer (see the mixers), so long streams are fed in segments. Knows nothing of De
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from pipeline.models.attention import Attention
 from pipeline.models.config import MixerKind, ModelConfig, NormKind
 from pipeline.models.mixers import ATR, GRU, LRN, LSTM, OLRN, SRU, MinGRU, MinLSTM, Mixer, State
+from pipeline.models.sampling import Sampler
 
 _RECURRENT = {
     MixerKind.lrn: LRN,
@@ -63,7 +64,7 @@ class Block(nn.Module):
         return x_BTD, state
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(Sampler):
     def __init__(self, cfg: ModelConfig, vocab_size: int | None = None):
         super().__init__()
         vocab = vocab_size or cfg.vocab_size
@@ -85,6 +86,7 @@ class LanguageModel(nn.Module):
         self.head = nn.Linear(cfg.d_model, vocab, bias=False)
         # Recompute each block's activations in backward instead of keeping them (memory for time).
         self.gradient_checkpointing = False
+        self.hidden_size = cfg.d_model  # what the fine-tuning heads read
         nn.init.normal_(self.embed.weight, std=0.02)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -114,60 +116,22 @@ class LanguageModel(nn.Module):
             new_state.append(s)
         return self.norm(x_BTD), new_state
 
-    @torch.no_grad()
-    def stream(
-        self,
-        prompt: Tensor,
-        n: int,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        state: list[State] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[Tensor]:
-        """Yield ``n`` sampled tokens after ``prompt`` [B, P] (or [P]), one tensor [B, 1] at a time.
+    def state_kinds(self) -> list[str]:
+        """Per layer, the mixer whose state it holds (the elastic remap's batch dimensions)."""
+        return [k.value for k in self.kinds]
 
-        The prompt (P ≥ 1) is read once, from ``state`` (None: the zero state); then each token costs one
-        step with the carried state (O(1) memory per token for the recurrent mixers; attention layers
-        grow their KV cache). ``temperature=0`` takes the most likely token; ``top_k`` > 0 samples from
-        the k likeliest. Random draws come from ``generator`` only (the global generator when None).
-        """
-        tokens = prompt[None] if prompt.dim() == 1 else prompt
-        logits, state = self(tokens, state)
-        for i in range(n):
-            nxt = self._pick(logits[:, -1].float(), temperature, top_k, generator)
-            yield nxt
-            if i + 1 < n:  # the state after the last token is never read: skip that step
-                logits, state = self(nxt, state)
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: matrices decay; the embedding, biases and norms do not."""
+        named = list(self.named_parameters())
+        decay = [p for n, p in named if p.ndim >= 2 and not n.startswith("embed.")]
+        no_decay = [p for n, p in named if not (p.ndim >= 2 and not n.startswith("embed."))]
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-    @staticmethod
-    def _pick(last_BV: Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> Tensor:
-        """The next token [B, 1] from the fp32 logits [B, V] of the last position."""
-        if temperature == 0:
-            return last_BV.argmax(-1, keepdim=True)
-        scaled_BV = last_BV / temperature
-        if not bool(torch.isfinite(scaled_BV).all()):  # a tiny temperature overflows: shift first
-            scaled_BV = (last_BV - last_BV.amax(-1, keepdim=True)) / temperature
-        last_BV = scaled_BV
-        if top_k:
-            kth = last_BV.topk(min(top_k, last_BV.shape[-1]), dim=-1).values[:, -1:]
-            last_BV = last_BV.masked_fill(last_BV < kth, float("-inf"))
-        return torch.multinomial(last_BV.softmax(-1), 1, generator=generator)
+    def training_flops_per_token(self, seq_len: int) -> float:
+        """Forward and backward FLOPs per token at ``seq_len`` (see :mod:`pipeline.models.flops`)."""
+        from pipeline.models.flops import training_flops_per_token
 
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt: Tensor,
-        n: int,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        state: list[State] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Sample ``n`` ≥ 1 tokens after ``prompt`` [B, P] (or [P]); returns the new tokens [B, n].
-
-        The tokens :meth:`stream` yields, collected: the same ``generator`` seed gives the same tokens.
-        """
-        return torch.cat(list(self.stream(prompt, n, temperature, top_k, state, generator)), dim=1)
+        return training_flops_per_token(self.cfg, self.vocab_size, seq_len)
 
     def num_params(self) -> int:
         """Distinct parameters (a tied or shared matrix counts once)."""

@@ -21,7 +21,8 @@ from pipeline import fsio
 from pipeline.config import config_from_dict
 from pipeline.data.tokenizers import Tokenizer, tokenizer_from_manifest
 from pipeline.errors import PipelineError
-from pipeline.models.config import ModelConfig
+from pipeline.models.backbone import BACKBONE_CONFIG_KEY, build_model, load_weights
+from pipeline.models.config import ModelConfig, ModelKind
 from pipeline.models.exported import CONFIG, WEIGHTS
 from pipeline.models.hf.files import hf_config_keys, hf_files
 from pipeline.models.lm import LanguageModel
@@ -58,16 +59,24 @@ def save_pretrained(
     tokenizer: dict[str, Any],
     tokenizer_files: dict[str, bytes] | None = None,
     source: dict[str, Any] | None = None,
+    backbone_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write an export directory: ``state`` (a LanguageModel's state dict) as fp32 safetensors,
     ``model`` (the ModelConfig as plain values), the tokenizer's manifest entry and its files
-    (path relative to ``out`` -> content), where it came from, and the Hugging Face files."""
+    (path relative to ``out`` -> content), where it came from, and the Hugging Face files.
+
+    A huggingface-kind model (an :class:`~pipeline.models.recurrence.AddedRecurrenceLM`'s state)
+    also records ``backbone_config``, its backbone's transformers config, so that it is rebuilt
+    offline; it gets no ``transformers`` loading files (rnnpipe's ``load_pretrained`` loads it)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = dict(tokenizer_files or {})
     tok = tokenizer_from_manifest({"tokenizer": tokenizer}, lambda rel: files[rel])
+    hf_kind = model.get("kind") == ModelKind.huggingface.value
     state = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
-    if model.get("tie_embeddings", True):
+    if hf_kind:  # a tied output layer under both of transformers' names: stored once
+        state = _stored_once(state)
+    if model.get("tie_embeddings", True) and not hf_kind:
         state.pop("head.weight", None)
     # One metadata key: safetensors writes its metadata map in a random order, and two keys would
     # give identical weights two sha256s (the step is in config.json's source)
@@ -78,27 +87,52 @@ def save_pretrained(
     # (size and mtime let a reader trust the recorded sha256 without re-hashing an unchanged file)
     mtime = (out / WEIGHTS).stat().st_mtime_ns
     source = {**(source or {}), "weights_sha256": sha, "weights_size": size, "weights_mtime_ns": mtime}
-    for rel, data in {**files, **hf_files(tok)}.items():
+    for rel, data in {**files, **({} if hf_kind else hf_files(tok))}.items():
         target = inside(out, rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
     meta = {
-        **hf_config_keys(model, tok),
+        **({} if hf_kind else hf_config_keys(model, tok)),
         "model": model,
         "vocab_size": tokenizer["vocab_size"],
         "tokenizer": tokenizer,
         "source": source,
+        **({BACKBONE_CONFIG_KEY: backbone_config} if hf_kind else {}),
     }
     (out / CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
     return out
 
 
+def _stored_once(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the later names of a tensor stored under two (a tied output layer):
+    safetensors keeps no shared tensors, and the loader ties them again."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else (id(v), 0)
+        if key not in seen:
+            seen.add(key)
+            out[k] = v
+    return out
+
+
 def model_from_state(
-    model: dict[str, Any], vocab_size: int, state: dict[str, torch.Tensor], where: str
-) -> LanguageModel:
-    """A LanguageModel built from its config (plain values) and loaded with ``state``, which
-    must match it (a tied output layer may be absent); PipelineError naming ``where`` otherwise."""
+    model: dict[str, Any],
+    vocab_size: int,
+    state: dict[str, torch.Tensor],
+    where: str,
+    backbone_config: dict[str, Any] | None = None,
+) -> torch.nn.Module:
+    """The model built from its config (plain values) and loaded with ``state``, which must match
+    it (a tied output layer may be absent); PipelineError naming ``where`` otherwise. A
+    huggingface-kind model needs ``backbone_config`` (what the export or checkpoint recorded)."""
     cfg = config_from_dict(ModelConfig, model, f"in {where}")
+    if cfg.kind is ModelKind.huggingface:
+        if backbone_config is None:
+            raise PipelineError(f"{where}: a huggingface-kind model without its backbone's config")
+        lm = build_model(cfg, int(vocab_size), backbone_config)
+        load_weights(lm, dict(state), where)
+        return lm.requires_grad_(True)  # model.freeze is how it was trained, not what it is
     lm = LanguageModel(cfg, int(vocab_size))
     state = dict(state)
     if cfg.tie_embeddings:  # one matrix under two names: stored once (safetensors keeps no shared tensors)
@@ -111,14 +145,17 @@ def model_from_state(
     return lm
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> LanguageModel:
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The exported model, in eval mode, with fp32 weights on ``device``."""
     path = Path(path)
     meta = _config(path)
     state = load_file(str(path / WEIGHTS), device="cpu")
     if state and all(k.startswith("model.") for k in state):  # re-saved by transformers' save_pretrained
         state = {k[len("model.") :]: v for k, v in state.items()}
-    return model_from_state(meta["model"], meta["vocab_size"], state, str(path / WEIGHTS)).to(device).eval()
+    lm = model_from_state(
+        meta["model"], meta["vocab_size"], state, str(path / WEIGHTS), meta.get(BACKBONE_CONFIG_KEY)
+    )
+    return lm.to(device).eval()
 
 
 def load_pretrained_tokenizer(path: str | Path) -> Tokenizer:

@@ -271,9 +271,12 @@ class ResumeCheck:
         return describe_diff(self.allowed) if self.allowed else "no config change"
 
 
-def check_resume(path: Path, cfg: dict[str, Any], dataset: str, world_size: int) -> ResumeCheck:
+def check_resume(
+    path: Path, cfg: dict[str, Any], dataset: str, world_size: int, backbone: str = ""
+) -> ResumeCheck:
     """Whether the checkpoint at ``path`` may continue under ``cfg`` (a PretrainConfig as plain
-    values) on ``dataset`` (its content digest) with ``world_size`` ranks. Raises
+    values) on ``dataset`` (its content digest) with ``world_size`` ranks (and a huggingface-kind
+    model's ``backbone``, its content digest). Raises
     :class:`ConfigError` listing every key that forbids it, before anything is loaded."""
     header = read_header(path)
     if "config" not in header:
@@ -282,8 +285,9 @@ def check_resume(path: Path, cfg: dict[str, Any], dataset: str, world_size: int)
             "checked against this one. Use a new run_dir, train.resume=none with a new run_dir, or "
             "overwrite=true to start afresh"
         )
-    saved = run_view(header["config"], header.get("dataset", "?"), int(header["world"]))
-    refused, allowed = resume_changes(saved, run_view(cfg, dataset, world_size))
+    saved_backbone = (header.get("hf_backbone") or {}).get("source", {}).get("sha256", "")
+    saved = run_view(header["config"], header.get("dataset", "?"), int(header["world"]), saved_backbone)
+    refused, allowed = resume_changes(saved, run_view(cfg, dataset, world_size, backbone))
     new_steps = cfg["train"]["steps"]
     if new_steps < header["step"]:
         refused["train.steps"] = (header["config"]["train"]["steps"], new_steps)

@@ -188,11 +188,14 @@ class PretrainConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # logging only: not the run's identity
 
     def validate(self) -> None:
-        """Check the run dir; resolve the attention memory stream mode needs."""
-        from pipeline.models.config import MixerKind
+        """Check the run dir; resolve the attention memory stream mode needs, and the segment length
+        of a huggingface-kind model."""
+        from pipeline.models.config import MixerKind, ModelKind
 
         if not self.run_dir:
             raise ConfigError(f"{config_key('run_dir')} is empty: name the run's directory")
+        if self.model.kind is ModelKind.huggingface:
+            self._resolve_recurrence()
         # Resolved here, not in the loop, so that the config a run records (and its fingerprint)
         # is the one it trains: in stream mode an unbounded KV cache would grow all epoch.
         if (
@@ -201,6 +204,52 @@ class PretrainConfig:
             and MixerKind.attention in self.model.layer_kinds()
         ):
             self.model.attention_memory = self.data.seq_len
+
+    def _resolve_recurrence(self) -> None:
+        """A huggingface-kind model's segment length (recorded resolved: the export and fine-tuning
+        need it) and what its training window allows."""
+        from pipeline.models.config import FreezeKind, RecurrenceKind
+
+        r = self.model.recurrence
+        if r.learns_carry() and r.bptt_segments < 2:
+            raise ConfigError(
+                f"model.recurrence.bptt_segments={r.bptt_segments} with model.recurrence.kind="
+                f"{r.kind.value}: what crosses segments is trained only through a gradient across at "
+                "least 2 of them (with 1 it is cut at every segment's end and never learns)"
+            )
+        if not r.segment_len:
+            r.segment_len = self.data.seq_len // r.bptt_segments if r.learns_carry() else self.data.seq_len
+            if not r.segment_len:
+                raise ConfigError(
+                    f"data.seq_len={self.data.seq_len} is shorter than model.recurrence.bptt_segments="
+                    f"{r.bptt_segments} segments of one token"
+                )
+        segments = -(-self.data.seq_len // r.segment_len)
+        if r.learns_carry() and r.bptt_segments > segments:
+            raise ConfigError(
+                f"model.recurrence.bptt_segments={r.bptt_segments}: a gradient crosses at most the "
+                f"{segments} segment(s) of one training window (data.seq_len={self.data.seq_len} / "
+                f"model.recurrence.segment_len={r.segment_len}); raise data.seq_len to "
+                f"{r.bptt_segments * r.segment_len} for {r.bptt_segments}"
+            )
+        if (
+            self.model.freeze is FreezeKind.backbone
+            and r.kind is RecurrenceKind.memory_tokens
+            and self.data.mode is DataMode.stream
+        ):
+            # RMT's one parameter is the first memory, read only where a stream starts (once an
+            # epoch in stream mode): every other step's loss would have no gradient at all.
+            raise ConfigError(
+                "model.freeze=backbone with model.recurrence.kind=memory_tokens trains only the "
+                "initial memory, which stream mode reads once an epoch (the carried memory is "
+                "cut from the graph between steps): use data.mode=shuffle (every window starts "
+                "from it), or model.freeze=none or embeddings"
+            )
+        if self.train.activation_checkpointing:
+            raise ConfigError(
+                "train.activation_checkpointing is not available for model.kind=huggingface (the "
+                "recurrence's hooks would see recomputed passes): set it to false"
+            )
 
 
 def deepspeed_config(cfg: PretrainConfig, on_gpu: bool) -> dict[str, Any]:
@@ -261,6 +310,7 @@ METRICS_DEFAULTS: dict[str, Any] = flatten({"metrics": to_dict(MetricsConfig())}
 NOT_CONTENT = (
     "run_dir",
     "data.path",  # the dataset's content digest stands for it
+    "model.hf.path",  # a huggingface-kind backbone's content digest stands for it (a hub name or a copy)
     "data.verify",  # how much the reader checks the shards, not what it reads
     "train.log_every",
     "train.eval_every",
@@ -297,30 +347,48 @@ def _neutral(cfg: dict[str, Any]) -> set[str]:
 # Keys added after runs were recorded without them, with the default that means "as before": an
 # older checkpoint's header without one has that value, and at that value the key is left out of
 # the identity, so adding it changed no run's fingerprint.
-ADDED_KEYS: dict[str, Any] = {"train.init_from": "", "data.verify": "sizes", **METRICS_DEFAULTS}
+ADDED_KEYS: dict[str, Any] = {
+    "train.init_from": "",
+    "data.verify": "sizes",
+    **METRICS_DEFAULTS,
+    # model.kind=huggingface and its keys (an rnnpipe-kind model has them at these values)
+    **{
+        f"model.{k}": v
+        for k, v in flatten(
+            {k: to_dict(ModelConfig())[k] for k in ("kind", "hf", "recurrence", "freeze")}
+        ).items()
+    },
+}
 
 
-def run_view(cfg: dict[str, Any], dataset: str, world_size: int) -> dict[str, Any]:
+def backbone_key(backbone: str) -> dict[str, Any]:
+    """The identity's entry for a huggingface-kind backbone's content digest (none for rnnpipe's)."""
+    return {"backbone": backbone} if backbone else {}
+
+
+def run_view(cfg: dict[str, Any], dataset: str, world_size: int, backbone: str = "") -> dict[str, Any]:
     """A pretrain config (plain values) as dotted keys, with the dataset's content digest and the
-    world size (the global batch and, in stream mode, how the streams are split across ranks)."""
-    return {**ADDED_KEYS, **flatten(cfg), "dataset": dataset, "world_size": world_size}
+    world size (the global batch and, in stream mode, how the streams are split across ranks), and a
+    huggingface-kind backbone's content digest (:func:`pipeline.models.backbone.backbone_source`)."""
+    view = {**ADDED_KEYS, **flatten(cfg), "dataset": dataset, "world_size": world_size}
+    return {**view, **backbone_key(backbone)}
 
 
-def run_identity(cfg: dict[str, Any], dataset: str, world_size: int) -> dict[str, Any]:
+def run_identity(cfg: dict[str, Any], dataset: str, world_size: int, backbone: str = "") -> dict[str, Any]:
     """What a pretrain run's weights are made from: :func:`run_view` without the keys that cannot
     change them (:data:`NOT_CONTENT`)."""
     neutral = _neutral(cfg)
-    view = run_view(cfg, dataset, world_size)
+    view = run_view(cfg, dataset, world_size, backbone)
     return {
         k: v for k, v in view.items() if k not in neutral and not (k in ADDED_KEYS and v == ADDED_KEYS[k])
     }
 
 
-def run_fingerprint(cfg: dict[str, Any], dataset: str, world_size: int) -> str:
+def run_fingerprint(cfg: dict[str, Any], dataset: str, world_size: int, backbone: str = "") -> str:
     """sha256 of :func:`run_identity`: equal fingerprints, runs of the same config. A run resumed
     with a changed schedule (``train.steps``, ``optim.lr``, ...) records the config it finished
     under; what a fine-tune result names is the exported weights' sha256 itself."""
-    return fingerprint(run_identity(cfg, dataset, world_size))
+    return fingerprint(run_identity(cfg, dataset, world_size, backbone))
 
 
 def resume_changes(

@@ -114,7 +114,8 @@ def export(source: str | Path, out: str | Path) -> Path:
     }
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # per process: two may export at once
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(tmp, c.state, cfg["model"], c.tokenizer, c.tokenizer_files, meta)
+    backbone = (header.get("hf_backbone") or {}).get("config")  # a huggingface-kind model's
+    save_pretrained(tmp, c.state, cfg["model"], c.tokenizer, c.tokenizer_files, meta, backbone)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

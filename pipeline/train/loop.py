@@ -36,7 +36,8 @@ from pipeline.config import flatten, to_dict
 from pipeline.data.manifest import dataset_digest, load_tokenizer
 from pipeline.errors import PipelineError
 from pipeline.locking import exclusive
-from pipeline.models import LanguageModel, training_flops_per_token
+from pipeline.models.backbone import backbone_source, build_model
+from pipeline.models.config import ModelKind
 from pipeline.models.mixers import detach_state
 from pipeline.provenance import describe_code, provenance
 from pipeline.train import checkpoint, divergence, elastic, init_from
@@ -102,14 +103,18 @@ def _train(
     valid_reader = SplitReader(cfg.data.path, "valid", verify=cfg.data.verify)
     vocab = int(train_reader.manifest["tokenizer"]["vocab_size"])
     torch.manual_seed(t.seed)
-    model = LanguageModel(cfg.model, vocab)
+    model = build_model(cfg.model, vocab)
     resume_from = checkpoint.resolve(run_dir, t.resume)
     dataset = dataset_digest(train_reader.manifest)
+    hf_backbone = None
+    if cfg.model.kind is ModelKind.huggingface:  # what it was made from, and how to rebuild it offline
+        hf_backbone = {"source": backbone_source(cfg.model.hf), "config": model.backbone.config.to_dict()}
+    backbone = hf_backbone["source"]["sha256"] if hf_backbone else ""
     values = to_dict(cfg)
     ds_config = deepspeed_config(cfg, device.type == "cuda")
     check = plan = None
     if resume_from is not None:  # checked from its header before anything loads
-        check = checkpoint.check_resume(resume_from, values, dataset, world)
+        check = checkpoint.check_resume(resume_from, values, dataset, world, backbone)
         # Another world size: ZeRO's partitioned optimizer state goes through DeepSpeed's universal
         # checkpoint (converted once, by rank 0), which the engine must be configured to load.
         plan = elastic.plan(resume_from, check.saved_world, world, t.zero_stage, rank)
@@ -121,10 +126,10 @@ def _train(
         if rank == 0:
             log.info("train.init_from: starting from %s (step %s)", init["path"], init["step"])
     model.gradient_checkpointing = t.activation_checkpointing
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.startswith("embed.")]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not n.startswith("embed."))]
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    flops_per_token = model.training_flops_per_token(cfg.data.seq_len)  # before ZeRO-3 partitions it
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.param_groups(), config=ds_config
+    )
     random.seed(t.seed + rank)
     np.random.seed(t.seed + rank)
     torch.manual_seed(t.seed + rank)
@@ -144,17 +149,19 @@ def _train(
         "config": values,
         "dataset": dataset,
         "dataset_config": train_reader.manifest.get("fingerprint"),  # what prepare made it from
-        "fingerprint": run_fingerprint(values, dataset, world),
+        "fingerprint": run_fingerprint(values, dataset, world, backbone),
         "provenance": prov,
         "rnnpipe": __version__,
     }
 
     if init is not None:
         header["init_from"] = init
+    if hf_backbone is not None:
+        header["hf_backbone"] = hf_backbone
     if resume_from is not None and check is not None and plan is not None:
         if rank == 0:  # DeepSpeed's files are pickles: say where the code-bearing files come from
             log.info("loading checkpoint %s (a checkpoint is code: load only ones you trust)", resume_from)
-        kinds = [k.value for k in cfg.model.layer_kinds()]
+        kinds = model.state_kinds()
         checkpoint.load(engine, resume_from, state, device, plan, kinds)
         if rank == 0:
             log.info("resumed from %s at step %d (%s)", resume_from, engine.global_steps, check.describe())
@@ -166,7 +173,6 @@ def _train(
     if rank == 0:
         fsio.write_text_atomic(str(run_dir / "provenance.json"), json.dumps(prov, indent=1) + "\n")
         metrics.text(start, "provenance", "```\n" + json.dumps(prov, indent=1) + "\n```")
-    flops_per_token = training_flops_per_token(cfg.model, vocab, cfg.data.seq_len)
     peak = _peak_flops(device, t.precision, t.peak_tflops) * world  # tokens/s below is summed over ranks
     bytes_per_token = train_reader.bytes / train_reader.tokens
     own_flag = stop is None

@@ -4,7 +4,10 @@ tokenizer, giving the same ids as rnnpipe's own ``encode``:
 - bytes: 256 byte tokens, id = byte value (byte-level pre-tokenizer, no merges);
 - char: one token per symbol of the training alphabet, the end-of-document id as a special token
   and, where the vocabulary has one, U+FFFD as the unknown token;
-- sentencepiece: the model's pieces and scores (unigram or BPE), spaces as U+2581, byte fallback.
+- sentencepiece: the model's pieces and scores (unigram or BPE), spaces as U+2581, byte fallback;
+- huggingface: the dataset's stored ``tokenizer.json`` as it is (GPT-2's stays byte for byte),
+  rewritten only where it must be: its eos token marked special when it is not, and a
+  post-processor that adds tokens (a BOS) dropped, since rnnpipe encodes without them.
 
 Checked against rnnpipe's tokenizers in tests/test_hf_export.py.
 """
@@ -17,6 +20,7 @@ from typing import Any
 from tokenizers import Tokenizer as FastTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
+from pipeline.data.hf_tokenizer import HuggingFaceTokenizer
 from pipeline.data.tokenizers import ByteTokenizer, CharTokenizer, SentencePieceTokenizer, Tokenizer
 
 EOD_TOKEN = "<|endoftext|>"  # the char tokenizer's end-of-document id has no text of its own
@@ -124,18 +128,40 @@ def _spm_json(t: SentencePieceTokenizer) -> tuple[FastTokenizer, dict[str, Any]]
     return tok, special
 
 
+def _pretrained_json(t: HuggingFaceTokenizer) -> tuple[bytes, dict[str, Any]]:
+    """The stored ``tokenizer.json`` of a ``huggingface`` dataset, and its eos token."""
+    special = {"eos_token": t.eos_token} if t.eos_token is not None else {}
+    fast = FastTokenizer.from_str(t.tokenizer_json.decode("utf-8"))
+    changed = False
+    marked = {a.content for a in fast.get_added_tokens_decoder().values() if a.special}
+    if t.eos_token is not None and t.eos_token not in marked:
+        fast.add_special_tokens([t.eos_token])
+        changed = True
+    if fast.encode("a", add_special_tokens=True).ids != fast.encode("a", add_special_tokens=False).ids:
+        # a template adding <s> or </s>: the model was trained on rnnpipe's ids, which have none
+        spec = json.loads(fast.to_str())
+        spec["post_processor"] = None
+        fast = FastTokenizer.from_str(json.dumps(spec))
+        changed = True
+    return (fast.to_str(pretty=True).encode("utf-8") if changed else t.tokenizer_json), special
+
+
 def tokenizer_files(t: Tokenizer) -> dict[str, bytes]:
     """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` for ``t``."""
-    if isinstance(t, ByteTokenizer):
-        fast, special = _bytes_json()
-    elif isinstance(t, CharTokenizer):
-        fast, special = _char_json(t)
-    elif isinstance(t, SentencePieceTokenizer):
-        fast, special = _spm_json(t)
+    if isinstance(t, HuggingFaceTokenizer):
+        tokenizer_json, special = _pretrained_json(t)
     else:
-        raise TypeError(f"no Hugging Face tokenizer for {type(t).__name__}")
-    for content in special.values():
-        fast.add_special_tokens([content])  # already in the vocabulary: this marks them special
+        if isinstance(t, ByteTokenizer):
+            fast, special = _bytes_json()
+        elif isinstance(t, CharTokenizer):
+            fast, special = _char_json(t)
+        elif isinstance(t, SentencePieceTokenizer):
+            fast, special = _spm_json(t)
+        else:
+            raise TypeError(f"no Hugging Face tokenizer for {type(t).__name__}")
+        for content in special.values():
+            fast.add_special_tokens([content])  # already in the vocabulary: this marks them special
+        tokenizer_json = fast.to_str(pretty=True).encode("utf-8")
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": 1 << 30,  # a recurrent model has no context limit of its own
@@ -148,7 +174,7 @@ def tokenizer_files(t: Tokenizer) -> dict[str, bytes]:
         **special,
     }
     return {
-        "tokenizer.json": fast.to_str(pretty=True).encode("utf-8"),
+        "tokenizer.json": tokenizer_json,
         "tokenizer_config.json": (json.dumps(config, indent=1, ensure_ascii=False) + "\n").encode("utf-8"),
         "special_tokens_map.json": (json.dumps(special, indent=1, ensure_ascii=False) + "\n").encode("utf-8"),
     }
