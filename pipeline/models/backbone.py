@@ -21,6 +21,7 @@ from torch import nn
 from pipeline import fsio
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.models.config import HFBackboneConfig, ModelConfig, ModelKind
+from pipeline.models.exported import is_export
 
 # An export's config.json key holding the backbone's transformers config (to rebuild it offline).
 BACKBONE_CONFIG_KEY = "hf_backbone"
@@ -41,15 +42,6 @@ def build_model(
 
     backbone = load_backbone(cfg.hf, vocab_size, backbone_config)
     return AddedRecurrenceLM(cfg, vocab_size, backbone)
-
-
-def _is_rnnpipe_export(path: str) -> bool:
-    file = Path(path) / "config.json"
-    try:
-        meta = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and "model" in meta and "source" in meta and "tokenizer" in meta
 
 
 def _from_config(config_dict: dict[str, Any], overrides: dict[str, Any], vocab_size: int | None) -> nn.Module:
@@ -108,7 +100,7 @@ def _load_backbone(
     overrides = dict(hf.config)
     if "vocab_size" in overrides:
         raise ConfigError("model.hf.config.vocab_size: the vocabulary is the dataset's, not a setting")
-    if hf.path and _is_rnnpipe_export(hf.path):
+    if hf.path and is_export(hf.path):
         return _backbone_of_export(hf, vocab_size, overrides)
     root = local_path(hf) if hf.path else ""
     if hf.init == "random":
@@ -160,7 +152,7 @@ def check_backbone(cfg: ModelConfig, vocab_size: int, tokenizer: dict[str, Any],
     tokenizer is the backbone's own (init=pretrained from a transformers model), its ids fit the
     embedding, and the recurrence fits the backbone's positions and layers. ConfigError otherwise."""
     hf = cfg.hf
-    if hf.path and _is_rnnpipe_export(hf.path):
+    if hf.path and is_export(hf.path):
         meta = json.loads((Path(hf.path) / "config.json").read_text())
         config = meta.get(BACKBONE_CONFIG_KEY) or {}
     elif hf.init == "random":
@@ -169,27 +161,9 @@ def check_backbone(cfg: ModelConfig, vocab_size: int, tokenizer: dict[str, Any],
         root = local_path(hf)
         config = json.loads((Path(root) / "config.json").read_text())
         _check_tokenizer(hf.path, root, tokenizer, data_path)
-    rows = int(config.get("vocab_size") or 0)
-    if rows and rows < vocab_size:
-        raise ConfigError(
-            f"model.hf.path={hf.path!r} has {rows} token embeddings, the dataset {vocab_size} ids: prepare "
-            "it with the model's tokenizer (tokenizer.kind=huggingface tokenizer.path=...)"
-        )
-    limit = config.get("max_position_embeddings") or config.get("n_positions")
-    r = cfg.recurrence
-    used = r.segment_len + r.extra_positions()
-    if limit and used > int(limit):
-        raise ConfigError(
-            f"model.recurrence: a segment of {r.segment_len} tokens with {r.kind.value}'s "
-            f"{r.extra_positions()} extra positions uses {used}, beyond the backbone's {limit} "
-            "positions: lower model.recurrence.segment_len or model.recurrence.memory"
-        )
-    layers = config.get("num_hidden_layers") or config.get("n_layer")
-    if layers and r.kind.value == "recurrent_summary":
-        for key in ("read_layer", "inject_layer"):
-            value = getattr(r, key)
-            if value > int(layers) or (key == "inject_layer" and value >= int(layers)):
-                raise ConfigError(f"model.recurrence.{key}={value} is beyond the backbone's {layers} layers")
+    positions = config.get("max_position_embeddings") or config.get("n_positions") or 0
+    layers = config.get("num_hidden_layers") or config.get("n_layer") or 0
+    cfg.check_backbone_fits(vocab_size, int(config.get("vocab_size") or 0), int(positions), int(layers))
 
 
 def _check_tokenizer(path: str, root: str, tokenizer: dict[str, Any], data_path: str) -> None:
@@ -231,7 +205,9 @@ def load_weights(module: nn.Module, state: dict[str, Any], where: str) -> None:
     tied = tied_names(module)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise PipelineError(f"{where} does not match its model: missing {missing}, unexpected {unexpected}")
+        raise PipelineError(
+            f"{where} does not match its model config: missing {missing}, unexpected {unexpected}"
+        )
 
 
 def tied_names(module: nn.Module) -> set[str]:
@@ -246,10 +222,23 @@ def tied_names(module: nn.Module) -> set[str]:
     return tied
 
 
+_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: str) -> str:
+    """A backbone file's sha256, once per process for each (path, size, mtime): a launch's plan
+    and completeness check both ask for the digest."""
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _hashes:
+        _hashes[key] = fsio.sha256_of(path)[0]
+    return _hashes[key]
+
+
 def _hash_files(root: str, names: list[str]) -> str:
     digest = hashlib.sha256()
     for name in sorted(names):
-        digest.update(f"{name}\0{fsio.sha256_of(os.path.join(root, name))[0]}\0".encode())
+        digest.update(f"{name}\0{_file_sha256(os.path.join(root, name))}\0".encode())
     return digest.hexdigest()
 
 
@@ -264,7 +253,7 @@ def backbone_source(hf: HFBackboneConfig) -> dict[str, Any]:
     resolves to its cached snapshot (downloaded when the hub is reachable)."""
     if not hf.path:
         return {"path": "", "sha256": hashlib.sha256(hf.model_type.encode()).hexdigest()}
-    if _is_rnnpipe_export(hf.path):
+    if is_export(hf.path):
         from pipeline.models.exported import backbone_identity
 
         return {"path": fsio.absolute(hf.path), "sha256": backbone_identity(hf.path)["sha256"]}

@@ -211,6 +211,31 @@ class ModelConfig:
         if r.kind is RecurrenceKind.none and r.memory:
             raise ConfigError(f"{config_key('recurrence.memory')}={r.memory} has no meaning for kind none")
 
+    def check_backbone_fits(self, vocab_size: int, rows: int, positions: int, layers: int) -> None:
+        """A huggingface-kind model's recurrence against its backbone: ``rows`` token embeddings
+        for the dataset's ``vocab_size`` ids, a segment and its extra positions within
+        ``positions``, the summary's layers within ``layers`` (0: a size unknown, not checked)."""
+        if rows and rows < vocab_size:
+            raise ConfigError(
+                f"model.hf.path={self.hf.path!r} has {rows} token embeddings, the dataset {vocab_size} ids: "
+                "prepare it with the model's tokenizer (tokenizer.kind=huggingface tokenizer.path=...)"
+            )
+        r = self.recurrence
+        used = r.segment_len + r.extra_positions()
+        if positions and used > positions:
+            raise ConfigError(
+                f"model.recurrence: a segment of {r.segment_len} tokens with {r.kind.value}'s "
+                f"{r.extra_positions()} extra positions uses {used}, beyond the backbone's {positions} "
+                "positions: lower model.recurrence.segment_len or model.recurrence.memory"
+            )
+        if layers and r.kind is RecurrenceKind.recurrent_summary:
+            for key in ("read_layer", "inject_layer"):
+                value = getattr(r, key)
+                if value > layers or (key == "inject_layer" and value >= layers):
+                    raise ConfigError(
+                        f"model.recurrence.{key}={value} is beyond the backbone's {layers} layers"
+                    )
+
     def layer_kinds(self) -> list[MixerKind]:
         """The mixer of every layer: ``mixer``, with attention at every ``attention_every``-th."""
         k = self.attention_every

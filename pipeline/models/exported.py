@@ -17,6 +17,16 @@ from pipeline.errors import PipelineError
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
+def is_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds an rnnpipe export (its config.json has model, source and tokenizer):
+    a Hugging Face model directory has a config.json too."""
+    try:
+        meta = json.loads(fsio.read_text(fsio.join(fsio.absolute(str(path)), CONFIG)))
+    except (OSError, ValueError, PipelineError):
+        return False
+    return isinstance(meta, dict) and "model" in meta and "source" in meta and "tokenizer" in meta
+
+
 def export_meta(path: str) -> dict[str, Any]:
     """An export's ``config.json``; a clear error when ``path`` is not an export."""
     file = fsio.join(fsio.absolute(path), CONFIG)

@@ -134,14 +134,8 @@ def model_from_state(
         load_weights(lm, dict(state), where)
         return lm.requires_grad_(True)  # model.freeze is how it was trained, not what it is
     lm = LanguageModel(cfg, int(vocab_size))
-    state = dict(state)
-    if cfg.tie_embeddings:  # one matrix under two names: stored once (safetensors keeps no shared tensors)
-        state.setdefault("head.weight", state.get("embed.weight"))
-    missing, unexpected = lm.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise PipelineError(
-            f"{where} does not match its model config: missing {missing}, unexpected {unexpected}"
-        )
+    # (a tied output layer is stored once, as the embedding: safetensors keeps no shared tensors)
+    load_weights(lm, dict(state), where)
     return lm
 
 

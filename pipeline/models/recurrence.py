@@ -80,19 +80,8 @@ class AddedRecurrenceLM(Sampler):
         if self.segment_len < 1:
             raise ValueError("recurrence.segment_len must be resolved (>= 1) before the model is built")
         limit = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
-        used = self.segment_len + r.extra_positions()
-        if limit and used > limit:
-            raise ConfigError(
-                f"model.recurrence: a segment of {self.segment_len} tokens with {r.kind.value}'s "
-                f"{r.extra_positions()} extra positions uses {used}, beyond the backbone's "
-                f"{limit} positions: lower model.recurrence.segment_len or model.recurrence.memory"
-            )
         rows = backbone.get_input_embeddings().weight.shape[0]
-        if rows < vocab_size:
-            raise ConfigError(
-                f"model.hf.path={cfg.hf.path!r} has {rows} token embeddings, the dataset {vocab_size} ids: "
-                "prepare it with the model's tokenizer (tokenizer.kind=huggingface tokenizer.path=...)"
-            )
+        cfg.check_backbone_fits(vocab_size, rows, int(limit or 0), self.n_layers)
         self.read_layer = self.inject_layer = 0
         self._inject: Tensor | None = None  # the prefix vectors, for the inject layer's hook
         self._read: list[Tensor] = []  # the read layer's hidden states of this call's passes
@@ -111,12 +100,7 @@ class AddedRecurrenceLM(Sampler):
         r = cfg.recurrence
         width = r.cell_dim or self.d
         self.read_layer = self.n_layers if r.read_layer == -1 else r.read_layer
-        self.inject_layer = r.inject_layer
-        for key, value in (("read_layer", self.read_layer), ("inject_layer", self.inject_layer)):
-            if value > self.n_layers or (key == "inject_layer" and value >= self.n_layers):
-                raise ConfigError(
-                    f"model.recurrence.{key}={value} is beyond the backbone's {self.n_layers} layers"
-                )
+        self.inject_layer = r.inject_layer  # (both checked against the layers in __init__)
         self.cell_in = nn.Linear(self.d, width)
         self.cell = _CELLS[r.cell](width)
         self.summary_out = nn.Linear(width, self.m * self.d)

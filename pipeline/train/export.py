@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -17,7 +16,8 @@ import torch
 from pipeline import fsio
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import PipelineError
-from pipeline.models.pretrained import CONFIG, save_pretrained
+from pipeline.models.exported import is_export
+from pipeline.models.pretrained import save_pretrained
 from pipeline.provenance import provenance
 from pipeline.train import checkpoint
 
@@ -81,21 +81,13 @@ def consolidate(source: str | Path) -> Consolidated:
     return Consolidated(ckpt, state, cfg, header, tokenizer, files)
 
 
-def _is_export(path: Path) -> bool:
-    try:
-        meta = json.loads((path / CONFIG).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and "model" in meta and "source" in meta and "tokenizer" in meta
-
-
 def export(source: str | Path, out: str | Path) -> Path:
     """Consolidate a checkpoint (a run dir means its latest) into ``out``; returns ``out``.
 
     Written beside ``out`` and renamed into place, so a killed export never leaves a directory
     that looks like a finished one; an earlier export in ``out`` is replaced."""
     source, out = Path(source), Path(out)
-    if out.exists() and any(out.iterdir()) and not _is_export(out):
+    if out.exists() and any(out.iterdir()) and not is_export(out):
         # (a Hugging Face model directory has a config.json too: it must be one of ours to be replaced)
         raise PipelineError(f"{out} holds files that are not an rnnpipe export: choose another directory")
     c = consolidate(source)
