@@ -438,3 +438,17 @@ def test_a_tiny_glue_job_runs_and_reports_the_tasks_metrics(tmp_path, capsys, ta
     ea = EventAccumulator(str(job / "tensorboard"))
     ea.Reload()
     assert {f"dev/{m}" for m in names} | {f"final/dev_{m}" for m in names} <= set(ea.Tags()["scalars"])
+
+
+def test_the_new_task_keys_at_their_defaults_leave_existing_results_complete():
+    """text_pair_column and glue were added after results were recorded: at their defaults they
+    are not part of a job's identity, so an SST-2 result made before them is still complete."""
+    from pipeline.finetune.config import JobConfig
+    from pipeline.finetune.identity import ADDED_KEYS, job_identity
+
+    backbone = {"sha256": "0" * 64, "step": 1, "model": {}, "tokenizer": {}}
+    identity = job_identity(JobConfig(out_dir="o", pretrained="p"), backbone)
+    assert not set(ADDED_KEYS) & set(identity)
+    cfg = JobConfig(out_dir="o", pretrained="p")
+    cfg.task_config.glue = "sst2"
+    assert job_identity(cfg, backbone)["task_config.glue"] == "sst2"
