@@ -3,6 +3,7 @@
     rnnpipe prepare CONFIG [key.sub=value ...] [--executor inline|local|slurm] [--print-config]
     rnnpipe pretrain CONFIG [key.sub=value ...] [--executor inline|local|slurm] [--wait] [--export]
     rnnpipe export RUN_OR_CHECKPOINT OUT
+    rnnpipe evaluate EXPORT [eval.key=value ...] [--data D] [--split S] [--json F]
     rnnpipe sample EXPORT_OR_RUN_DIR [--prompt TEXT | --prompt-file FILE | < stdin] [-n N] [--seed S]
     rnnpipe plot RUN_DIR... --out FILE.png [--title T]
     rnnpipe finetune SWEEP [key.sub=value ...] [--executor inline|local|slurm] [--only INDEX]
@@ -94,6 +95,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from launch import sample
 
     return sample.run(args)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from launch import evaluate
+
+    return evaluate.run(args)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -244,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
     sm.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     sm.set_defaults(func=cmd_sample)
+
+    from launch.evaluate import add_arguments as add_evaluate_arguments
+
+    ev = sub.add_parser("evaluate", help="an export's static and dynamic evaluation on a dataset split")
+    add_evaluate_arguments(ev)
+    ev.set_defaults(func=cmd_evaluate)
 
     pt = sub.add_parser(
         "plot",

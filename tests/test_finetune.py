@@ -436,7 +436,7 @@ def test_collect_aggregates_mean_and_std_over_seeds_of_one_backbone(tmp_path, ca
     assert rows[0]["dev_mean"] == 82.0 and rows[1]["dev_mean"] == 50.0
 
 
-@pytest.mark.parametrize("name,jobs", [("demo", 6), ("cpu-results", 18), ("glue-conll-ptb", 36)])
+@pytest.mark.parametrize("name,jobs", [("demo", 6), ("cpu-results", 18), ("glue-conll-ptb", 84)])
 def test_shipped_sweeps_load_and_expand(name, jobs):
     from launch.finetune import FinetuneJob, stage_config
     from pipeline.config import load_config

@@ -39,6 +39,7 @@ class TokenizerKind(Enum):
     char = "char"  # the characters of the training split
     sentencepiece = "sentencepiece"  # trained on a sample of the training split
     huggingface = "huggingface"  # a pretrained Hugging Face tokenizer (tokenizer.path), e.g. GPT-2's
+    word = "word"  # the training split's words, <unk> and <eos> (the newline): PTB's word level
 
 
 class SentencePieceModel(Enum):
@@ -92,7 +93,8 @@ class SourceConfig:
 class TokenizerConfig:
     kind: TokenizerKind = TokenizerKind.bytes
     # Reuse an existing tokenizer instead of fitting one: a sentencepiece .model file, or a
-    # char vocabulary (tokenizer/char_vocab.json of another prepare run).
+    # char or word vocabulary (tokenizer/char_vocab.json, tokenizer/word_vocab.json of another
+    # prepare run; a word vocabulary keeps its own lowercase setting).
     model: str = ""
     # huggingface: a local tokenizer directory (tokenizer.json, or any Hugging Face tokenizer dir;
     # the latter needs transformers), a tokenizer.json file, or a hub name such as gpt2 (needs
@@ -107,6 +109,11 @@ class TokenizerConfig:
     # Threads used to train. Part of the config because sentencepiece's result depends on it.
     train_threads: int = 2
     sample_seed: int = 0
+    # word: at most this many ids, <unk>, <eos> (and <eod>) included (0 = no limit); the words
+    # seen at least min_count times in the training split, lowercased first with lowercase.
+    max_size: int = 0
+    min_count: int = 1
+    lowercase: bool = False
 
     def validate(self) -> None:
         """Check every value's range (a ConfigError names the key) and the kind's options."""
@@ -116,10 +123,22 @@ class TokenizerConfig:
         check_range("train_sample_mb", self.train_sample_mb, gt=0)
         check_range("train_threads", self.train_threads, ge=1)
         check_range("sample_seed", self.sample_seed, ge=0, lt=2**32)  # numpy's seed range
+        check_range("max_size", self.max_size, ge=0, note=" (0 = no limit)")
+        if 0 < self.max_size < 3:
+            raise ConfigError(f"{config_key('max_size')}={self.max_size} leaves no room for a word")
+        check_range("min_count", self.min_count, ge=1)
+        defaults = TokenizerConfig()
+        if self.kind is not TokenizerKind.word:
+            for key in ("max_size", "min_count", "lowercase"):
+                if getattr(self, key) != getattr(defaults, key):
+                    raise ConfigError(
+                        f"{config_key(key)} is for {config_key('kind')}=word, not {self.kind.value}"
+                    )
         if self.model and self.kind in (TokenizerKind.bytes, TokenizerKind.huggingface):
             hint = "; huggingface takes tokenizer.path" if self.kind is TokenizerKind.huggingface else ""
             raise ConfigError(
-                f"{config_key('model')} is for char or sentencepiece tokenizers, not {self.kind.value}{hint}"
+                f"{config_key('model')} is for char or sentencepiece tokenizers, not "
+                f"{self.kind.value} (and for word vocabularies){hint}"
             )
         if self.kind is TokenizerKind.huggingface and not self.path:
             raise ConfigError(
@@ -129,7 +148,7 @@ class TokenizerConfig:
         if self.path and self.kind is not TokenizerKind.huggingface:
             raise ConfigError(
                 f"{config_key('path')} is for {config_key('kind')}=huggingface, not {self.kind.value} "
-                f"(char and sentencepiece reuse a file with {config_key('model')})"
+                f"(char, word and sentencepiece reuse a file with {config_key('model')})"
             )
 
 

@@ -58,7 +58,15 @@ _NOT_CONTENT_SOURCE = ("cache_dir",)
 # Keys added after datasets were recorded without them, (section, key) -> the default that means
 # "as before": at that value the key is left out of the fingerprint, so adding it changed no
 # existing dataset's fingerprint (a finished dataset stays complete on a re-run).
-ADDED_KEYS: dict[tuple[str, str], Any] = {("tokenizer", "path"): ""}
+ADDED_KEYS: dict[tuple[str, str], Any] = {
+    ("tokenizer", "path"): "",
+    # tokenizer.kind=word's
+    ("tokenizer", "max_size"): 0,
+    ("tokenizer", "min_count"): 1,
+    ("tokenizer", "lowercase"): False,
+}
+# The tokenizer kinds whose manifest entry names a file (tokenizer.model_file).
+FILE_KINDS = ("char", "sentencepiece", "huggingface", "word")
 
 
 def dataset_fingerprint_keys(config: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +134,7 @@ def validate_manifest(manifest: Any, root: str) -> None:
     tok = manifest["tokenizer"]
     _check_keys(tok, _TOKENIZER, "tokenizer", url)
     model_file = tok.get("model_file")
-    if tok["kind"] in ("char", "sentencepiece", "huggingface") and not isinstance(model_file, str):
+    if tok["kind"] in FILE_KINDS and not isinstance(model_file, str):
         raise PipelineError(
             f"{url}: tokenizer.model_file is {model_file!r}: a {tok['kind']} tokenizer needs its file"
         )

@@ -1,8 +1,8 @@
 """The prepare stage's tasks; each runs on any executor (a process here, an array task on Slurm).
 
 - extract: read a unit's documents and store their text per split (only when a tokenizer must
-  be fitted first: char or sentencepiece without ``tokenizer.model``);
-- fit: build the char vocabulary or train sentencepiece on a sample of the training split
+  be fitted first: char, word or sentencepiece without ``tokenizer.model``);
+- fit: build the char or word vocabulary or train sentencepiece on a sample of the training split
   (a pretrained ``huggingface`` tokenizer is loaded by the driver instead, :mod:`pipeline.data.hf_tokenizer`);
 - encode: tokenize a unit per split (from the extracted text, or straight from the source);
 - pack: cut a split's token stream into samples and write one shard.
@@ -34,6 +34,7 @@ from pipeline.data.tokenizers import (
     Tokenizer,
     train_sentencepiece,
 )
+from pipeline.data.word_tokenizer import WordTokenizer, fit_word_tokenizer
 from pipeline.errors import PipelineError
 
 Report = Callable[[int], None]
@@ -165,8 +166,10 @@ class FitTask:
 
 
 def fit_tokenizer(task: FitTask, report: Report) -> dict[str, bytes]:
-    """Fit the char vocabulary or sentencepiece model on the training split; returns its files."""
+    """Fit the char or word vocabulary or sentencepiece model on the training split; returns its files."""
     cfg = task.cfg.tokenizer
+    if cfg.kind is TokenizerKind.word:
+        return _fit_words(task, report)
     if cfg.kind is TokenizerKind.char:
         train: set[str] = set()
         other: set[str] = set()
@@ -205,6 +208,31 @@ def fit_tokenizer(task: FitTask, report: Report) -> dict[str, bytes]:
     return SentencePieceTokenizer(model).files()
 
 
+def _fit_words(task: FitTask, report: Report) -> dict[str, bytes]:
+    """The word vocabulary of the training split, with ``<eod>`` where a split holds more than one
+    document (PTB's three files, one document each, get exactly <unk>, <eos> and the words)."""
+    cfg = task.cfg.tokenizer
+    ends: dict[str, int] = {}
+    for st in task.unit_stats:
+        for split, s in st["splits"].items():
+            ends[split] = ends.get(split, 0) + s["doc_ends"]
+
+    def texts() -> Iterator[str]:
+        for unit in range(len(task.unit_stats)):
+            for piece in iter_extracted(task.work, unit, "train"):
+                report(len(piece.data))
+                yield piece.data
+
+    tok, _ = fit_word_tokenizer(
+        texts(),
+        max_size=cfg.max_size,
+        min_count=cfg.min_count,
+        lowercase=cfg.lowercase,
+        eod=max(ends.values(), default=0) > 1,
+    )
+    return tok.files()
+
+
 # ----------------------------------------------------------------------------------------- encode
 
 
@@ -227,6 +255,8 @@ def make_tokenizer(
         from pipeline.data.hf_tokenizer import HuggingFaceTokenizer
 
         return HuggingFaceTokenizer(data, eos_token)
+    if kind is TokenizerKind.word:
+        return WordTokenizer.from_json(data.decode("utf-8"))
     return (
         CharTokenizer.from_json(data.decode("utf-8"))
         if name.endswith(".json")
@@ -236,8 +266,10 @@ def make_tokenizer(
 
 def nbytes_dtype(kind: str) -> type[np.unsignedinteger]:
     """The dtype of a unit's per-token byte counts (``.nbytes``) for tokenizer ``kind``: uint16
-    for a pretrained vocabulary, whose tokens may exceed 255 bytes; uint8 otherwise."""
-    return np.uint16 if kind == TokenizerKind.huggingface.value else np.uint8
+    for a pretrained vocabulary and for words (a token may exceed 255 bytes: a long token, or a
+    word with the whitespace before it); uint8 otherwise."""
+    wide = (TokenizerKind.huggingface.value, TokenizerKind.word.value)
+    return np.uint16 if kind in wide else np.uint8
 
 
 @functools.lru_cache(maxsize=2)

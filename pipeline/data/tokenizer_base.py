@@ -1,6 +1,6 @@
 """The tokenizer interface every kind implements (bytes, char, sentencepiece in
-:mod:`pipeline.data.tokenizers`; Hugging Face in :mod:`pipeline.data.hf_tokenizer`), in a module of
-its own so that neither imports the other for it."""
+:mod:`pipeline.data.tokenizers`; Hugging Face in :mod:`pipeline.data.hf_tokenizer`; word in
+:mod:`pipeline.data.word_tokenizer`), in a module of its own so that none imports another for it."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ class Tokenizer:
     def encode_with_lengths(self, text: str | bytes) -> tuple[np.ndarray, np.ndarray | None]:
         """(ids [n] of an integer dtype, UTF-8 bytes per token [n] or None where each is 1 byte).
 
-        The counts are uint8, uint16 for ``huggingface`` (whose tokens may exceed 255 bytes)."""
+        The counts are uint8, uint16 for ``huggingface`` and ``word`` (whose tokens may exceed 255
+        bytes: a long token, or a word with the whitespace before it)."""
         raise NotImplementedError
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> bytes:

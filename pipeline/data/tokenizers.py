@@ -1,5 +1,6 @@
 """Tokenizers: bytes, char and sentencepiece, with exact byte counts per token (pretrained
-Hugging Face tokenizers, ``kind=huggingface``, are in :mod:`pipeline.data.hf_tokenizer`).
+Hugging Face tokenizers, ``kind=huggingface``, are in :mod:`pipeline.data.hf_tokenizer`, the
+word vocabulary, ``kind=word``, in :mod:`pipeline.data.word_tokenizer`).
 
 ``encode`` returns the token ids (1-D int64, what a model reads); ``encode_with_lengths`` also
 returns, per token, the number of UTF-8 bytes of text it stands for (0 for the end-of-document
@@ -7,7 +8,9 @@ id), so a shard's byte count is exact for any tokenizer and later stages report 
 ``decode(encode(x)) == x`` for every tokenizer: char and bytes by construction, sentencepiece
 because it is trained with identity normalization, no dummy prefix, no whitespace folding and
 byte fallback (a literal U+2581 is the one exception: sentencepiece uses that symbol for the
-space).
+space). The word tokenizer is the other exception: it gives back each line's words joined by
+single spaces, and ``<unk>`` for a word outside its vocabulary (its byte counts are exact all the
+same).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import sentencepiece as spm
 
 from pipeline.data.tokenizer_base import RoundTripError as RoundTripError  # (re-exported)
 from pipeline.data.tokenizer_base import Tokenizer, _utf8_lengths
+from pipeline.data.word_tokenizer import WORD_VOCAB_FILE as WORD_VOCAB_FILE  # (re-exported)
+from pipeline.data.word_tokenizer import WordTokenizer
 from pipeline.errors import PipelineError
 
 SPM_MODEL_FILE = "tokenizer/spm.model"
@@ -211,7 +216,7 @@ def tokenizer_from_manifest(manifest: dict[str, Any], read_file: Callable[[str],
         raise PipelineError(f"the manifest's tokenizer is {t!r:.80}: expected an object with a kind")
     if t["kind"] == "bytes":
         return ByteTokenizer()
-    if t["kind"] not in ("char", "sentencepiece", "huggingface"):
+    if t["kind"] not in ("char", "sentencepiece", "huggingface", "word"):
         raise PipelineError(f"unknown tokenizer kind {t['kind']!r} in manifest")
     rel = t.get("model_file")
     problem = path_problem(rel)
@@ -221,6 +226,8 @@ def tokenizer_from_manifest(manifest: dict[str, Any], read_file: Callable[[str],
         )
     if t["kind"] == "char":
         return CharTokenizer.from_json(read_file(rel).decode("utf-8"))
+    if t["kind"] == "word":
+        return _word_from_manifest(t, read_file(rel))
     if t["kind"] == "huggingface":
         return _hf_from_manifest(t, read_file(rel))
     return SentencePieceTokenizer(read_file(rel))
@@ -244,8 +251,21 @@ def _hf_from_manifest(t: dict[str, Any], data: bytes) -> Tokenizer:
     return tok
 
 
+def _word_from_manifest(t: dict[str, Any], data: bytes) -> Tokenizer:
+    """A ``word`` tokenizer from its stored vocabulary, checked against the entry's size."""
+    tok = WordTokenizer.from_json(data.decode("utf-8"))
+    if tok.vocab_size != t["vocab_size"]:
+        raise PipelineError(
+            f"the word vocabulary {t.get('model_file')} has {tok.vocab_size} ids, "
+            f"the manifest says {t['vocab_size']}"
+        )
+    return tok
+
+
 def load_tokenizer_file(kind: str, data: bytes) -> Tokenizer:
-    """A char vocabulary (JSON) or sentencepiece model given by ``tokenizer.model``."""
+    """A char or word vocabulary (JSON) or sentencepiece model given by ``tokenizer.model``."""
+    if kind == "word":
+        return WordTokenizer.from_json(data.decode("utf-8", "replace"))
     if kind == "char":
         try:
             return CharTokenizer.from_json(data.decode("utf-8"))

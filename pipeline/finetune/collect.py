@@ -9,6 +9,13 @@ different pretrained models never share a row. Written as ``results.md``, ``resu
 TensorBoard's hparams view under ``DIR/tensorboard-hparams``: one session per job with the values
 the table shows, as ``hparam/<task>/dev_<metric>``, ``hparam/<task>/test_<metric>`` (and for
 language modelling ``hparam/<task>/test_bpb``), so that each task's metric has columns of its own.
+
+Results of GLUE tasks (``glue`` in their task config) also make a second table, the GLUE score:
+per (init, other hyper-parameters, backbone), the mean of the task scores over the GLUE tasks
+run, each task's score as GLUE counts it (CoLA's MCC, SST-2's and RTE's accuracy, MRPC's mean of
+F1 and accuracy, STS-B's mean of Pearson and Spearman: the job's main metric), naming the tasks it
+covers. Its spread is over seeds, where every task ran the same seeds (each seed's score: the mean
+over the tasks at that seed).
 """
 
 from __future__ import annotations
@@ -27,6 +34,11 @@ from pipeline.errors import PipelineError
 from pipeline.provenance import describe_code, provenance
 
 RESULT = "result.json"
+GLUE_TASK_COUNT = 9  # CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI
+GLUE_NOTE = (
+    "GLUE score: the mean of the task scores over the GLUE tasks run (CoLA: MCC; SST-2, RTE: "
+    "accuracy; MRPC: mean of F1 and accuracy; STS-B: mean of Pearson and Spearman; all × 100)"
+)
 
 
 def find_results(root: str) -> list[dict[str, Any]]:
@@ -115,6 +127,78 @@ def table(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _scores(rs: list[dict[str, Any]], split: str) -> dict[int, float]:
+    """{seed: the task score on ``split``} of one task's results (a seed's results averaged)."""
+    by_seed: dict[int, list[float]] = {}
+    for r in rs:
+        value = table_values(r).get(split)
+        if value is not None:
+            by_seed.setdefault(int(r["seed"]), []).append(value)
+    return {seed: statistics.fmean(v) for seed, v in by_seed.items()}
+
+
+def _glue_split(by_task: dict[str, list[dict[str, Any]]], split: str) -> tuple[str, float | None]:
+    """(mean ± std over seeds, mean) of the GLUE score on ``split``; ``—`` and None unless every
+    task has a score there."""
+    scores = {task: _scores(rs, split) for task, rs in by_task.items()}
+    if not all(scores.values()):
+        return "—", None
+    mean = statistics.fmean(statistics.fmean(s.values()) for s in scores.values())
+    seeds = [set(s) for s in scores.values()]
+    if all(x == seeds[0] for x in seeds):  # one score per seed: its spread is the seeds'
+        per_seed = [statistics.fmean(s[seed] for s in scores.values()) for seed in sorted(seeds[0])]
+        return _fmt(per_seed), mean
+    return _fmt([mean]), mean
+
+
+def glue_table(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """GLUE score rows: init, hparams, backbone, the GLUE tasks covered, seeds, dev and test (mean
+    ± std over seeds), their means and each task's mean dev score."""
+    groups: dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]] = {}
+    for r in results:
+        if r.get("glue"):
+            key = (r["init"], _others(r), backbone_label(r))
+            groups.setdefault(key, {}).setdefault(r["glue"], []).append(r)
+    rows = []
+    for (init, others, backbone), by_task in sorted(groups.items()):
+        by_task = dict(sorted(by_task.items()))
+        dev, dev_mean = _glue_split(by_task, "dev")
+        test, test_mean = _glue_split(by_task, "test")
+        rows.append(
+            {
+                "init": init,
+                "hparams": others,
+                "backbone": backbone,
+                "tasks": ", ".join(by_task),
+                "n_tasks": len(by_task),
+                "seeds": len({r["seed"] for rs in by_task.values() for r in rs}),
+                "dev": dev,
+                "test": test,
+                "dev_mean": dev_mean,
+                "test_mean": test_mean,
+                "task_dev": {t: statistics.fmean(_scores(rs, "dev").values()) for t, rs in by_task.items()},
+            }
+        )
+    return rows
+
+
+def glue_markdown(rows: list[dict[str, Any]]) -> str:
+    """The GLUE score table, after a line saying how it is made."""
+    lines = [
+        GLUE_NOTE + ".",
+        "",
+        "| init | hyper-parameters | GLUE tasks covered | seeds | dev | test | backbone |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        covers = f"{r['tasks']} ({r['n_tasks']} of GLUE's {GLUE_TASK_COUNT})"
+        lines.append(
+            f"| {r['init']} | {r['hparams']} | {covers} | {r['seeds']} | {r['dev']} | {r['test']} | "
+            f"{r['backbone']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| task | init | hyper-parameters | seeds | metric | dev | test | test bits/byte | steps | wall s "
@@ -155,13 +239,16 @@ def _hparams_view(root: str, results: list[dict[str, Any]]) -> None:
 
 def collect(root: str, results: list[dict[str, Any]] | None = None) -> tuple[str, list[dict[str, Any]]]:
     """Aggregate ``results`` (each with its ``"dir"``; default: every result.json under DIR) into
-    DIR's results.md, results.csv, results.json and the hparams view; returns (the Markdown table,
-    its rows)."""
+    DIR's results.md, results.csv, results.json and the hparams view; returns (the Markdown table
+    and, when GLUE tasks ran, the GLUE score table; the task rows)."""
     results = find_results(root) if results is None else results
     if not results:
         raise PipelineError(f"{root}: no {RESULT} files under it (has the sweep run?)")
     rows = table(results)
     md = markdown(rows)
+    glue_rows = glue_table(results)
+    if glue_rows:
+        md += "\n" + glue_markdown(glue_rows)
     base = fsio.absolute(root)
     fsio.write_text_atomic(fsio.join(base, "results.md"), md)
     buf = io.StringIO()
@@ -191,6 +278,7 @@ def collect(root: str, results: list[dict[str, Any]] | None = None) -> tuple[str
             for r in results
         ],
         "rows": rows,
+        "glue": glue_rows,
         "provenance": provenance(),
     }
     fsio.write_text_atomic(fsio.join(base, "results.json"), json.dumps(record, indent=1) + "\n")

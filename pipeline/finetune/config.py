@@ -20,6 +20,7 @@ class TaskKind(Enum):
     classification = "classification"  # GLUE-style TSV: a sentence column and a label column
     tagging = "tagging"  # CoNLL-2003 columns: word ... tag
     lm = "lm"  # word-level LM files (PTB): one sentence per line
+    regression = "regression"  # GLUE-style TSV with a numeric label column (STS-B): an MSE head
 
 
 class Init(Enum):
@@ -39,8 +40,12 @@ class TaskConfig:
     train: str = ""  # paths or URLs (fsspec; .gz/.bz2 decompressed by extension)
     dev: str = ""
     test: str = ""  # "" or an unlabelled file: no test metrics
-    text_column: str = "sentence"  # classification: the TSV header's column names
+    text_column: str = "sentence"  # classification/regression: the TSV header's column names
     label_column: str = "label"
+    text_pair_column: str = ""  # the second segment's column of sentence pairs ("" = single sentences)
+    # GLUE's own files of a task: cola, sst2, mrpc, rte or stsb (its columns, labels and metrics;
+    # the collect table's GLUE score); "" = a task of one's own, read with the columns above
+    glue: str = ""
     tag_column: int = -1  # tagging: which whitespace-separated column holds the tag (-1 = last)
     max_train: int = 0  # use the first N training examples (lm: lines); 0 = all
     max_dev: int = 0  # the first N dev examples (lm: lines); 0 = all
@@ -60,11 +65,36 @@ class TaskConfig:
             )
         for name in ("max_train", "max_dev", "max_test"):
             check_range(name, getattr(self, name), ge=0, note=" (0 = all)")
+        sentences = (TaskKind.classification, TaskKind.regression)
+        if self.text_pair_column and self.kind not in sentences:
+            raise ConfigError(f"{config_key('text_pair_column')} is for classification and regression tasks")
+        if self.glue:
+            self._check_glue()
+
+    def _check_glue(self) -> None:
+        """``glue``: a known task, of its kind, its columns left to it."""
+        from pipeline.finetune.glue import GLUE_TASKS
+
+        if self.glue not in GLUE_TASKS:
+            raise ConfigError(
+                f"{config_key('glue')} must be {' or '.join(GLUE_TASKS)} (or unset), got {self.glue!r}"
+            )
+        kind = GLUE_TASKS[self.glue].kind
+        if self.kind is not kind:
+            raise ConfigError(
+                f"{config_key('kind')} must be {kind.value} for glue={self.glue}, got {self.kind.value}"
+            )
+        for name in ("text_column", "text_pair_column", "label_column"):
+            if getattr(self, name) != TaskConfig.__dataclass_fields__[name].default:
+                raise ConfigError(
+                    f"{config_key(name)}={getattr(self, name)!r}: glue={self.glue} reads the columns of "
+                    "GLUE's own file; leave it unset"
+                )
 
 
 @dataclass
 class HeadConfig:
-    pooling: Pooling = Pooling.attentive  # classification
+    pooling: Pooling = Pooling.attentive  # classification and regression
     bidirectional: bool = False  # also run the backbone over the reversed sequence and concatenate
     dropout: float = 0.1  # on the features before the head
 

@@ -23,6 +23,9 @@ from pipeline.models.exported import backbone_identity
 RESULT, CHECKPOINT = "result.json", "checkpoint.pt"
 NOT_CONTENT = ("out_dir", "pretrained", "hparams", "wandb")  # wandb: where metrics go, not what
 TASK_FILES = ("train", "dev", "test")
+# Keys added after results were recorded without them, with the default that means "as before":
+# at that value a key is left out of the identity, so adding it made no existing result stale.
+ADDED_KEYS: dict[str, Any] = {"task_config.text_pair_column": "", "task_config.glue": ""}
 
 _hashes: dict[tuple[str, int, int], str] = {}
 
@@ -47,7 +50,11 @@ def job_identity(cfg: JobConfig, backbone: dict[str, Any] | None = None) -> dict
     """The dotted keys a job's result depends on (see the module docstring). ``backbone``: the
     export's :func:`backbone_identity`, when the caller already has it."""
     values = flatten(to_dict(cfg))
-    out = {k: v for k, v in values.items() if k.split(".")[0] not in NOT_CONTENT}
+    out = {
+        k: v
+        for k, v in values.items()
+        if k.split(".")[0] not in NOT_CONTENT and not (k in ADDED_KEYS and v == ADDED_KEYS[k])
+    }
     for split in TASK_FILES:
         path = getattr(cfg.task_config, split)
         out[f"task_config.{split}"] = file_sha256(path) if path else ""

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from pipeline import fsio
 from pipeline.config import fingerprint, flatten, to_dict
 from pipeline.errors import PipelineError
-from pipeline.finetune import tasks
-from pipeline.finetune.config import Init, JobConfig, TaskKind
+from pipeline.finetune import glue, tasks
+from pipeline.finetune.config import Init, JobConfig, TaskConfig, TaskKind
 from pipeline.finetune.conlleval import conlleval
 from pipeline.finetune.identity import CHECKPOINT, RESULT, job_identity, read_result, stale_reason
 from pipeline.finetune.model import FinetuneModel, parameter_groups, set_dropout
@@ -57,19 +57,30 @@ from pipeline.train.state import FinetuneState
 log = logging.getLogger("rnnpipe.finetune")
 LOG = "log.txt"
 EVAL_BATCH, EVAL_STREAMS = 64, 8
-HIGHER_IS_BETTER = {TaskKind.classification: True, TaskKind.tagging: True, TaskKind.lm: False}
-PRIMARY = {TaskKind.classification: "accuracy", TaskKind.tagging: "f1", TaskKind.lm: "ppl"}
-# What :func:`evaluate` returns for each kind of task.
+HIGHER_IS_BETTER = {k: k is not TaskKind.lm for k in TaskKind}  # lm: perplexity
+# What :func:`evaluate` returns for each kind of task without ``glue`` (a GLUE task: its own, see
+# :mod:`pipeline.finetune.glue`), and the metric early stopping and the table use.
 METRICS = {
-    TaskKind.classification: ("accuracy",),
+    TaskKind.classification: glue.DEFAULT_METRICS[TaskKind.classification],
+    TaskKind.regression: glue.DEFAULT_METRICS[TaskKind.regression],
     TaskKind.tagging: ("f1", "precision", "recall", "accuracy"),
     TaskKind.lm: ("ppl", "bpb", "loss"),
 }
+PRIMARY = {k: names[0] for k, names in METRICS.items()}
 
 
-def tensorboard_tags(kind: TaskKind) -> Tags:
-    """What a job of ``kind`` logs to its ``tensorboard/`` (docs/finetune.md lists them)."""
-    names = METRICS[kind]
+def task_metrics(t: TaskConfig) -> tuple[tuple[str, ...], str]:
+    """(what :func:`evaluate` returns for task ``t``, its main metric)."""
+    if t.kind in (TaskKind.classification, TaskKind.regression):
+        spec = glue.sentence_task(t)
+        return spec.reported, spec.primary
+    return METRICS[t.kind], PRIMARY[t.kind]
+
+
+def tensorboard_tags(kind: TaskKind, metrics: tuple[str, ...] | None = None) -> Tags:
+    """What a job of ``kind`` logs to its ``tensorboard/`` (docs/finetune.md lists them);
+    ``metrics``: its evaluation's, where not the kind's own (a GLUE task's)."""
+    names = METRICS[kind] if metrics is None else metrics
     dev = [f"dev/{m}" for m in names]
     final = [f"final/{split}_{m}" for split in ("dev", "test") for m in names]
     return Tags(frozenset(["train/loss", "train/grad_norm", "train/lr", *dev, *final]))
@@ -78,10 +89,13 @@ def tensorboard_tags(kind: TaskKind) -> Tags:
 @dataclass
 class TaskData:
     kind: TaskKind
-    labels: list[str]  # label vocabulary (sorted, from train); empty for lm
-    train: Any  # classification: [(ids, label)]; tagging: [(ids, first, tag ids)]; lm: LMText
-    dev: Any  # classification: [(ids, label)]; tagging: [(ids, first, gold tags)]; lm: LMText
+    labels: list[str]  # label vocabulary (sorted from train, or GLUE's); empty for lm and regression
+    # classification: [(ids, label index)]; regression: [(ids, score)]; tagging: [(ids, first, tag
+    # ids)]; lm: LMText
+    train: Any
+    dev: Any  # classification, regression, lm: as train; tagging: [(ids, first, gold tags)]
     test: Any  # like dev, or None when the test file is absent or unlabelled
+    sentences: glue.SentenceTask | None = None  # classification and regression: reader and metrics
 
 
 def load_task(cfg: JobConfig, tok) -> TaskData:
@@ -92,31 +106,11 @@ def load_task(cfg: JobConfig, tok) -> TaskData:
         dev = tasks.encode_lm(tok, read(t.dev, t.max_dev))
         test = tasks.encode_lm(tok, read(t.test, t.max_test)) if t.test else None
         return TaskData(t.kind, [], tasks.encode_lm(tok, read(t.train, t.max_train)), dev, test)
-    if t.kind is TaskKind.classification:
-        texts, labels = tasks.read_tsv(t.train, t.text_column, t.label_column, t.max_train)
-        if labels is None:
-            raise PipelineError(f"{t.train}: no {t.label_column!r} column: training data must be labelled")
-        vocab = sorted(set(labels))
-
-        def encode(path: str, limit: int) -> list | None:
-            xs, ys = tasks.read_tsv(path, t.text_column, t.label_column, limit)
-            if ys is None:
-                return None
-            unknown = sorted(set(ys) - set(vocab))
-            if unknown:
-                raise PipelineError(f"{path}: label(s) {unknown} do not occur in {t.train}")
-            return [
-                (tasks.encode_text(tok, x, cfg.max_len), vocab.index(y)) for x, y in zip(xs, ys, strict=True)
-            ]
-
-        train = [
-            (tasks.encode_text(tok, x, cfg.max_len), vocab.index(y))
-            for x, y in zip(texts, labels, strict=True)
-        ]
-        dev = encode(t.dev, t.max_dev)
-        if dev is None:
-            raise PipelineError(f"{t.dev}: no {t.label_column!r} column: dev data must be labelled")
-        return TaskData(t.kind, vocab, train, dev, encode(t.test, t.max_test) if t.test else None)
+    if t.kind in (TaskKind.classification, TaskKind.regression):
+        d = glue.load_sentences(t, tok, cfg.max_len)
+        if d.separator:
+            log.info("sentence pairs: the segments are joined by the %s", d.separator)
+        return TaskData(t.kind, d.labels, d.train, d.dev, d.test, d.spec)
     sents = [(w, tasks.to_iob2(g)) for w, g in tasks.read_conll(t.train, t.tag_column, t.max_train)]
     vocab = sorted({tag for _, tags in sents for tag in tags})
     train = []
@@ -147,7 +141,11 @@ def build_model(cfg: JobConfig, data: TaskData) -> FinetuneModel:
         backbone = pretrained
     if cfg.dropout >= 0:
         set_dropout(backbone, cfg.dropout)
-    return FinetuneModel(backbone, data.kind, max(1, len(data.labels)), cfg.head)
+    model = FinetuneModel(backbone, data.kind, max(1, len(data.labels)), cfg.head)
+    if data.kind is TaskKind.regression and model.head is not None:  # start at the mean score
+        with torch.no_grad():
+            model.head.bias.fill_(float(np.mean([y for _, y in data.train])))
+    return model
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -160,8 +158,9 @@ def _batches(examples: list, size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def evaluate(model: FinetuneModel, data: TaskData, examples: Any, device: torch.device) -> dict[str, float]:
-    """Metrics of ``model`` on one split: accuracy (%); conlleval precision/recall/F1 (%); or
-    per-word perplexity, bits per byte and nats per token with the state carried through the text."""
+    """Metrics of ``model`` on one split: the sentence task's (accuracy, F1, MCC, Pearson, Spearman:
+    :func:`pipeline.finetune.glue.score`); conlleval precision/recall/F1 (%); or per-word perplexity,
+    bits per byte and nats per token with the state carried through the text."""
     was = model.training
     model.eval()
     try:
@@ -173,22 +172,24 @@ def evaluate(model: FinetuneModel, data: TaskData, examples: Any, device: torch.
                 "bpb": nats / math.log(2) / examples.bytes,
                 "loss": m["loss"],
             }
-        correct = 0
+        regression = data.kind is TaskKind.regression
+        preds = np.zeros(len(examples), dtype=np.float64 if regression else np.int64)
         gold_tags, guessed_tags = [None] * len(examples), [None] * len(examples)
         for idx in _batches(examples, EVAL_BATCH):
             ids, lengths = tasks.pad([examples[i][0] for i in idx])
-            logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(lengths).to(device))
-            pred = logits.argmax(-1).cpu().numpy()
+            out = model(torch.from_numpy(ids).to(device), torch.from_numpy(lengths).to(device))
+            if data.sentences is not None:
+                preds[idx] = (out.float() if regression else out.argmax(-1)).cpu().numpy()
+                continue
+            pred = out.argmax(-1).cpu().numpy()
             for row, i in enumerate(idx):
-                if data.kind is TaskKind.classification:
-                    correct += int(pred[row] == examples[i][1])
-                    continue
                 _, first, gold = examples[i]
                 guess = [data.labels[k] for k in pred[row][first]]
                 guessed_tags[i] = guess + ["O"] * (len(gold) - len(guess))  # cut-off words: O
                 gold_tags[i] = gold
-        if data.kind is TaskKind.classification:
-            return {"accuracy": 100.0 * correct / len(examples)}
+        if data.sentences is not None:
+            gold_values = np.array([e[1] for e in examples], dtype=preds.dtype)
+            return glue.score(data.sentences, data.labels, preds, gold_values)
         s = conlleval(gold_tags, guessed_tags)
         return {"f1": s.f1, "precision": s.precision, "recall": s.recall, "accuracy": s.accuracy}
     finally:
@@ -204,6 +205,8 @@ def _train_batch(data: TaskData, order: np.ndarray, pos: int, size: int) -> tupl
     ids, lengths = tasks.pad([c[0] for c in chosen])
     if data.kind is TaskKind.classification:
         return ids, lengths, np.array([c[1] for c in chosen], dtype=np.int64)
+    if data.kind is TaskKind.regression:
+        return ids, lengths, np.array([c[1] for c in chosen], dtype=np.float32)
     targets = np.full(ids.shape, IGNORE, dtype=np.int64)
     for row, (_, first, tags) in enumerate(chosen):
         targets[row, first] = tags[: len(first)]
@@ -262,7 +265,7 @@ def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
         opt, lambda s: min((s + 1) / max(1, warm), max(0.0, (total - s) / max(1, total - warm)))
     )
     higher = HIGHER_IS_BETTER[kind]
-    metric = PRIMARY[kind]
+    names, metric = task_metrics(cfg.task_config)
     streams = None
     if kind is TaskKind.lm:
         streams = StreamBatches(tasks.ArrayReader(data.train), 0, 1, cfg.batch_size, cfg.seq_len)
@@ -289,7 +292,7 @@ def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
     # W&B (when a project is set): one run per job, grouped by the sweep's directory
     wandb = dataclasses.replace(cfg.wandb, group=cfg.wandb.group or Path(out).parent.parent.name)
     hp = {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith("wandb.")}
-    tags = tensorboard_tags(kind)
+    tags = tensorboard_tags(kind, names)
     tb = Metrics(Path(out), True, st.step, cfg.max_steps, tags=tags, jsonl=False, wandb=wandb, config=hp)
     delay = float(os.environ.get("RNNPIPE_TEST_STEP_DELAY", "0"))
     n_train = len(data.train) if kind is not TaskKind.lm else 0
@@ -335,9 +338,12 @@ def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
                 ids, lengths, targets = _train_batch(data, order, st.pos, cfg.batch_size)
                 logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(lengths).to(device))
                 y = torch.from_numpy(targets).to(device)
-                loss = F.cross_entropy(
-                    logits.flatten(0, -2) if y.dim() == 2 else logits, y.flatten(), ignore_index=IGNORE
-                )
+                if kind is TaskKind.regression:  # logits: the predicted scores [B]
+                    loss = F.mse_loss(logits.float(), y)
+                else:
+                    loss = F.cross_entropy(
+                        logits.flatten(0, -2) if y.dim() == 2 else logits, y.flatten(), ignore_index=IGNORE
+                    )
                 st.pos += 1
                 if st.pos == steps_per_epoch:
                     st.epoch, st.pos = st.epoch + 1, 0
@@ -412,6 +418,7 @@ def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
         "seed": cfg.seed,
         "hparams": cfg.hparams,
         "metric": metric,
+        "glue": cfg.task_config.glue or None,  # the GLUE task it is, for the table's GLUE score
         "dev": dev,
         "test": test,
         "best_step": st.best_step,

@@ -3,7 +3,8 @@
 Inputs are right-padded token ids ``ids_BT`` with ``lengths_B``; the LM is causal, so padding
 after a sequence never changes its features. The bidirectional option runs the same backbone over
 each sequence reversed (within its length) and concatenates the two feature sequences, a BiRNN
-whose two directions share their weights.
+whose two directions share their weights. A regression head (STS-B) is the classification head
+with one output, read as the predicted score.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class AttentivePooling(nn.Module):
 
 
 class FinetuneModel(nn.Module):
-    """``backbone`` + head: classification logits [B, C], tagging logits [B, T, C], or (lm) the LM."""
+    """``backbone`` + head: classification logits [B, C], regression scores [B], tagging logits
+    [B, T, C], or (lm) the LM. ``n_labels`` is 1 for regression."""
 
     def __init__(self, backbone: LanguageModel, kind: TaskKind, n_labels: int, head: HeadConfig):
         super().__init__()
@@ -71,7 +73,8 @@ class FinetuneModel(nn.Module):
         else:
             assert self.pool is not None
             pooled_BD = self.pool(h_BTD, mask_BT)
-        return self.head(pooled_BD)
+        out = self.head(pooled_BD)
+        return out.squeeze(-1) if self.kind is TaskKind.regression else out
 
 
 def _layers(bb: nn.Module) -> tuple[list[nn.Module], nn.Module, list[nn.Module]]:

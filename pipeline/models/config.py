@@ -47,6 +47,12 @@ class FreezeKind(Enum):
     embeddings = "embeddings"  # the backbone's token and position embeddings (and a tied output layer)
 
 
+class EmbeddingFreeze(Enum):
+    none = "none"  # the initialised embedding trains like every other weight
+    found = "found"  # the rows the vectors file gave stay as they are; the others train
+    all = "all"  # the whole embedding stays as initialised (with tie_embeddings, the output layer too)
+
+
 HF_INITS = ("pretrained", "random")
 SUMMARY_CELLS = ("lrn", "mingru", "gru")
 
@@ -134,6 +140,26 @@ class RecurrenceConfig:
 
 
 @dataclass
+class EmbeddingsConfig:
+    """Pretrained word vectors for an rnnpipe-kind model's embedding (see docs/models.md)."""
+
+    # A GloVe (``word v1 ... vd`` per line) or word2vec text file (a first line ``count dim``),
+    # plain or compressed (.gz, .bz2, .xz), any fsspec URL (zip://glove.6B.300d.txt::https://...).
+    # Its dimension must be model.d_model. Applied at the start of a fresh pretrain run, for a
+    # word-level dataset (tokenizer.kind=word); "" = none (the usual random initialisation).
+    init: str = ""
+    freeze: EmbeddingFreeze = EmbeddingFreeze.none
+
+    def validate(self) -> None:
+        """A freeze needs vectors to keep."""
+        if self.freeze is not EmbeddingFreeze.none and not self.init:
+            raise ConfigError(
+                f"{config_key('freeze')}={self.freeze.value} keeps pretrained vectors, but "
+                f"{config_key('init')} is empty: name a GloVe or word2vec file"
+            )
+
+
+@dataclass
 class ModelConfig:
     kind: ModelKind = ModelKind.rnnpipe
     mixer: MixerKind = MixerKind.lrn
@@ -155,10 +181,17 @@ class ModelConfig:
     hf: HFBackboneConfig = field(default_factory=HFBackboneConfig)
     recurrence: RecurrenceConfig = field(default_factory=RecurrenceConfig)
     freeze: FreezeKind = FreezeKind.none
+    # kind=rnnpipe: the embedding from pretrained word vectors (GloVe, word2vec), frozen or not.
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
 
     def validate(self) -> None:
         """Check every value's range and that attention heads split ``d_model`` evenly."""
         if self.kind is ModelKind.huggingface:
+            if self.embeddings != EmbeddingsConfig():
+                raise ConfigError(
+                    f"{config_key('embeddings')} is for {config_key('kind')}=rnnpipe (a huggingface "
+                    "backbone has its own pretrained embeddings)"
+                )
             self._validate_huggingface()
         else:  # the huggingface kind's keys would be silently ignored (yet part of the identity)
             defaults = ModelConfig()

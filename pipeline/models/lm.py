@@ -121,8 +121,9 @@ class LanguageModel(Sampler):
         return [k.value for k in self.kinds]
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: matrices decay; the embedding, biases and norms do not."""
-        named = list(self.named_parameters())
+        """AdamW groups: matrices decay; the embedding, biases and norms do not. Frozen parameters
+        (``model.embeddings.freeze=all``) are left out."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         decay = [p for n, p in named if p.ndim >= 2 and not n.startswith("embed.")]
         no_decay = [p for n, p in named if not (p.ndim >= 2 and not n.startswith("embed."))]
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -132,6 +132,37 @@ class TrainConfig:
             check_range(f"inject_nan_at[{i}]", micro_step, ge=0)
 
 
+# eval.dynamic_method: how dynamic evaluation adapts the weights (pipeline.train.dynamic_eval).
+DYNAMIC_METHODS = ("sgd", "rms")
+
+
+@dataclass
+class EvalConfig:
+    """The final evaluation's extras (the periodic evaluation's keys are ``train.eval_*``).
+
+    Dynamic evaluation (Krause et al. 2018, :mod:`pipeline.train.dynamic_eval`): valid and test are
+    read again by a copy of the model that takes a gradient step on each segment after scoring it;
+    reported beside the static figures as ``valid/bpb_dynamic``, ``test/bpb_dynamic``, ... None of
+    these keys changes the trained weights: they are not part of the run's identity."""
+
+    dynamic: bool = False
+    dynamic_method: str = "rms"  # sgd: θ ← θ − lr·g + decay·(θ₀ − θ) | rms: Krause's RMS-normalised rule
+    dynamic_lr: float = 1e-4  # η: the step size (rms: per RMS of the training gradients)
+    dynamic_decay: float = 0.001  # λ: the pull back toward the trained weights θ₀ per step, in [0, 1]
+    dynamic_eps: float = 1e-5  # rms: ε in g / (RMS + ε)
+    dynamic_stat_batches: int = 100  # rms: training batches for the gradients' mean square (0 = one epoch)
+    dynamic_seq_len: int = 0  # tokens per stream per adaptation step (0 = data.seq_len)
+
+    def validate(self) -> None:
+        """Check every value's range (a ConfigError names the key)."""
+        check_choice("dynamic_method", self.dynamic_method, DYNAMIC_METHODS)
+        check_range("dynamic_lr", self.dynamic_lr, gt=0)
+        check_range("dynamic_decay", self.dynamic_decay, ge=0, le=1, note=" (0 = no decay)")
+        check_range("dynamic_eps", self.dynamic_eps, gt=0)
+        check_range("dynamic_stat_batches", self.dynamic_stat_batches, ge=0, note=" (0 = one epoch)")
+        check_range("dynamic_seq_len", self.dynamic_seq_len, ge=0, note=" (0 = data.seq_len)")
+
+
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -186,6 +217,7 @@ class PretrainConfig:
     # {zero_optimization: {offload_optimizer: {device: cpu}}}.
     deepspeed: dict[str, Any] = field(default_factory=dict)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # logging only: not the run's identity
+    eval: EvalConfig = field(default_factory=EvalConfig)  # the final evaluation: not the run's identity
 
     def validate(self) -> None:
         """Check the run dir; resolve the attention memory stream mode needs, and the segment length
@@ -304,6 +336,8 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 # The logging settings (metrics.wandb.project, ...) with their defaults, as dotted keys.
 METRICS_DEFAULTS: dict[str, Any] = flatten({"metrics": to_dict(MetricsConfig())})
+# The final evaluation's extras (eval.dynamic, ...): they read the trained weights, never write them.
+EVAL_DEFAULTS: dict[str, Any] = flatten({"eval": to_dict(EvalConfig())})
 
 # Keys that cannot change the trained weights: where the run lives, how it is watched and paced.
 # Everything else, with the dataset's content and the world size, is the run's identity.
@@ -325,6 +359,7 @@ NOT_CONTENT = (
     "train.max_nonfinite",
     "train.activation_checkpointing",  # recomputes the same activations
     *METRICS_DEFAULTS,  # where metrics are sent
+    *EVAL_DEFAULTS,  # what the final evaluation also reports
 )
 # The data order in shuffle mode depends on these; stream mode reads every stream in order.
 SHUFFLE_ONLY = ("data.seed", "data.workers")
@@ -351,11 +386,13 @@ ADDED_KEYS: dict[str, Any] = {
     "train.init_from": "",
     "data.verify": "sizes",
     **METRICS_DEFAULTS,
-    # model.kind=huggingface and its keys (an rnnpipe-kind model has them at these values)
+    **EVAL_DEFAULTS,
+    # model.kind=huggingface and its keys (an rnnpipe-kind model has them at these values), and
+    # model.embeddings (pretrained word vectors: none by default)
     **{
         f"model.{k}": v
         for k, v in flatten(
-            {k: to_dict(ModelConfig())[k] for k in ("kind", "hf", "recurrence", "freeze")}
+            {k: to_dict(ModelConfig())[k] for k in ("kind", "hf", "recurrence", "freeze", "embeddings")}
         ).items()
     },
 }

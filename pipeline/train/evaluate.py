@@ -131,6 +131,12 @@ def evaluate(
         dist.all_reduce(totals)
     model.train(was_training)
     nats, targets = totals.tolist()
+    return summarize(nats, targets, reader)
+
+
+def summarize(nats: float, targets: float, reader: SplitReader) -> dict[str, float]:
+    """An evaluation's result from the nats summed over its ``targets`` target tokens: loss (nats
+    per token), bits per byte (from the split's UTF-8 bytes per token), perplexity, tokens."""
     loss = nats / max(targets, 1)
     bytes_per_token = reader.bytes / reader.tokens
     return {

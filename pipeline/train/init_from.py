@@ -3,7 +3,9 @@
 The export's model config and tokenizer must be this run's (checked in the preflight, before any
 rank starts, and again by the loop); the optimizer and the schedule start afresh. The checkpoints
 record where the weights came from (path, the weights' sha256 and the step they were exported at).
-A run that resumes from a checkpoint of its own ignores ``init_from``.
+A run that resumes from a checkpoint of its own ignores ``init_from``. ``model.embeddings`` need
+not match: a run from an export takes the export's embedding, not a vectors file's (its freeze
+still applies, to the rows the file covers).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ _SAME_TOKENIZER = ("kind", "vocab_size", "model_sha256")
 
 def check(cfg: PretrainConfig, vocab: int, tokenizer: dict[str, Any]) -> dict[str, Any]:
     """The export ``cfg.train.init_from`` names, as its ``config.json``, after checking that its
-    model (all but dropout) and tokenizer are this run's: ``vocab`` ids, the dataset's manifest
-    ``tokenizer`` entry. Raises :class:`ConfigError` naming what differs."""
+    model (all but dropout and ``model.embeddings``) and tokenizer are this run's: ``vocab`` ids,
+    the dataset's manifest ``tokenizer`` entry. Raises :class:`ConfigError` naming what differs."""
     from pipeline.models.exported import export_meta
 
     where = f"train.init_from={cfg.train.init_from}"
@@ -31,7 +33,12 @@ def check(cfg: PretrainConfig, vocab: int, tokenizer: dict[str, Any]) -> dict[st
         raise ConfigError(f"{where}: {e}") from e
     ours = {**to_dict(cfg.model), "vocab_size": vocab}
     theirs = {**meta["model"], "vocab_size": meta["vocab_size"]}
-    diff = {f"model.{k}": v for k, v in config_diff(theirs, ours).items() if k != "dropout"}
+    # (not model.embeddings: how the export's run began; its weights replace any vectors file's)
+    diff = {
+        f"model.{k}": v
+        for k, v in config_diff(theirs, ours).items()
+        if k != "dropout" and not k.startswith("embeddings.")
+    }
     if diff:
         raise ConfigError(f"{where}: the export's model is not this run's: {describe_diff(diff)}")
     have = meta["tokenizer"]

@@ -36,6 +36,7 @@ from pipeline.config import flatten, to_dict
 from pipeline.data.manifest import dataset_digest, load_tokenizer
 from pipeline.errors import PipelineError
 from pipeline.locking import exclusive
+from pipeline.models import embeddings
 from pipeline.models.backbone import backbone_source, build_model
 from pipeline.models.config import ModelKind
 from pipeline.models.mixers import detach_state
@@ -50,6 +51,7 @@ from pipeline.train.config import (
     run_fingerprint,
 )
 from pipeline.train.data import IGNORE, ShuffleBatches, SplitReader, StreamBatches
+from pipeline.train.dynamic_eval import dynamic_results
 from pipeline.train.evaluate import evaluate
 from pipeline.train.metrics import Metrics
 from pipeline.train.signals import StopFlag
@@ -125,6 +127,8 @@ def _train(
         init = init_from.load(model, cfg, vocab, train_reader.manifest["tokenizer"])
         if rank == 0:
             log.info("train.init_from: starting from %s (step %s)", init["path"], init["step"])
+    # Pretrained word vectors: copied in a fresh run only, frozen either way; before DeepSpeed.
+    vectors = embeddings.apply(model, cfg.model, cfg.data.path, resume_from is None and not init, rank == 0)
     model.gradient_checkpointing = t.activation_checkpointing
     flops_per_token = model.training_flops_per_token(cfg.data.seq_len)  # before ZeRO-3 partitions it
     engine, _, _, _ = deepspeed.initialize(
@@ -152,6 +156,7 @@ def _train(
         "fingerprint": run_fingerprint(values, dataset, world, backbone),
         "provenance": prov,
         "rnnpipe": __version__,
+        **({"embeddings": vectors} if vectors else {}),  # what the vectors file gave
     }
 
     if init is not None:
@@ -172,6 +177,8 @@ def _train(
     metrics = Metrics(run_dir, rank == 0, start, t.steps, wandb=cfg.metrics.wandb, config=values)
     if rank == 0:
         fsio.write_text_atomic(str(run_dir / "provenance.json"), json.dumps(prov, indent=1) + "\n")
+        if vectors is not None:  # (and in every checkpoint's header)
+            fsio.write_text_atomic(str(run_dir / "embeddings.json"), json.dumps(vectors, indent=1) + "\n")
         metrics.text(start, "provenance", "```\n" + json.dumps(prov, indent=1) + "\n```")
     peak = _peak_flops(device, t.precision, t.peak_tflops) * world  # tokens/s below is summed over ranks
     bytes_per_token = train_reader.bytes / train_reader.tokens
@@ -350,6 +357,13 @@ def _train(
                 results["test"] = evaluate_split(
                     SplitReader(cfg.data.path, "test", verify=cfg.data.verify), full=True
                 )
+            if all(r is not None for r in results.values()):  # eval.dynamic: beside the static figures
+                extra = dynamic_results(
+                    engine.module, cfg, list(results), rank, world, device, train_reader, lambda: bool(stop)
+                )
+                results = {
+                    k: None if extra is None else {**r, **extra.get(k, {})} for k, r in results.items()
+                }
             if any(r is None for r in results.values()):
                 status = "preempted"
                 exit_status = stop.exit_status()

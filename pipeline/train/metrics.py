@@ -60,6 +60,7 @@ PRETRAIN_SCALARS = (
     "train/memory_gb",
     "train/nonfinite_total",
     *(f"{split}/{k}" for split in ("valid", "test") for k in ("loss", "bpb", "ppl")),
+    *(f"{split}/{k}_dynamic" for split in ("valid", "test") for k in ("loss", "bpb", "ppl")),  # eval.dynamic
 )
 PRETRAIN_TEXTS = ("provenance", "valid/sample")
 # The final results in the hparams view: bits per byte, what the results compare across tokenizers.

@@ -5,6 +5,11 @@ tokenizer, giving the same ids as rnnpipe's own ``encode``:
 - char: one token per symbol of the training alphabet, the end-of-document id as a special token
   and, where the vocabulary has one, U+FFFD as the unknown token;
 - sentencepiece: the model's pieces and scores (unigram or BPE), spaces as U+2581, byte fallback;
+- word: a WordLevel model over the vocabulary (``<unk>`` its unknown token, the newline the
+  ``<eos>`` id), split at whitespace and newlines as rnnpipe splits (Unicode White_Space), lowercased
+  where the vocabulary is (one known difference: ``tokenizers`` lowercases character by character,
+  so a word-final Greek capital sigma becomes σ where Python's ``str.lower`` gives ς); decoding
+  joins words with single spaces and ends lines at ``<eos>``, as rnnpipe's does;
 - huggingface: the dataset's stored ``tokenizer.json`` as it is (GPT-2's stays byte for byte),
   rewritten only where it must be: its eos token marked special when it is not, and a
   post-processor that adds tokens (a BOS) dropped, since rnnpipe encodes without them.
@@ -17,11 +22,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as FastTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from pipeline.data.hf_tokenizer import HuggingFaceTokenizer
 from pipeline.data.tokenizers import ByteTokenizer, CharTokenizer, SentencePieceTokenizer, Tokenizer
+from pipeline.data.word_tokenizer import EOD, SPACE, UNK, WordTokenizer
 
 EOD_TOKEN = "<|endoftext|>"  # the char tokenizer's end-of-document id has no text of its own
 
@@ -67,6 +73,41 @@ def _char_json(t: CharTokenizer) -> tuple[FastTokenizer, dict[str, Any]]:
     # BPE without merges over the whole text splits it into characters: one token per symbol
     tok = FastTokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
     tok.decoder = decoders.Fuse()
+    return tok, special
+
+
+def _word_json(t: WordTokenizer) -> tuple[FastTokenizer, dict[str, Any]]:
+    """A WordLevel ``tokenizer.json`` giving the word tokenizer's ids and canonical decoding."""
+    vocab = {UNK: t.unk_id, "\n": t.eos_id}
+    vocab.update({w: i + 2 for i, w in enumerate(t.words)})
+    tok = FastTokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    if t.lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    # words: runs of non-whitespace; each newline a token of its own (<eos>)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(f"[{SPACE}]+"), "removed"), pre_tokenizers.Split("\n", "isolated")]
+    )
+    # " " before every token, then none around a newline, none at the start
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace(Regex("^"), " "),
+            decoders.Fuse(),
+            decoders.Replace(" \n", "\n"),
+            decoders.Replace("\n ", "\n"),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    # <unk> is not declared special: PTB's text holds it as a word, and decoding without special
+    # tokens would drop it (rnnpipe's decode writes it)
+    special: dict[str, Any] = {}
+    if t.eod_id is not None:
+        # the last id, outside the WordLevel vocabulary: added as a token, it gets exactly that
+        # id, and (split_special_tokens) the same name typed in text stays a word, as in rnnpipe
+        name = EOD
+        while name in vocab:
+            name = f"<{name}>"
+        tok.add_special_tokens([name])
+        special["eos_token"] = name
     return tok, special
 
 
@@ -157,6 +198,8 @@ def tokenizer_files(t: Tokenizer) -> dict[str, bytes]:
             fast, special = _char_json(t)
         elif isinstance(t, SentencePieceTokenizer):
             fast, special = _spm_json(t)
+        elif isinstance(t, WordTokenizer):
+            fast, special = _word_json(t)
         else:
             raise TypeError(f"no Hugging Face tokenizer for {type(t).__name__}")
         for content in special.values():

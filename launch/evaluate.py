@@ -1,0 +1,105 @@
+"""``rnnpipe evaluate EXPORT [eval.key=value ...]``: an export's static and dynamic evaluation.
+
+    rnnpipe evaluate EXPORT [--data DATASET] [--split test] [--streams 1] [--seq-len 512]
+                     [--device auto] [--json FILE] [eval.dynamic_method=rms eval.dynamic_lr=1e-4 ...]
+
+The split (by default the test split of the dataset the export was trained on, from its
+config.json) is read as the pretrain stage's final evaluation reads it, the state carried through
+each of ``--streams`` contiguous streams; then, unless ``eval.dynamic=false``, again with dynamic
+evaluation (:mod:`pipeline.train.dynamic_eval`), the ``eval.dynamic_*`` keys as in a pretrain
+config. One process on one device: this is how a ZeRO-3 run gets its dynamic figures (the loop
+skips them under ZeRO-3), from its consolidated export. Stdout gets one line per evaluation;
+``--json`` writes the results (``loss``, ``bpb``, ``ppl``, ``tokens``, ``*_dynamic``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import check_range, load_config
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.train.config import EvalConfig
+
+log = logging.getLogger("rnnpipe")
+
+
+@dataclass
+class EvaluateOptions:
+    """The ``key=value`` words of the command line: the pretrain config's ``eval`` section, with
+    dynamic evaluation on."""
+
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(dynamic=True))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command's arguments, on the ``evaluate`` sub-parser (or a parser of its own)."""
+    p.add_argument("export", help="an export directory (rnnpipe export RUN OUT)")
+    p.add_argument("overrides", nargs="*", help="eval.key=value, e.g. eval.dynamic_lr=3e-4")
+    p.add_argument("--data", help="a prepared dataset (default: the one the export was trained on)")
+    p.add_argument("--split", default="test", help="the split to evaluate (test)")
+    p.add_argument("--streams", type=int, default=1, help="contiguous streams, the state carried (1)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per segment (512)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``rnnpipe evaluate``: 0 when the results were printed."""
+    from launch.sample import pick_device
+    from pipeline.train.dynamic_eval import evaluate_export
+
+    check_range("--streams", args.streams, ge=1)
+    check_range("--seq-len", args.seq_len, ge=1)
+    bad = [x for x in args.overrides if not x.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"{' '.join(bad)}: only eval.* keys are read here (e.g. eval.dynamic_lr=1e-4)")
+    opts = load_config(EvaluateOptions, None, args.overrides).eval
+    if not (Path(args.export) / "config.json").is_file():
+        raise PipelineError(
+            f"{args.export} is not an export directory (no config.json): export a run first "
+            "(rnnpipe export RUN_DIR OUT)"
+        )
+    device = pick_device(args.device)
+    result = evaluate_export(args.export, args.data, args.split, opts, args.streams, args.seq_len, device)
+    print(
+        f"{args.split} ({int(result['tokens']):,} tokens): loss {result['loss']:.4f}, "
+        f"{result['bpb']:.4f} bits per byte, perplexity {result['ppl']:.2f}"
+    )
+    if opts.dynamic:
+        print(
+            f"{args.split}, dynamic ({opts.dynamic_method}, lr {opts.dynamic_lr:g}, decay "
+            f"{opts.dynamic_decay:g}): loss {result['loss_dynamic']:.4f}, "
+            f"{result['bpb_dynamic']:.4f} bits per byte, perplexity {result['ppl_dynamic']:.2f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m launch.evaluate``: the same command outside ``rnnpipe``'s parser."""
+    parser = argparse.ArgumentParser(prog="rnnpipe evaluate", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = list(args.overrides) + extra
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except ConfigError as e:
+        print(f"rnnpipe: config error: {e}", file=sys.stderr)
+        return 2
+    except PipelineError as e:
+        print(f"rnnpipe: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

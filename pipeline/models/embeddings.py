@@ -1,0 +1,243 @@
+"""``model.embeddings.init``: an embedding initialised from pretrained word vectors.
+
+The file is GloVe's text format (``word v1 ... vd`` per line) or word2vec's (the same, after a
+first line ``count dim``), plain or compressed (by its name: .gz, .bz2, .xz), at any fsspec URL
+(``zip://glove.6B.300d.txt::https://nlp.stanford.edu/data/glove.6B.zip``). Every id of the
+vocabulary (a word tokenizer's; ``<unk>``, ``<eos>`` by those names) takes the vector of the same
+word, else of its lowercased form (GloVe 6B is uncased); the first line of a word wins. Rows not
+found keep the model's random initialisation. The vectors' dimension must be ``model.d_model``
+(a :class:`ConfigError` naming both keys otherwise): no projection is added, so the model and
+its exports are the plain ones.
+
+``model.embeddings.freeze``: ``found`` keeps the rows the file gave unchanged (their gradient is
+zeroed, and the embedding has no weight decay: AdamW leaves them exactly as they are), ``all``
+the whole embedding (no gradient at all). With ``tie_embeddings`` those rows are the output
+layer's too.
+
+The coverage (found / vocabulary) is logged and recorded: in every checkpoint's header and the
+run dir's ``embeddings.json`` (the file's path, the sha256 of its text, its format, dimension and
+vector count, the ids found and how, the coverage, the freeze).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import fsio
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.models.config import EmbeddingFreeze, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Vectors:
+    """What a vectors file gave for a vocabulary of ``V`` ids."""
+
+    matrix: np.ndarray  # float32 [V, D]: the found rows' vectors, zeros elsewhere
+    found: np.ndarray  # bool [V]: the ids the file gave a vector for
+    lowercased: int  # of those, found through the lowercased word
+    dim: int  # D
+    format: str  # glove | word2vec
+    lines: int  # vector lines in the file
+    sha256: str  # of the (decompressed) text
+
+    @property
+    def coverage(self) -> float:
+        """Share of the vocabulary found."""
+        return float(self.found.mean()) if len(self.found) else 0.0
+
+
+def _fail(url: str, line: int, what: str) -> PipelineError:
+    return PipelineError(f"model.embeddings.init={url}: line {line} {what}")
+
+
+def read_vectors(url: str, tokens: list[str], dim: int | None = None) -> Vectors:
+    """The vectors of ``tokens`` (the vocabulary's strings, by id) in the file at ``url``.
+
+    ``dim``: the dimension required (the model's ``d_model``), checked on the first line.
+    Raises :class:`ConfigError` for another dimension and :class:`PipelineError` for a file that
+    cannot be read or a line of a vocabulary word that is not ``word`` and ``dim`` numbers.
+    """
+    exact: dict[str, list[int]] = {}
+    lower: dict[str, list[int]] = {}
+    for i, w in enumerate(tokens):
+        exact.setdefault(w, []).append(i)
+        if w.lower() != w:
+            lower.setdefault(w.lower(), []).append(i)
+    rows_exact: dict[int, np.ndarray] = {}
+    rows_lower: dict[int, np.ndarray] = {}
+    digest = hashlib.sha256()
+    fmt, n, lines = "glove", 0, 0
+    try:
+        with fsspec.open(fsio.absolute(url), "rb", compression="infer") as f:
+            for number, raw in enumerate(f, 1):
+                digest.update(raw)
+                line = raw.decode("utf-8", "replace").rstrip("\r\n ")
+                if number == 1:
+                    head = line.split(" ")
+                    if len(head) == 2 and all(x.isdigit() for x in head):
+                        fmt, n = "word2vec", int(head[1])
+                        _check_dim(url, n, dim)
+                        continue
+                    n = len(head) - 1
+                    if n < 1:
+                        raise _fail(url, 1, "is neither a GloVe vector line nor word2vec's 'count dim'")
+                    _check_dim(url, n, dim)
+                if not line:
+                    continue
+                lines += 1
+                word = line[: line.find(" ")] if " " in line else line
+                if word not in exact and word not in lower:
+                    continue  # a word outside the vocabulary (or holding a space): not parsed
+                parts = line.split(" ")
+                if len(parts) > n + 1:
+                    continue  # a word holding a space (GloVe 840B has some): never a vocabulary word
+                if len(parts) != n + 1:
+                    raise _fail(url, number, f"has {len(parts) - 1} numbers after {word!r}, expected {n}")
+                try:
+                    vec = np.asarray(parts[1:], dtype=np.float32)
+                except ValueError as e:
+                    raise _fail(url, number, f"({word!r}) holds a value that is not a number: {e}") from None
+                if not np.isfinite(vec).all():
+                    raise _fail(url, number, f"({word!r}) holds a non-finite value")
+                for i in exact.get(word, ()):
+                    rows_exact.setdefault(i, vec)
+                for i in lower.get(word, ()):
+                    rows_lower.setdefault(i, vec)
+    except (PipelineError, ConfigError):
+        raise
+    except Exception as e:  # a missing file, an unreachable URL, a broken archive
+        raise PipelineError(f"model.embeddings.init={url}: cannot read it: {type(e).__name__}: {e}") from e
+    if n < 1:
+        raise PipelineError(f"model.embeddings.init={url}: the file holds no vectors")
+    matrix = np.zeros((len(tokens), n), dtype=np.float32)
+    found = np.zeros(len(tokens), dtype=bool)
+    lowercased = 0
+    for i in range(len(tokens)):
+        vec = rows_exact.get(i)
+        if vec is None and (vec := rows_lower.get(i)) is not None:
+            lowercased += 1
+        if vec is not None:
+            matrix[i], found[i] = vec, True
+    return Vectors(matrix, found, lowercased, n, fmt, lines, digest.hexdigest())
+
+
+def _check_dim(url: str, n: int, dim: int | None) -> None:
+    if dim is not None and n != dim:
+        raise ConfigError(
+            f"model.embeddings.init={url} holds {n}-dimensional vectors, but model.d_model={dim}: "
+            f"they must be equal (set model.d_model={n}, or use vectors of {dim} dimensions)"
+        )
+
+
+def vocabulary(tokenizer: Any) -> list[str]:
+    """The string of every id of a word tokenizer's vocabulary; :class:`ConfigError` for others."""
+    from pipeline.data.word_tokenizer import WordTokenizer
+
+    if not isinstance(tokenizer, WordTokenizer):
+        raise ConfigError(
+            "model.embeddings.init needs a word-level dataset (prepared with tokenizer.kind=word); "
+            f"this one's tokenizer is {tokenizer.kind}"
+        )
+    return list(tokenizer.tokens)
+
+
+def freeze_rows(embed: nn.Embedding, rows: np.ndarray) -> None:
+    """Zero the gradient of ``embed``'s ``rows`` (bool [V]) from now on: with no weight decay on
+    the embedding, AdamW then leaves those rows exactly as they are."""
+    keep = torch.from_numpy(~rows).to(embed.weight.dtype)[:, None]  # [V, 1]: 1 where it trains
+    cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def hook(grad_VD: torch.Tensor) -> torch.Tensor:
+        key = (grad_VD.device, grad_VD.dtype)
+        if key not in cache:
+            cache[key] = keep.to(device=grad_VD.device, dtype=grad_VD.dtype)
+        return grad_VD * cache[key]
+
+    embed.weight.register_hook(hook)
+
+
+def apply(
+    model: nn.Module, model_cfg: ModelConfig, data_path: str, copy: bool, verbose: bool
+) -> dict[str, Any] | None:
+    """:func:`initialize` for the vocabulary of the dataset at ``data_path`` (read only where
+    ``model.embeddings.init`` is set); None without a vectors file."""
+    if not model_cfg.embeddings.init:
+        return None
+    from pipeline.data.manifest import load_tokenizer
+
+    return initialize(model, model_cfg, load_tokenizer(data_path), copy, verbose)
+
+
+def initialize(
+    model: nn.Module, model_cfg: ModelConfig, tokenizer: Any, copy: bool = True, verbose: bool = False
+) -> dict[str, Any] | None:
+    """Initialise ``model.embed`` (a LanguageModel's, before DeepSpeed wraps it) from
+    ``model.embeddings.init`` for ``tokenizer``'s vocabulary (a word tokenizer), and apply
+    ``model.embeddings.freeze``; returns the record the checkpoints keep (None without a file).
+    ``copy=False`` (a resumed run, or one from ``train.init_from``: the weights come from there)
+    only reads which rows the file covers, for the freeze. ``verbose``: log it (rank 0)."""
+    cfg = model_cfg.embeddings
+    if not cfg.init:
+        return None
+    embed = getattr(model, "embed", None)
+    if not isinstance(embed, nn.Embedding):
+        raise ConfigError("model.embeddings.init is for model.kind=rnnpipe (its embedding is model.embed)")
+    vec = read_vectors(cfg.init, vocabulary(tokenizer), model_cfg.d_model)
+    if vec.matrix.shape[0] != embed.num_embeddings:
+        raise PipelineError(
+            f"model.embeddings.init: the vocabulary has {vec.matrix.shape[0]} ids, the embedding "
+            f"{embed.num_embeddings}"
+        )
+    if copy:
+        with torch.no_grad():
+            rows = torch.from_numpy(np.flatnonzero(vec.found))
+            embed.weight[rows] = torch.from_numpy(vec.matrix[vec.found]).to(embed.weight.dtype)
+    if cfg.freeze is EmbeddingFreeze.all:
+        embed.weight.requires_grad_(False)
+    elif cfg.freeze is EmbeddingFreeze.found:
+        freeze_rows(embed, vec.found)
+    record = {
+        "path": cfg.init,
+        "sha256": vec.sha256,
+        "format": vec.format,
+        "dim": vec.dim,
+        "file_vectors": vec.lines,
+        "vocab": len(vec.found),
+        "found": int(vec.found.sum()),
+        "found_lowercased": vec.lowercased,
+        "coverage": vec.coverage,
+        "freeze": cfg.freeze.value,
+        "copied": copy,
+    }
+    if verbose:
+        missing = [w for w, f in zip(vocabulary(tokenizer), vec.found, strict=True) if not f][:8]
+        log.info(
+            "model.embeddings.init: %s of %s ids found in %s (coverage %.1f%%, %d through the "
+            "lowercased word)%s; freeze=%s; not found: %s%s",
+            f"{record['found']:,}",
+            f"{record['vocab']:,}",
+            cfg.init,
+            100 * vec.coverage,
+            vec.lowercased,
+            "" if copy else " (rows not copied: the weights come from the checkpoint or train.init_from)",
+            cfg.freeze.value,
+            ", ".join(missing) or "none",
+            " ..." if len(missing) == 8 else "",
+        )
+        if model_cfg.tie_embeddings and cfg.freeze is not EmbeddingFreeze.none:
+            log.warning(
+                "model.embeddings.freeze=%s with model.tie_embeddings=true: the frozen rows are the "
+                "output layer's too (model.tie_embeddings=false gives it a matrix of its own)",
+                cfg.freeze.value,
+            )
+    return record
