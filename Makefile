@@ -80,5 +80,14 @@ bench: install
 bench-recurrence: install
 	$(BENCH_ENV) $(BIN)/python -m benchmarks.recurrence --data $(DATA) --runs $(BENCH_DIR)/recurrence
 
+# Seed 000's Table 2 at CPU scale (docs/results.md): PTB at word level, three word LMs (LSTM
+# forward and backward, LRN) and five fine-tuning sweeps (scratch, word2vec inputs, pretrained LSTM
+# and LRN, ELMo) on PTB, five GLUE tasks and CoNLL-2003. About an hour on 2 CPU cores; complete runs
+# in $(BENCH_DIR)/table2 are reused. Needs the bench extra (gensim) for the word vectors.
+.PHONY: bench-table2
+bench-table2: install
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BENCH_ENV) $(BIN)/python -m benchmarks.table2 --data $(DATA) --runs $(BENCH_DIR)/table2
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

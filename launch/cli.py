@@ -2,7 +2,7 @@
 
     rnnpipe prepare CONFIG [key.sub=value ...] [--executor inline|local|slurm] [--print-config]
     rnnpipe pretrain CONFIG [key.sub=value ...] [--executor inline|local|slurm] [--wait] [--export]
-    rnnpipe export RUN_OR_CHECKPOINT OUT
+    rnnpipe export RUN_OR_CHECKPOINT OUT [--backward BACKWARD_RUN_OR_EXPORT]   (or --out OUT)
     rnnpipe evaluate EXPORT [eval.key=value ...] [--data D] [--split S] [--json F]
     rnnpipe sample EXPORT_OR_RUN_DIR [--prompt TEXT | --prompt-file FILE | < stdin] [-n N] [--seed S]
     rnnpipe plot RUN_DIR... --out FILE.png [--title T]
@@ -86,8 +86,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.train.export import export
 
-    out = export(args.source, args.out)
-    print(f"exported to {out}")
+    if args.out and args.out_flag and args.out != args.out_flag:
+        raise ConfigError(f"two output directories: {args.out} and --out {args.out_flag}; give one")
+    out_dir = args.out or args.out_flag
+    if not out_dir:
+        raise ConfigError("rnnpipe export: name the output directory (OUT or --out OUT)")
+    out = export(args.source, out_dir, args.backward)
+    print(f"exported to {out}" + (f" (the backward LM in {out}/backward)" if args.backward else ""))
     return 0
 
 
@@ -148,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     p = workflow.load(args.config, list(args.overrides), args.executor)
     if args.print_config:
         print(to_yaml(p.cfg), end="")
-        for name in workflow.CONFIGURED:
+        for name in workflow.RESOLVED:
             job = p.jobs.get(name)
             if job is not None:
                 print(f"# ---- {name} ----\n{to_yaml(job)}", end="")
@@ -231,7 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "source", help="a pretrain run directory (its latest checkpoint) or a checkpoint directory"
     )
-    e.add_argument("out", help="directory to write model.safetensors, config.json and tokenizer/ into")
+    e.add_argument(
+        "out", nargs="?", help="directory to write model.safetensors, config.json and tokenizer/ into"
+    )
+    e.add_argument("--out", dest="out_flag", metavar="OUT", help="the same as OUT")
+    e.add_argument(
+        "--backward",
+        metavar="BWD",
+        help="a data.direction=backward run (its latest checkpoint), checkpoint or export: its export "
+        "goes into OUT/backward/ (the ELMo pair; the first source must then be a forward run)",
+    )
     e.set_defaults(func=cmd_export)
 
     sm = sub.add_parser(

@@ -14,6 +14,7 @@ from launch.slurm import sbatch_flags, shell_array, shell_var
 from launch.snapshot import take
 from launch.workflow import Pipeline, decide, write_stage_files
 from pipeline import fsio
+from pipeline.errors import ConfigError
 
 FINETUNE_SIGNAL_S = 90  # fine-tune array tasks: USR2 this long before the limit (submitit's default)
 
@@ -25,6 +26,11 @@ def shell_plan(p: Pipeline) -> str:
     evaluates this text. Like ``run``, it checks and plans every stage first and starts a new
     record of the run (refused while the last submission's jobs are going); the script adds its
     job ids."""
+    if p.cfg.backward_lm:
+        raise ConfigError(
+            "backward_lm: slurm/pipeline.sh chains prepare, pretrain and finetune only; "
+            "run a pipeline with a backward LM with rnnpipe run --executor slurm"
+        )
     decide(p)  # every refusal comes before the run dir is touched
     with record.lock(p.run_dir):
         record.refuse_if_busy(p.run_dir)

@@ -1,4 +1,5 @@
-"""``rnnpipe run PIPELINE.yaml``: the stages chained — prepare → pretrain → finetune → collect.
+"""``rnnpipe run PIPELINE.yaml``: the stages chained — prepare → pretrain [→ pretrain-backward] →
+finetune → collect.
 
 A pipeline config names each stage's own YAML (the files ``rnnpipe prepare|pretrain|finetune`` take)
 with overrides, and one run dir that the pipeline lays out itself:
@@ -8,6 +9,7 @@ with overrides, and one run dir that the pipeline lays out itself:
     <run_dir>/pipeline.json      the run record: each stage's job id(s), state, logs (launch.record)
     <run_dir>/data/              the dataset (prepare)
     <run_dir>/pretrain/          the pretrain run: checkpoints/, tensorboard/, export/
+    <run_dir>/pretrain-backward/ with backward_lm: true, the backward LM's run (ELMo)
     <run_dir>/finetune/          the sweep: jobs/, results.md, results.csv, results.json
     <run_dir>/slurm/<time>/      one folder per submission: the code snapshot, submitit's scripts and logs
 
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from launch import collect, finetune, prepare, pretrain, record
+from launch import collect, finetune, prepare, pretrain, pretrain_backward, record
 from launch.executors import ExecutorKind, SlurmConfig
 from launch.stage import Decision, SlurmContext
 from pipeline import fsio
@@ -39,8 +41,10 @@ from pipeline.config import load_config, to_yaml
 from pipeline.errors import ConfigError, PipelineError
 
 # The stages, in order: each a module with the protocol of launch.stage.
-STAGES: tuple[ModuleType, ...] = (prepare, pretrain, finetune, collect)
+STAGES: tuple[ModuleType, ...] = (prepare, pretrain, pretrain_backward, finetune, collect)
 CONFIGURED = ("prepare", "pretrain", "finetune")  # the stages a pipeline file names a YAML for
+# The stages with a resolved config in <run_dir>/stages/ (the backward LM's is the pretrain one's).
+RESOLVED = ("prepare", "pretrain", pretrain_backward.NAME, "finetune")
 
 
 @dataclass
@@ -60,6 +64,10 @@ class PipelineConfig:
     prepare: StageRef = field(default_factory=StageRef)
     pretrain: StageRef = field(default_factory=StageRef)
     finetune: StageRef = field(default_factory=StageRef)
+    # ELMo: also pretrain the backward LM (the pretrain stage's config with data.direction=backward)
+    # in <run_dir>/pretrain-backward after the forward one; the finetune stage gets its export as
+    # pretrained_backward (head.features=elmo)
+    backward_lm: bool = False
     # The prepare driver and the collect job: one CPU each; the driver lives as long as the arrays.
     slurm: SlurmConfig = field(default_factory=_small_job)
 
@@ -106,11 +114,11 @@ def load(path: str, overrides: list[str], executor: str | None = None) -> Pipeli
     base = os.path.dirname(os.path.abspath(path)) if fsio.is_local(path) else ""
     run_dir = fsio.absolute(cfg.run_dir)
 
-    def stage(schema: type, name: str) -> Any:
+    def stage(schema: type, name: str, extra: tuple[str, ...] = ()) -> Any:
         ref: StageRef = getattr(cfg, name)
         file = ref.config if not base or os.path.isabs(ref.config) else os.path.join(base, ref.config)
         try:
-            return load_config(schema, file, [*ref.overrides, *routed[name]])
+            return load_config(schema, file, [*ref.overrides, *routed[name], *extra])
         except ConfigError as e:
             raise ConfigError(f"{name} stage ({file}): {e}") from e
 
@@ -124,9 +132,18 @@ def load(path: str, overrides: list[str], executor: str | None = None) -> Pipeli
     pre.data.path = prep.output
     pre.executor.kind = cfg.executor
     jobs: dict[str, Any] = {"prepare": prep, "pretrain": pre}
+    back = None
+    if cfg.backward_lm:  # the same config read backwards, after the forward run
+        back = stage(pretrain.PretrainJob, "pretrain", ("data.direction=backward",))
+        back.run_dir = fsio.join(run_dir, pretrain_backward.RUN_DIR)
+        back.data.path = prep.output
+        back.executor.kind = cfg.executor
+        jobs[pretrain_backward.NAME] = back
     if fine is not None:
         fine.out_dir = fsio.join(run_dir, "finetune")
         fine.pretrained = fsio.join(pre.run_dir, "export")
+        if back is not None:
+            fine.pretrained_backward = fsio.join(back.run_dir, "export")
         fine.executor.kind = cfg.executor
         try:  # the grid's keys are checked when it is expanded: do it now, with the stage's name
             finetune.grid(fine)
@@ -142,7 +159,7 @@ def write_stage_files(p: Pipeline) -> None:
     sbatch scripts run."""
     fsio.makedirs(fsio.join(p.run_dir, "stages"))
     fsio.write_text_atomic(fsio.join(p.run_dir, "pipeline.yaml"), to_yaml(p.cfg))
-    for name in CONFIGURED:
+    for name in RESOLVED:
         job = p.jobs.get(name)
         if job is not None:
             fsio.write_text_atomic(p.stage_file(name), to_yaml(job))

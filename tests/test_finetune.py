@@ -22,7 +22,7 @@ from pipeline.data.tokenizers import ByteTokenizer, CharTokenizer, SentencePiece
 from pipeline.errors import PipelineError
 from pipeline.finetune import tasks
 from pipeline.finetune.collect import collect, table
-from pipeline.finetune.config import FinetuneOptim, HeadConfig, Pooling, TaskKind
+from pipeline.finetune.config import Features, FinetuneOptim, HeadConfig, Pooling, TaskKind
 from pipeline.finetune.conlleval import conlleval
 from pipeline.finetune.model import FinetuneModel, parameter_groups, reverse_padded
 from pipeline.models import LanguageModel, MixerKind, ModelConfig
@@ -181,17 +181,20 @@ def test_reverse_padded_reverses_within_each_length():
 
 
 @pytest.mark.parametrize("pooling", list(Pooling))
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_heads_ignore_padding(pooling, bidirectional):
-    model = FinetuneModel(_tiny_lm(), TaskKind.classification, 3, HeadConfig(pooling, bidirectional, 0.0))
-    model.eval()
+@pytest.mark.parametrize("features", list(Features))
+def test_heads_ignore_padding(pooling, features):
+    def model_for(kind: TaskKind, n: int) -> FinetuneModel:  # elmo: a backward LM beside the forward one
+        backward = _tiny_lm(1) if features is Features.elmo else None
+        return FinetuneModel(_tiny_lm(), kind, n, HeadConfig(pooling, features, 0.0), backward).eval()
+
+    model = model_for(TaskKind.classification, 3)
     seqs = [np.array([5, 6, 7, 8, 9]), np.array([10, 11])]
     ids, lengths = tasks.pad(seqs, value=99)
     batch = model(torch.from_numpy(ids), torch.from_numpy(lengths))
     for i, s in enumerate(seqs):
         alone = model(torch.from_numpy(s)[None], torch.tensor([len(s)]))
         torch.testing.assert_close(batch[i], alone[0], rtol=1e-5, atol=1e-5)
-    tagger = FinetuneModel(_tiny_lm(), TaskKind.tagging, 4, HeadConfig(pooling, bidirectional, 0.0)).eval()
+    tagger = model_for(TaskKind.tagging, 4)
     out = tagger(torch.from_numpy(ids), torch.from_numpy(lengths))
     alone = tagger(torch.from_numpy(seqs[1])[None], torch.tensor([2]))
     torch.testing.assert_close(out[1, :2], alone[0], rtol=1e-5, atol=1e-5)
@@ -447,7 +450,7 @@ def test_shipped_sweeps_load_and_expand(name, jobs):
     assert len(expanded) == jobs
     assert len({j.out_dir for j in expanded}) == jobs
     if name == "glue-conll-ptb":
-        assert all(j.head.bidirectional == (j.task == "conll") for j in expanded)
+        assert all((j.head.features is Features.reversed_input) == (j.task == "conll") for j in expanded)
 
 
 def test_ctrl_c_checkpoints_the_job_at_the_step_in_progress(tmp_path):

@@ -25,7 +25,7 @@ from pipeline.data.tokenizers import ByteTokenizer, CharTokenizer, SentencePiece
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.finetune import glue, metrics, tasks
 from pipeline.finetune.collect import collect, glue_table
-from pipeline.finetune.config import HeadConfig, Pooling, TaskConfig, TaskKind
+from pipeline.finetune.config import Features, HeadConfig, Pooling, TaskConfig, TaskKind
 from pipeline.finetune.model import FinetuneModel
 from pipeline.models import LanguageModel, MixerKind, ModelConfig
 from pipeline.models.pretrained import save_pretrained
@@ -313,7 +313,7 @@ def _tiny_lm(seed: int = 0) -> LanguageModel:
 
 @pytest.mark.parametrize("pooling", list(Pooling))
 def test_the_regression_head_gives_one_score_per_example_and_ignores_padding(pooling):
-    model = FinetuneModel(_tiny_lm(), TaskKind.regression, 1, HeadConfig(pooling, False, 0.0)).eval()
+    model = FinetuneModel(_tiny_lm(), TaskKind.regression, 1, HeadConfig(pooling, Features.last, 0.0)).eval()
     seqs = [np.array([5, 6, 10, 8, 9]), np.array([11, 10, 12])]
     ids, lengths = tasks.pad(seqs, value=99)
     out = model(torch.from_numpy(ids), torch.from_numpy(lengths))

@@ -374,8 +374,8 @@ def test_the_loop_logs_only_declared_tags(tmp_path):
     its evaluation tags (split/metric, built from evaluate's result) too."""
     from pipeline.finetune.tasks import ArrayReader, LMText
     from pipeline.models import LanguageModel, ModelConfig
-    from pipeline.train import loop
     from pipeline.train.evaluate import evaluate
+    from pipeline.train.report import report
 
     for enabled in (True, False):
         m = Metrics(tmp_path, enabled, 0, 1, jsonl=False)
@@ -384,7 +384,7 @@ def test_the_loop_logs_only_declared_tags(tmp_path):
         with pytest.raises(ValueError, match="'sample' is not declared"):
             m.text(1, "sample", "x")
         m.close()
-    source = (REPO / "pipeline" / "train" / "loop.py").read_text()
+    source = "".join((REPO / "pipeline" / "train" / f).read_text() for f in ("loop.py", "report.py"))
     literal = set(re.findall(r'"((?:train|valid|test)/\w+)"', source))
     assert literal and literal <= set(PRETRAIN_TAGS.scalars)
     assert set(re.findall(r'metrics\.text\([^,]+, "(\w+)"', source)) <= set(PRETRAIN_TAGS.texts)
@@ -396,7 +396,7 @@ def test_the_loop_logs_only_declared_tags(tmp_path):
     m = Metrics(tmp_path, True, 0, 1, jsonl=False)
     for split in ("valid", "test"):
         result = evaluate(model, reader, 0, 1, 2, 16, torch.device("cpu"))
-        logged = loop._report(None, cfg, split, 1, result, m, 1, torch.device("cpu"), reader)
+        logged = report(None, cfg, split, 1, result, m, 1, torch.device("cpu"), reader)
         assert set(logged) <= PRETRAIN_TAGS.scalars
     m.close()
 

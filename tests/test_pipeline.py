@@ -67,7 +67,13 @@ def test_launch_has_no_import_cycle_and_each_module_imports_alone():
 def test_every_stage_has_the_same_interface():
     import inspect
 
-    assert [s.NAME for s in workflow.STAGES] == ["prepare", "pretrain", "finetune", "collect"]
+    assert [s.NAME for s in workflow.STAGES] == [
+        "prepare",
+        "pretrain",
+        "pretrain-backward",
+        "finetune",
+        "collect",
+    ]
     for stage in workflow.STAGES:
         for name, params in {
             "check": ["job", "upstream"],

@@ -318,3 +318,31 @@ def test_every_output_records_its_code_and_versions(finished):
         hparams["model.d_model"].number_value == 32
         and hparams["fingerprint"].string_value == marker["fingerprint"][:12]
     )
+
+
+def test_a_pipeline_chains_the_backward_lm_and_fine_tunes_elmo_on_both(tmp_path):
+    """backward_lm: true trains the pretrain config again with data.direction=backward in
+    <run_dir>/pretrain-backward; the finetune stage's elmo jobs read both exports; a re-run skips
+    every stage."""
+    run_dir = tmp_path / "run"
+    elmo = [
+        "backward_lm=true",
+        "finetune.grid.task=[sst2]",
+        "finetune.grid.init=[pretrained]",
+        "finetune.job.head.features=elmo",
+    ]
+    plan = lines(pipeline(run_dir, *elmo, dry=True).stdout)
+    done = pipeline(run_dir, *elmo)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith("== ")}
+    assert "pretrain-backward:" in out and out["pretrain-backward:"].startswith("== pretrain-backward: run")
+    assert plan["pretrain"].split()[1] == "run"
+    fwd = json.loads((run_dir / "pretrain" / "export" / "config.json").read_text())["source"]
+    bwd = json.loads((run_dir / "pretrain-backward" / "export" / "config.json").read_text())["source"]
+    assert (fwd.get("direction", "forward"), bwd["direction"]) == ("forward", "backward")
+    assert fwd["fingerprint"] != bwd["fingerprint"]
+    res = result(run_dir, "sst2-pretrained-seed0")
+    assert res["backward"]["sha256"] == bwd["weights_sha256"]
+    again = pipeline(run_dir, *elmo, dry=True)
+    assert again.returncode == 0 and "pretrain-backward skip" in again.stdout, again.stdout
+    assert all(line.split()[1] == "skip" for line in lines(again.stdout).values()), again.stdout

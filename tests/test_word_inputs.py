@@ -161,6 +161,19 @@ def test_ptb_gets_mikolovs_10k_vocabulary_saved_and_reloaded(ptb):
     assert manifest["dtype"] == "uint16"
 
 
+def test_the_ptb_lm_task_on_a_word_backbone_scores_every_word_once(ptb):
+    """Fine-tuning's lm task with PTB's own vocabulary: one target per word and per <eos>, so its
+    per-word perplexity is exp(nats per token), the literature's (82,430 test words)."""
+    from pipeline.finetune.tasks import encode_lm
+
+    tok = load_tokenizer(str(ptb))
+    lines = ptb_text("test").splitlines()
+    text = encode_lm(tok, lines)
+    assert text.words == len(text.ids) - 1 == 82_430  # the leading <eos> only starts the stream
+    assert text.ids[0] == 1 and (text.ids[1:] == 1).sum() == len(lines)
+    assert text.bytes == len(ptb_text("test").encode())
+
+
 # -------------------------------------------------------------------------------- embeddings
 
 D = 8

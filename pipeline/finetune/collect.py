@@ -84,9 +84,15 @@ def _others(res: dict[str, Any]) -> str:
 
 
 def backbone_label(res: dict[str, Any]) -> str:
-    """``1a2b3c4d5e@200``: the first 10 hex digits of the backbone's sha256 and its step."""
+    """``1a2b3c4d5e@200``: the first 10 hex digits of the backbone's sha256 and its step; an elmo
+    result's adds its backward LM's (``1a2b3c4d5e@200+9f8e7d6c5b@300``), so that results of
+    other backward LMs (or none) never share a row."""
     b = res.get("backbone") or {}
-    return f"{b['sha256'][:10]}@{b.get('step')}" if b.get("sha256") else "—"
+    label = f"{b['sha256'][:10]}@{b.get('step')}" if b.get("sha256") else "—"
+    backward = res.get("backward") or {}
+    if backward.get("sha256"):
+        label += f"+{backward['sha256'][:10]}@{backward.get('step')}"
+    return label
 
 
 def results_fingerprint(results: Iterable[dict[str, Any]]) -> str:

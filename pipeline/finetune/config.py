@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.config import check_range, config_key
 from pipeline.errors import ConfigError
+from pipeline.models.config import EmbeddingsConfig
 from pipeline.train.config import WandbConfig
 
 
@@ -26,6 +27,18 @@ class TaskKind(Enum):
 class Init(Enum):
     pretrained = "pretrained"  # the backbone's weights from the pretrained model
     scratch = "scratch"  # the same architecture, randomly initialised (the control)
+
+
+class Features(Enum):
+    """What the head reads (``head.features``)."""
+
+    last = "last"  # the backbone's final-norm features (LanguageModel.hidden)
+    # the same forward backbone also run over each sequence reversed (within its length), the two
+    # feature sequences concatenated: a BiRNN whose two directions share the weights
+    reversed_input = "reversed_input"
+    # ELMo (Peters et al. 2018): the forward LM and a backward LM (pretrained on the reversed
+    # stream: ``pretrained_backward``), every layer of both concatenated, then a learned scalar mix
+    elmo = "elmo"
 
 
 class Pooling(Enum):
@@ -50,7 +63,7 @@ class TaskConfig:
     max_train: int = 0  # use the first N training examples (lm: lines); 0 = all
     max_dev: int = 0  # the first N dev examples (lm: lines); 0 = all
     max_test: int = 0
-    # job keys set for this task only, after the grid: [head.bidirectional=true]
+    # job keys set for this task only, after the grid: [head.features=reversed_input]
     job_overrides: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -95,11 +108,21 @@ class TaskConfig:
 @dataclass
 class HeadConfig:
     pooling: Pooling = Pooling.attentive  # classification and regression
-    bidirectional: bool = False  # also run the backbone over the reversed sequence and concatenate
+    features: Features = Features.last  # what the head reads: last | reversed_input | elmo
     dropout: float = 0.1  # on the features before the head
+    # Removed: head.features=reversed_input is what bidirectional=true was (and has its identity);
+    # a config that still sets it is refused with that hint.
+    bidirectional: bool | None = None
 
     def validate(self) -> None:
-        """Check the dropout's range."""
+        """Check the dropout's range; refuse the removed ``bidirectional``."""
+        if self.bidirectional is not None:
+            value = "reversed_input" if self.bidirectional else "last"
+            raise ConfigError(
+                f"{config_key('bidirectional')} was removed: use {config_key('features')}={value} "
+                f"({config_key('features')}=reversed_input reads each sequence reversed too, as "
+                "bidirectional=true did; elmo adds a backward LM)"
+            )
         check_range("dropout", self.dropout, ge=0, lt=1)
 
 
@@ -139,6 +162,10 @@ class JobSpec:
     patience: int = 3  # stop after this many evaluations without a better dev metric (0 = never)
     dropout: float = -1.0  # backbone dropout; -1 = the pretrained config's
     save_model: bool = False  # also write the best weights as model.pt (a state dict) in the job dir
+    # GloVe / word2vec vectors into the backbone's embedding (init=PATH, freeze=none|found|all), after
+    # it is built or loaded: init=scratch gives the "LSTM with GloVe inputs" baseline, init=pretrained
+    # overwrites the found rows. A word-level backbone only; ELMo: both LMs. "" = none.
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     # W&B beside TensorBoard: one run per job (named after the job, grouped by the sweep's
     # directory unless group is set); not part of the job's identity
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -162,5 +189,6 @@ class JobConfig(JobSpec):
 
     task_config: TaskConfig = field(default_factory=TaskConfig)
     pretrained: str = ""  # an ``rnnpipe export`` directory
+    pretrained_backward: str = ""  # head.features=elmo: the backward LM's export ("" = none)
     out_dir: str = ""  # the job's directory: result.json, checkpoint.pt, tensorboard/
     hparams: dict[str, Any] = field(default_factory=dict)  # the grid values that made this job

@@ -38,14 +38,14 @@ from pipeline import fsio
 from pipeline.config import fingerprint, flatten, to_dict
 from pipeline.errors import PipelineError
 from pipeline.finetune import glue, tasks
-from pipeline.finetune.config import Init, JobConfig, TaskConfig, TaskKind
+from pipeline.finetune.build import build_model, scalar_mix
+from pipeline.finetune.config import JobConfig, TaskConfig, TaskKind
 from pipeline.finetune.conlleval import conlleval
 from pipeline.finetune.identity import CHECKPOINT, RESULT, job_identity, read_result, stale_reason
-from pipeline.finetune.model import FinetuneModel, parameter_groups, set_dropout
-from pipeline.models import backbone as models
+from pipeline.finetune.model import FinetuneModel, parameter_groups
 from pipeline.models.exported import CONFIG, WEIGHTS
 from pipeline.models.mixers import detach_state
-from pipeline.models.pretrained import load_pretrained, load_pretrained_tokenizer
+from pipeline.models.pretrained import load_pretrained_tokenizer
 from pipeline.provenance import provenance
 from pipeline.train.checkpoint import load_state, save_state
 from pipeline.train.data import IGNORE, StreamBatches
@@ -128,24 +128,6 @@ def load_task(cfg: JobConfig, tok) -> TaskData:
     return TaskData(
         t.kind, vocab, train, gold(t.dev, t.max_dev), gold(t.test, t.max_test) if t.test else None
     )
-
-
-def build_model(cfg: JobConfig, data: TaskData) -> FinetuneModel:
-    """The pretrained backbone (or the same architecture from scratch, seeded) plus the head."""
-    torch.manual_seed(cfg.seed)
-    pretrained = load_pretrained(cfg.pretrained)
-    if cfg.init is Init.scratch:  # the same architecture, fresh weights (a backbone: from its config)
-        config = getattr(getattr(pretrained, "backbone", None), "config", None)
-        backbone = models.build_model(pretrained.cfg, pretrained.vocab_size, config and config.to_dict())
-    else:
-        backbone = pretrained
-    if cfg.dropout >= 0:
-        set_dropout(backbone, cfg.dropout)
-    model = FinetuneModel(backbone, data.kind, max(1, len(data.labels)), cfg.head)
-    if data.kind is TaskKind.regression and model.head is not None:  # start at the mean score
-        with torch.no_grad():
-            model.head.bias.fill_(float(np.mean([y for _, y in data.train])))
-    return model
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -250,15 +232,35 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
 def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
     out, kind = cfg.out_dir, cfg.task_config.kind
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    weights = fsio.join(cfg.pretrained, WEIGHTS)
-    if fsio.sha256_of(weights)[0] != identity["backbone.sha256"]:
-        raise PipelineError(
-            f"{weights}: its sha256 is not the one its {CONFIG} records: the export was changed "
-            "after it was written; export it again"
-        )
+    exports = {"backbone": cfg.pretrained}
+    if "backward.sha256" in identity:  # elmo: the backward LM, of the forward LM's tokenizer
+        from pipeline.finetune.sweep import check_backward
+
+        exports["backward"] = cfg.pretrained_backward
+        check_backward(cfg.pretrained, cfg.pretrained_backward)
+    for name, export in exports.items():
+        weights = fsio.join(export, WEIGHTS)
+        if fsio.sha256_of(weights)[0] != identity[f"{name}.sha256"]:
+            raise PipelineError(
+                f"{weights}: its sha256 is not the one its {CONFIG} records: the export was changed "
+                "after it was written; export it again"
+            )
     tok = load_pretrained_tokenizer(cfg.pretrained)
     data = load_task(cfg, tok)
-    model = build_model(cfg, data).to(device).train()
+    model, vectors = build_model(cfg, data, tok)
+    model = model.to(device).train()
+    if vectors is not None:
+        log.info(
+            "embeddings.init: %s of %s ids found in %s (coverage %.1f%%, %d through the lowercased "
+            "word); freeze=%s%s",
+            f"{vectors['found']:,}",
+            f"{vectors['vocab']:,}",
+            cfg.embeddings.init,
+            100 * vectors["coverage"],
+            vectors["found_lowercased"],
+            vectors["freeze"],
+            " (both LMs)" if model.backward is not None else "",
+        )
     opt = torch.optim.AdamW(parameter_groups(model, cfg.optim), lr=cfg.optim.lr, betas=(0.9, 0.98))
     warm, total = cfg.optim.warmup_steps, cfg.max_steps
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -323,7 +325,7 @@ def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
             want_frozen = cfg.optim.freeze_steps == -1 or st.step < cfg.optim.freeze_steps
             if want_frozen != frozen:  # frozen parameters get no gradients and skip the optimiser
                 frozen = want_frozen
-                model.backbone.requires_grad_(not frozen)
+                model.freeze_backbones(frozen)
             if kind is TaskKind.lm:
                 assert streams is not None
                 batch = next(streams)
@@ -429,10 +431,22 @@ def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
         "params": sum(p.numel() for p in model.parameters()),
         "train_examples": n_train or len(data.train.ids),
         "device": str(device),
+        "embeddings": vectors,  # what embeddings.init's file gave (coverage, ...), or null
         "backbone": {
             "path": cfg.pretrained,
             **{k: identity.get(f"backbone.{k}") for k in ("sha256", "step")},
         },
+        **(
+            {
+                "backward": {
+                    "path": cfg.pretrained_backward,
+                    **{k: identity.get(f"backward.{k}") for k in ("sha256", "step")},
+                }
+            }
+            if "backward.sha256" in identity
+            else {}
+        ),
+        **({"scalar_mix": scalar_mix(model)} if model.mix is not None else {}),
         "fingerprint": fp,
         "identity": identity,
         "provenance": provenance(world_size=1),

@@ -1,18 +1,27 @@
 """A pretrained (or freshly initialised) LM backbone plus a task head.
 
 Inputs are right-padded token ids ``ids_BT`` with ``lengths_B``; the LM is causal, so padding
-after a sequence never changes its features. The bidirectional option runs the same backbone over
-each sequence reversed (within its length) and concatenates the two feature sequences, a BiRNN
-whose two directions share their weights. A regression head (STS-B) is the classification head
-with one output, read as the predicted score.
+after a sequence never changes its features. What the head reads (``head.features``):
+
+- ``last``: the backbone's final-norm features [B, T, D];
+- ``reversed_input``: those, and the same backbone's over each sequence reversed (within its
+  length) and reversed back, concatenated [B, T, 2D]: a BiRNN whose two directions share weights;
+- ``elmo`` (Peters et al. 2018): a forward LM and a backward LM (pretrained on the stream read in
+  reverse, run over each sequence reversed and its outputs reversed back); layer j's token
+  representation is [forward_j(t); backward_j(t)] [B, T, 2D] for j = 0 (the embeddings) .. L (the
+  top, after the final norm), and the head reads their :class:`ScalarMix`
+  ``gamma · Σ_j softmax(s)_j · LN(h_j)``, ``s`` and ``gamma`` learned.
+
+A regression head (STS-B) is the classification head with one output, read as the predicted score.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.finetune.config import FinetuneOptim, HeadConfig, Pooling, TaskKind
+from pipeline.finetune.config import Features, FinetuneOptim, HeadConfig, Pooling, TaskKind
 from pipeline.models.lm import LanguageModel
 
 
@@ -24,6 +33,41 @@ def reverse_padded(x_BT: Tensor, lengths_B: Tensor) -> Tensor:
     if x_BT.dim() == 3:
         idx_BT = idx_BT[..., None].expand_as(x_BT)
     return x_BT.gather(1, idx_BT)
+
+
+class ScalarMix(nn.Module):
+    """ELMo's scalar mix of ``n`` layers: ``gamma · Σ_j softmax(s)_j · LN(h_j)``.
+
+    ``s`` ([n], zeros at first: the mean) and ``gamma`` (1 at first) are learned; LN is a layer
+    norm without parameters over the feature dimension (ELMo's ``do_layer_norm``), so layers of
+    different scales (the embedding, the residual stream, the final norm's output) mix evenly.
+    """
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.scalars = nn.Parameter(torch.zeros(n))
+        self.gamma = nn.Parameter(torch.ones(()))
+
+    def weights(self) -> Tensor:
+        """softmax(s): the layers' weights [n], summing to one."""
+        return self.scalars.softmax(0)
+
+    def forward(self, layers: list[Tensor]) -> Tensor:
+        """``n`` tensors [..., D] → their mix [..., D]."""
+        if len(layers) != self.scalars.numel():
+            raise ValueError(f"the scalar mix has {self.scalars.numel()} weights, got {len(layers)} layers")
+        w = self.weights()
+        mixed = sum(w[j] * F.layer_norm(h, h.shape[-1:]) for j, h in enumerate(layers))
+        return self.gamma * mixed
+
+
+def elmo_layers(forward: nn.Module, backward: nn.Module, ids_BT: Tensor, lengths_B: Tensor) -> list[Tensor]:
+    """ELMo's token representations, layer by layer: L + 1 tensors [B, T, 2D], each the forward
+    LM's layer j at t beside the backward LM's layer j at t (the backward LM reads each sequence
+    reversed within its length; its outputs are reversed back, so both describe token t)."""
+    fwd = forward.layer_outputs(ids_BT)
+    bwd = backward.layer_outputs(reverse_padded(ids_BT, lengths_B))
+    return [torch.cat([f, reverse_padded(b, lengths_B)], dim=-1) for f, b in zip(fwd, bwd, strict=True)]
 
 
 class AttentivePooling(nn.Module):
@@ -42,20 +86,61 @@ class AttentivePooling(nn.Module):
 
 class FinetuneModel(nn.Module):
     """``backbone`` + head: classification logits [B, C], regression scores [B], tagging logits
-    [B, T, C], or (lm) the LM. ``n_labels`` is 1 for regression."""
+    [B, T, C], or (lm) the LM. ``n_labels`` is 1 for regression. ``backward``: the backward LM of
+    ``head.features=elmo`` (a LanguageModel of the backbone's size and depth)."""
 
-    def __init__(self, backbone: LanguageModel, kind: TaskKind, n_labels: int, head: HeadConfig):
+    def __init__(
+        self,
+        backbone: LanguageModel,
+        kind: TaskKind,
+        n_labels: int,
+        head: HeadConfig,
+        backward: LanguageModel | None = None,
+    ):
         super().__init__()
         self.backbone, self.kind, self.cfg = backbone, kind, head
-        d = backbone.hidden_size * (2 if head.bidirectional else 1)
+        elmo = head.features is Features.elmo
+        if elmo != (backward is not None):
+            raise ValueError("a backward LM is for head.features=elmo, and elmo needs one")
+        self.backward = backward
+        self.mix = None
+        if backward is not None:
+            if not all(isinstance(m, LanguageModel) for m in (backbone, backward)):
+                raise ValueError("head.features=elmo reads the layers of rnnpipe LanguageModels")
+            n = len(backbone.block_of_layer)
+            if (len(backward.block_of_layer), backward.hidden_size) != (n, backbone.hidden_size):
+                raise ValueError(
+                    f"the backward LM has {len(backward.block_of_layer)} layers of {backward.hidden_size}, "
+                    f"the forward LM {n} of {backbone.hidden_size}: ELMo mixes them layer by layer"
+                )
+            self.mix = ScalarMix(n + 1)
+        # ids of parameters without weight decay (embeddings.freeze=found: the kept rows stay exact)
+        self.no_weight_decay: set[int] = set()
+        # parameters frozen throughout, unfrozen backbones or not (embeddings.freeze=all)
+        self.always_frozen: list[nn.Parameter] = []
+        d = backbone.hidden_size * (1 if head.features is Features.last else 2)
         self.drop = nn.Dropout(head.dropout)
         self.pool = AttentivePooling(d) if head.pooling is Pooling.attentive else None
         self.head = nn.Linear(d, n_labels) if kind is not TaskKind.lm else None
 
+    def backbones(self) -> list[nn.Module]:
+        """The LMs the features come from: the backbone, and elmo's backward LM."""
+        return [self.backbone] + ([self.backward] if self.backward is not None else [])
+
+    def freeze_backbones(self, frozen: bool) -> None:
+        """Freeze (``optim.freeze_steps``) or unfreeze every backbone; ``always_frozen`` stays frozen."""
+        for bb in self.backbones():
+            bb.requires_grad_(not frozen)
+        for p in self.always_frozen:
+            p.requires_grad_(False)
+
     def features(self, ids_BT: Tensor, lengths_B: Tensor) -> Tensor:
-        """Backbone features [B, T, D] (or [B, T, 2D] bidirectional)."""
+        """What the head reads: [B, T, D] (``last``) or [B, T, 2D] (``reversed_input``, ``elmo``)."""
+        if self.mix is not None:
+            assert self.backward is not None
+            return self.drop(self.mix(elmo_layers(self.backbone, self.backward, ids_BT, lengths_B)))
         h_BTD, _ = self.backbone.hidden(ids_BT)
-        if self.cfg.bidirectional:
+        if self.cfg.features is Features.reversed_input:
             r_BTD, _ = self.backbone.hidden(reverse_padded(ids_BT, lengths_B))
             h_BTD = torch.cat([h_BTD, reverse_padded(r_BTD, lengths_B)], dim=-1)
         return self.drop(h_BTD)
@@ -92,28 +177,30 @@ def _layers(bb: nn.Module) -> tuple[list[nn.Module], nn.Module, list[nn.Module]]
 def parameter_groups(model: FinetuneModel, optim: FinetuneOptim) -> list[dict]:
     """AdamW groups with layer-wise learning-rate decay.
 
-    The head (and, for lm, the output layer) gets ``lr``; the final norm and the top block
-    lr × decay; block i of n lr × decay^(n − i); the embedding lr × decay^(n + 1). Biases and norm
-    weights get no weight decay.
+    The head (and, for lm, the output layer; for elmo, the scalar mix) gets ``lr``; the final norm
+    and the top block lr × decay; block i of n lr × decay^(n − i); the embedding lr × decay^(n + 1),
+    in each backbone (elmo's backward LM at the forward LM's depths). Biases, norm weights and
+    ``model.no_weight_decay`` get no weight decay.
     """
-    blocks, top, embeddings = _layers(model.backbone)
-    n = len(blocks)
     depth: dict[int, int] = {}
-    for i, block in enumerate(blocks):
-        for p in block.parameters():
-            depth[id(p)] = n - i
-    for module in embeddings:
-        for p in module.parameters():
-            depth.setdefault(id(p), n + 1)  # tied to the lm output layer: the embedding's rate
-    for p in top.parameters():
-        depth.setdefault(id(p), 1)
+    for bb in model.backbones():
+        blocks, top, embeddings = _layers(bb)
+        n = len(blocks)
+        for i, block in enumerate(blocks):
+            for p in block.parameters():
+                depth[id(p)] = n - i
+        for module in embeddings:
+            for p in module.parameters():
+                depth.setdefault(id(p), n + 1)  # tied to the lm output layer: the embedding's rate
+        for p in top.parameters():
+            depth.setdefault(id(p), 1)
     groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        decay = p.dim() >= 2
+        decay = p.dim() >= 2 and id(p) not in model.no_weight_decay
         groups.setdefault((depth.get(id(p), 0), decay), []).append(p)
     return [
         {

@@ -22,7 +22,7 @@ from typing import Any
 from pipeline import fsio
 from pipeline.config import config_key, override
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.finetune.config import JobConfig, JobSpec, TaskConfig, TaskKind
+from pipeline.finetune.config import Features, JobConfig, JobSpec, TaskConfig, TaskKind
 
 log = logging.getLogger("rnnpipe.finetune")
 
@@ -31,6 +31,10 @@ log = logging.getLogger("rnnpipe.finetune")
 class SweepConfig:
     out_dir: str = "runs/finetune"
     pretrained: str = ""  # an ``rnnpipe export`` directory, or a pretrain run dir (its latest exported)
+    # head.features=elmo: the backward LM (pretrained on the stream read in reverse), an export or a
+    # backward pretrain run dir (its latest exported into <out_dir>/pretrained-backward); "" = the
+    # forward export's own <export>/backward, when it has one
+    pretrained_backward: str = ""
     data_root: str = "../shared/data"  # for ${data_root} in task paths
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
     job: JobSpec = field(default_factory=JobSpec)
@@ -62,9 +66,14 @@ def job_name(values: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
 
 
-def expand(sweep: SweepConfig, pretrained: str) -> list[JobConfig]:
-    """Every job of the grid, in grid order, each with its task's files and its directory."""
+def expand(sweep: SweepConfig, pretrained: str, backward: str | None = None) -> list[JobConfig]:
+    """Every job of the grid, in grid order, each with its task's files and its directory.
+
+    ``backward``: the backward LM's export for head.features=elmo jobs (None: where
+    :func:`backward_of` says it is; "" = none)."""
     keys = list(sweep.grid)
+    if backward is None:
+        backward = backward_of(sweep, pretrained)
     jobs = []
     names: set[str] = set()
     for combo in itertools.product(*(sweep.grid[k] for k in keys)):
@@ -75,6 +84,9 @@ def expand(sweep: SweepConfig, pretrained: str) -> list[JobConfig]:
         spec = override(spec, sweep.tasks[spec.task].job_overrides, f"in tasks.{spec.task}.job_overrides")
         if sweep.tasks[spec.task].kind is TaskKind.lm and spec.optim.freeze_steps:
             raise ConfigError(f"task {spec.task} (lm) trains the backbone itself: set optim.freeze_steps=0")
+        elmo = spec.head.features is Features.elmo
+        if elmo:
+            _check_elmo(sweep, spec, pretrained, backward)
         name = job_name(values)
         if name in names:
             raise ConfigError(f"grid: two jobs would share the directory {name}")
@@ -85,11 +97,74 @@ def expand(sweep: SweepConfig, pretrained: str) -> list[JobConfig]:
                 **fields,
                 task_config=sweep.tasks[spec.task],
                 pretrained=pretrained,
+                pretrained_backward=backward if elmo else "",
                 out_dir=fsio.join(sweep.out_dir, "jobs", name),
                 hparams={k: (v.value if hasattr(v, "value") else v) for k, v in values.items()},
             )
         )
     return jobs
+
+
+def _check_elmo(sweep: SweepConfig, spec: JobSpec, pretrained: str, backward: str) -> None:
+    """An elmo job: not the lm task, and a backward LM once the forward export exists (before
+    it does, a pipeline's pretrain stage may make both), with the forward LM's tokenizer."""
+    from pipeline.models.exported import is_export
+
+    if sweep.tasks[spec.task].kind is TaskKind.lm:
+        raise ConfigError(
+            f"task {spec.task} (lm) fine-tunes the forward LM itself: head.features=elmo is for "
+            "classification, regression and tagging tasks"
+        )
+    if not is_export(pretrained):
+        return
+    if not backward:
+        raise ConfigError(
+            "head.features=elmo needs a backward LM: set pretrained_backward to its export or its "
+            "pretrain run dir (data.direction=backward), or export one into "
+            f"{fsio.join(pretrained, 'backward')}"
+        )
+    if is_export(backward):
+        check_backward(pretrained, backward)
+
+
+def _tokenizer_id(export: str) -> tuple[Any, ...]:
+    """(kind, vocabulary size, the sha256 of its file or None) of an export's tokenizer."""
+    from pipeline.models.exported import export_meta
+
+    t = export_meta(export).get("tokenizer", {})
+    rel = t.get("model_file")
+    sha = fsio.sha256_of(fsio.join(fsio.absolute(export), rel))[0] if rel else None
+    return t.get("kind"), t.get("vocab_size"), sha
+
+
+_checked: set[tuple[str, str]] = set()
+
+
+def check_backward(forward: str, backward: str) -> None:
+    """ConfigError unless the export ``backward`` is of a backward LM (where its export records
+    a direction) with the forward one's tokenizer (its kind, its vocabulary size and the sha256 of
+    its file): ELMo reads one token sequence with both."""
+    if (forward, backward) in _checked:
+        return
+    from pipeline.models import exported
+
+    if exported.export_direction(backward) != "backward":
+        raise ConfigError(
+            f"pretrained_backward={backward} is an export of a forward LM (its {exported.CONFIG} "
+            "records source.direction=forward, or none): name the export of a model pretrained "
+            "with data.direction=backward"
+        )
+    fwd, bwd = _tokenizer_id(forward), _tokenizer_id(backward)
+    if fwd != bwd:
+
+        def show(t: tuple[Any, ...]) -> str:
+            return f"{t[0]}, {t[1]} ids" + (f", file sha256 {t[2][:12]}" if t[2] else "")
+
+        raise ConfigError(
+            f"pretrained_backward={backward}: its tokenizer ({show(bwd)}) is not the forward LM's "
+            f"({show(fwd)}, {forward}): pretrain the backward LM on the same dataset, read backward"
+        )
+    _checked.add((forward, backward))
 
 
 def job_label(cfg: JobConfig) -> str:
@@ -137,28 +212,62 @@ def pending(jobs: list[JobConfig]) -> tuple[list[dict[str, Any]], list[JobConfig
     return done, todo, why
 
 
+BACKWARD_EXPORT = "pretrained-backward"  # <out_dir>/pretrained-backward: a backward run dir's export
+
+
+def _export_path(sweep: SweepConfig, src: str, name: str) -> str:
+    from pipeline.models.exported import CONFIG
+
+    src = fsio.absolute(src)
+    if fsio.exists(fsio.join(src, CONFIG)) or not fsio.exists(fsio.join(src, "checkpoints")):
+        return src
+    return fsio.join(fsio.absolute(sweep.out_dir), name)
+
+
 def export_of(sweep: SweepConfig) -> str:
     """Where the export the sweep fine-tunes is: ``pretrained`` when it is one, else (a pretrain
     run dir) ``<out_dir>/pretrained``, which :func:`resolve_pretrained` makes."""
-    from pipeline.models.exported import CONFIG
+    return _export_path(sweep, sweep.pretrained, "pretrained")
 
-    src = fsio.absolute(sweep.pretrained)
-    if fsio.exists(fsio.join(src, CONFIG)) or not fsio.exists(fsio.join(src, "checkpoints")):
-        return src
-    return fsio.join(fsio.absolute(sweep.out_dir), "pretrained")
+
+def backward_export(path: str) -> str | None:
+    """The backward LM an export holds in ``<export>/backward`` (itself an export), or None."""
+    from pipeline.models import exported
+
+    held = getattr(exported, "backward_export", None)  # the export's own answer, where it has one
+    if held is not None:
+        return held(path)
+    inner = fsio.join(fsio.absolute(path), "backward")
+    return inner if exported.is_export(inner) else None
+
+
+def backward_of(sweep: SweepConfig, pretrained: str) -> str:
+    """Where the backward LM's export of elmo jobs is: ``pretrained_backward`` when it is an export,
+    ``<out_dir>/pretrained-backward`` for a backward pretrain run dir (:func:`resolve_pretrained`
+    makes it), else (unset) the forward export's ``<export>/backward``; "" when there is none."""
+    if sweep.pretrained_backward:
+        return _export_path(sweep, sweep.pretrained_backward, BACKWARD_EXPORT)
+    return (backward_export(pretrained) or "") if pretrained else ""
 
 
 def resolve_pretrained(sweep: SweepConfig) -> str:
     """The export directory to load: ``pretrained`` itself, or (a pretrain run dir) its latest
-    checkpoint exported into ``<out_dir>/pretrained``, again whenever the run has moved on."""
+    checkpoint exported into ``<out_dir>/pretrained``, again whenever the run has moved on. A
+    ``pretrained_backward`` run dir is exported (into ``<out_dir>/pretrained-backward``) the same way."""
+    if sweep.pretrained_backward:
+        _resolve(sweep, sweep.pretrained_backward, BACKWARD_EXPORT, "pretrained_backward")
+    return _resolve(sweep, sweep.pretrained, "pretrained", "pretrained")
+
+
+def _resolve(sweep: SweepConfig, source: str, name: str, key: str) -> str:
     from pipeline.models.exported import CONFIG, export_meta
 
-    src = fsio.absolute(sweep.pretrained)
+    src = fsio.absolute(source)
     if fsio.exists(fsio.join(src, CONFIG)):
         return src
     if not fsio.exists(fsio.join(src, "checkpoints")):
         raise PipelineError(
-            f"pretrained={sweep.pretrained}: neither an rnnpipe export (no {CONFIG}) "
+            f"{key}={source}: neither an rnnpipe export (no {CONFIG}) "
             "nor a pretrain run dir (no checkpoints/)"
         )
     from pathlib import Path
@@ -166,7 +275,7 @@ def resolve_pretrained(sweep: SweepConfig) -> str:
     from pipeline.train.checkpoint import find_latest, read_header
     from pipeline.train.export import export
 
-    dst = fsio.join(fsio.absolute(sweep.out_dir), "pretrained")
+    dst = fsio.join(fsio.absolute(sweep.out_dir), name)
     latest = find_latest(Path(src))
     if latest is not None and fsio.exists(fsio.join(dst, CONFIG)):
         made_from = export_meta(dst).get("source", {})

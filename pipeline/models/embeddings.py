@@ -17,6 +17,11 @@ layer's too.
 The coverage (found / vocabulary) is logged and recorded: in every checkpoint's header and the
 run dir's ``embeddings.json`` (the file's path, the sha256 of its text, its format, dimension and
 vector count, the ids found and how, the coverage, the freeze).
+
+Fine-tuning has the same keys as a job's ``embeddings`` (``embeddings.init``, ``embeddings.freeze``):
+:func:`initialize` with ``key="embeddings"`` on the backbone after it is built or loaded, the rows
+always copied (``init=scratch``: GloVe inputs to a fresh LM; ``init=pretrained``: the found rows
+overwritten), the record in the job's ``result.json``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from torch import nn
 
 from pipeline import fsio
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.models.config import EmbeddingFreeze, ModelConfig
+from pipeline.models.config import EmbeddingFreeze, EmbeddingsConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +61,20 @@ class Vectors:
         return float(self.found.mean()) if len(self.found) else 0.0
 
 
-def _fail(url: str, line: int, what: str) -> PipelineError:
-    return PipelineError(f"model.embeddings.init={url}: line {line} {what}")
+KEY = "model.embeddings"  # the config key errors name (pretraining's; fine-tuning's: "embeddings")
 
 
-def read_vectors(url: str, tokens: list[str], dim: int | None = None) -> Vectors:
+def _fail(url: str, line: int, what: str, key: str = KEY) -> PipelineError:
+    return PipelineError(f"{key}.init={url}: line {line} {what}")
+
+
+def read_vectors(url: str, tokens: list[str], dim: int | None = None, key: str = KEY) -> Vectors:
     """The vectors of ``tokens`` (the vocabulary's strings, by id) in the file at ``url``.
 
     ``dim``: the dimension required (the model's ``d_model``), checked on the first line.
     Raises :class:`ConfigError` for another dimension and :class:`PipelineError` for a file that
     cannot be read or a line of a vocabulary word that is not ``word`` and ``dim`` numbers.
+    ``key``: the config key errors name (``model.embeddings``, or a fine-tune job's ``embeddings``).
     """
     exact: dict[str, list[int]] = {}
     lower: dict[str, list[int]] = {}
@@ -86,12 +95,12 @@ def read_vectors(url: str, tokens: list[str], dim: int | None = None) -> Vectors
                     head = line.split(" ")
                     if len(head) == 2 and all(x.isdigit() for x in head):
                         fmt, n = "word2vec", int(head[1])
-                        _check_dim(url, n, dim)
+                        _check_dim(url, n, dim, key)
                         continue
                     n = len(head) - 1
                     if n < 1:
-                        raise _fail(url, 1, "is neither a GloVe vector line nor word2vec's 'count dim'")
-                    _check_dim(url, n, dim)
+                        raise _fail(url, 1, "is neither a GloVe vector line nor word2vec's 'count dim'", key)
+                    _check_dim(url, n, dim, key)
                 if not line:
                     continue
                 lines += 1
@@ -102,13 +111,15 @@ def read_vectors(url: str, tokens: list[str], dim: int | None = None) -> Vectors
                 if len(parts) > n + 1:
                     continue  # a word holding a space (GloVe 840B has some): never a vocabulary word
                 if len(parts) != n + 1:
-                    raise _fail(url, number, f"has {len(parts) - 1} numbers after {word!r}, expected {n}")
+                    what = f"has {len(parts) - 1} numbers after {word!r}, expected {n}"
+                    raise _fail(url, number, what, key)
                 try:
                     vec = np.asarray(parts[1:], dtype=np.float32)
                 except ValueError as e:
-                    raise _fail(url, number, f"({word!r}) holds a value that is not a number: {e}") from None
+                    what = f"({word!r}) holds a value that is not a number: {e}"
+                    raise _fail(url, number, what, key) from None
                 if not np.isfinite(vec).all():
-                    raise _fail(url, number, f"({word!r}) holds a non-finite value")
+                    raise _fail(url, number, f"({word!r}) holds a non-finite value", key)
                 for i in exact.get(word, ()):
                     rows_exact.setdefault(i, vec)
                 for i in lower.get(word, ()):
@@ -116,9 +127,9 @@ def read_vectors(url: str, tokens: list[str], dim: int | None = None) -> Vectors
     except (PipelineError, ConfigError):
         raise
     except Exception as e:  # a missing file, an unreachable URL, a broken archive
-        raise PipelineError(f"model.embeddings.init={url}: cannot read it: {type(e).__name__}: {e}") from e
+        raise PipelineError(f"{key}.init={url}: cannot read it: {type(e).__name__}: {e}") from e
     if n < 1:
-        raise PipelineError(f"model.embeddings.init={url}: the file holds no vectors")
+        raise PipelineError(f"{key}.init={url}: the file holds no vectors")
     matrix = np.zeros((len(tokens), n), dtype=np.float32)
     found = np.zeros(len(tokens), dtype=bool)
     lowercased = 0
@@ -131,7 +142,12 @@ def read_vectors(url: str, tokens: list[str], dim: int | None = None) -> Vectors
     return Vectors(matrix, found, lowercased, n, fmt, lines, digest.hexdigest())
 
 
-def _check_dim(url: str, n: int, dim: int | None) -> None:
+def _check_dim(url: str, n: int, dim: int | None, key: str = KEY) -> None:
+    if dim is not None and n != dim and key != KEY:  # fine-tuning: the backbone's width is given
+        raise ConfigError(
+            f"{key}.init={url} holds {n}-dimensional vectors, but the backbone's d_model is {dim}: "
+            f"they must be equal (use vectors of {dim} dimensions)"
+        )
     if dim is not None and n != dim:
         raise ConfigError(
             f"model.embeddings.init={url} holds {n}-dimensional vectors, but model.d_model={dim}: "
@@ -139,13 +155,14 @@ def _check_dim(url: str, n: int, dim: int | None) -> None:
         )
 
 
-def vocabulary(tokenizer: Any) -> list[str]:
+def vocabulary(tokenizer: Any, key: str = KEY) -> list[str]:
     """The string of every id of a word tokenizer's vocabulary; :class:`ConfigError` for others."""
     from pipeline.data.word_tokenizer import WordTokenizer
 
     if not isinstance(tokenizer, WordTokenizer):
+        what = "dataset (prepared" if key == KEY else "backbone (pretrained on a dataset prepared"
         raise ConfigError(
-            "model.embeddings.init needs a word-level dataset (prepared with tokenizer.kind=word); "
+            f"{key}.init needs a word-level {what} with tokenizer.kind=word); "
             f"this one's tokenizer is {tokenizer.kind}"
         )
     return list(tokenizer.tokens)
@@ -179,24 +196,31 @@ def apply(
 
 
 def initialize(
-    model: nn.Module, model_cfg: ModelConfig, tokenizer: Any, copy: bool = True, verbose: bool = False
+    model: nn.Module,
+    model_cfg: ModelConfig,
+    tokenizer: Any,
+    copy: bool = True,
+    verbose: bool = False,
+    cfg: EmbeddingsConfig | None = None,
+    key: str = KEY,
 ) -> dict[str, Any] | None:
     """Initialise ``model.embed`` (a LanguageModel's, before DeepSpeed wraps it) from
     ``model.embeddings.init`` for ``tokenizer``'s vocabulary (a word tokenizer), and apply
     ``model.embeddings.freeze``; returns the record the checkpoints keep (None without a file).
     ``copy=False`` (a resumed run, or one from ``train.init_from``: the weights come from there)
-    only reads which rows the file covers, for the freeze. ``verbose``: log it (rank 0)."""
-    cfg = model_cfg.embeddings
+    only reads which rows the file covers, for the freeze. ``verbose``: log it (rank 0).
+    ``cfg``: the keys to apply in place of ``model_cfg.embeddings`` (a fine-tune job's
+    ``embeddings``), ``key`` where they are, for the messages."""
+    cfg = cfg if cfg is not None else model_cfg.embeddings
     if not cfg.init:
         return None
     embed = getattr(model, "embed", None)
     if not isinstance(embed, nn.Embedding):
-        raise ConfigError("model.embeddings.init is for model.kind=rnnpipe (its embedding is model.embed)")
-    vec = read_vectors(cfg.init, vocabulary(tokenizer), model_cfg.d_model)
+        raise ConfigError(f"{key}.init is for model.kind=rnnpipe (its embedding is model.embed)")
+    vec = read_vectors(cfg.init, vocabulary(tokenizer, key), model_cfg.d_model, key)
     if vec.matrix.shape[0] != embed.num_embeddings:
         raise PipelineError(
-            f"model.embeddings.init: the vocabulary has {vec.matrix.shape[0]} ids, the embedding "
-            f"{embed.num_embeddings}"
+            f"{key}.init: the vocabulary has {vec.matrix.shape[0]} ids, the embedding {embed.num_embeddings}"
         )
     if copy:
         with torch.no_grad():
@@ -222,8 +246,9 @@ def initialize(
     if verbose:
         missing = [w for w, f in zip(vocabulary(tokenizer), vec.found, strict=True) if not f][:8]
         log.info(
-            "model.embeddings.init: %s of %s ids found in %s (coverage %.1f%%, %d through the "
+            "%s.init: %s of %s ids found in %s (coverage %.1f%%, %d through the "
             "lowercased word)%s; freeze=%s; not found: %s%s",
+            key,
             f"{record['found']:,}",
             f"{record['vocab']:,}",
             cfg.init,
@@ -236,8 +261,9 @@ def initialize(
         )
         if model_cfg.tie_embeddings and cfg.freeze is not EmbeddingFreeze.none:
             log.warning(
-                "model.embeddings.freeze=%s with model.tie_embeddings=true: the frozen rows are the "
+                "%s.freeze=%s with model.tie_embeddings=true: the frozen rows are the "
                 "output layer's too (model.tie_embeddings=false gives it a matrix of its own)",
+                key,
                 cfg.freeze.value,
             )
     return record

@@ -15,6 +15,8 @@ from pipeline import fsio
 from pipeline.errors import PipelineError
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+BACKWARD = "backward"  # the backward LM's export inside a forward one
+DIRECTIONS = ("forward", "backward")
 
 
 def is_export(path: str | os.PathLike) -> bool:
@@ -60,3 +62,25 @@ def backbone_identity(path: str) -> dict[str, Any]:
         "model": meta.get("model"),
         "tokenizer": meta.get("tokenizer"),
     }
+
+
+def export_direction(path: str | os.PathLike) -> str:
+    """``forward`` or ``backward``: which way the exported model reads text (its run's
+    ``data.direction``, recorded in ``source.direction``; forward for an export without it)."""
+    meta = export_meta(str(path))
+    direction = (meta.get("source") or {}).get("direction", "forward")
+    if direction not in DIRECTIONS:
+        raise PipelineError(f"{path}: {CONFIG} says source.direction={direction!r}, not forward or backward")
+    return direction
+
+
+def backward_export(path: str | os.PathLike) -> str | None:
+    """``path/backward`` when it holds a valid export of a backward LM (what ``rnnpipe export
+    ... --backward`` writes beside the forward one), else None."""
+    inner = fsio.join(str(path), BACKWARD)
+    if not is_export(inner):
+        return None
+    try:
+        return inner if export_direction(inner) == BACKWARD else None
+    except PipelineError:
+        return None

@@ -105,8 +105,28 @@ class LanguageModel(Sampler):
 
         Fine-tuning heads read these instead of the logits.
         """
+        layers, new_state = self._layers(tokens_BT, state, keep=False)
+        return self.norm(layers[-1]), new_state
+
+    def layer_outputs(self, tokens_BT: Tensor, state: list[State] | None = None) -> list[Tensor]:
+        """Every layer's features, bottom first: ``n_layers + 1`` tensors [B, T, D].
+
+        Layer 0 is the embedding's output (after the input dropout), layer j the residual stream
+        after block j; the top one is taken after the final norm, so it equals :meth:`hidden`'s
+        features. ELMo's scalar mix (``head.features=elmo`` in fine-tuning) reads them. ``state``:
+        as for :meth:`hidden` (the state after the last token is not returned).
+        """
+        layers, _ = self._layers(tokens_BT, state, keep=True)
+        layers[-1] = self.norm(layers[-1])
+        return layers
+
+    def _layers(
+        self, tokens_BT: Tensor, state: list[State] | None, keep: bool
+    ) -> tuple[list[Tensor], list[State]]:
+        """The residual stream after the embedding and each block ([B, T, D] each; with ``keep``
+        false only the last), and every layer's state after the last token."""
         x_BTD = self.drop(self.embed(tokens_BT))
-        new_state: list[State] = []
+        out, new_state = [x_BTD], []
         for layer, b in enumerate(self.block_of_layer):
             s = None if state is None else state[layer]
             if self.gradient_checkpointing and self.training:
@@ -114,7 +134,8 @@ class LanguageModel(Sampler):
             else:
                 x_BTD, s = self.blocks[b](x_BTD, s)
             new_state.append(s)
-        return self.norm(x_BTD), new_state
+            out = [*out, x_BTD] if keep else [x_BTD]
+        return out, new_state
 
     def state_kinds(self) -> list[str]:
         """Per layer, the mixer whose state it holds (the elastic remap's batch dimensions)."""

@@ -5,6 +5,10 @@ vocabulary size, the tokenizer's description, where the weights came from, and t
 ``transformers`` reads), ``tokenizer/`` (rnnpipe's tokenizer file, if any), and what
 ``AutoModelForCausalLM``/``AutoTokenizer`` need (see :mod:`pipeline.models.hf`). Files get the
 user's umask (0644 under the usual 022), so colleagues on a shared cluster can read them.
+
+A backward LM's export (``data.direction=backward``) loads the same way; an export written with
+``rnnpipe export ... --backward`` holds one in ``backward/`` (:func:`pipeline.models.exported.
+backward_export`): ``load_pretrained(OUT / "backward")``.
 """
 
 from __future__ import annotations

@@ -29,6 +29,11 @@ class DataMode(Enum):
     shuffle = "shuffle"  # independent shuffled windows, state reset per window
 
 
+class Direction(Enum):
+    forward = "forward"  # the text as written
+    backward = "backward"  # the split's whole token stream reversed: a backward LM (ELMo's second one)
+
+
 class Precision(Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -50,6 +55,9 @@ class DataConfig:
     seed: int = 0  # shuffle mode: the order of windows
     workers: int = 0  # shuffle mode: DataLoader worker processes per rank
     verify: str = "sizes"  # sizes | full (also each shard's sha256): see VERIFY_LEVELS
+    # backward: train, evaluate (and export) on every split's token stream read in reverse
+    # (pipeline.train.data.ReversedReader): the backward LM of an ELMo pair
+    direction: Direction = Direction.forward
 
     def validate(self) -> None:
         """Check every value's range (a ConfigError names the key)."""
@@ -385,6 +393,7 @@ def _neutral(cfg: dict[str, Any]) -> set[str]:
 ADDED_KEYS: dict[str, Any] = {
     "train.init_from": "",
     "data.verify": "sizes",
+    "data.direction": Direction.forward.value,  # before it, every run read its text forward
     **METRICS_DEFAULTS,
     **EVAL_DEFAULTS,
     # model.kind=huggingface and its keys (an rnnpipe-kind model has them at these values), and

@@ -20,7 +20,7 @@ import torch
 from pipeline import fsio
 from pipeline.data.manifest import inside, read_manifest
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.train.config import VERIFY_LEVELS  # data.verify: what the reader checks per shard
+from pipeline.train.config import VERIFY_LEVELS, Direction  # data.verify: what the reader checks
 
 IGNORE = -100  # target id that the loss skips
 
@@ -194,6 +194,53 @@ class SplitReader:
         for i, (url, _, _) in enumerate(self._where):
             groups.setdefault(url, []).append(i)
         return list(groups.values())
+
+
+class ReversedReader:
+    """A split read backwards (``data.direction=backward``): token i is the inner reader's token
+    N − 1 − i, over the whole stream (every shard, in the order :class:`SplitReader` presents it).
+
+    Its ``tokens`` and ``bytes`` are the inner reader's, so bits per byte compare with a forward
+    run's. Its samples are the inner ones in reverse order, each reversed (sample i is inner sample
+    S − 1 − i), and its shards the inner ones in reverse order: shuffle mode cuts its windows inside
+    samples as it does forward. Any other attribute (``split``, ``manifest``, ``root``...) is the
+    inner reader's. Stream batching is unchanged: the state is carried backwards through the text.
+    """
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.tokens, self.bytes = int(inner.tokens), int(inner.bytes)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # (unpickling: before __dict__ is restored)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        """Tokens [a, b) of the reversed stream: the inner [N − b, N − a), reversed."""
+        n = self.tokens
+        if not 0 <= a <= b <= n:
+            raise IndexError(f"read({a}, {b}) outside the split's {n} tokens")
+        return np.ascontiguousarray(self.inner.read(n - b, n - a)[::-1])
+
+    def sample_count(self) -> int:
+        return self.inner.sample_count()
+
+    def sample_length(self, i: int) -> int:
+        return self.inner.sample_length(self.inner.sample_count() - 1 - i)
+
+    def shard_samples(self) -> list[list[int]]:
+        last = self.inner.sample_count() - 1
+        return [[last - i for i in reversed(group)] for group in reversed(self.inner.shard_samples())]
+
+
+def open_split(
+    path: str, split: str, verify: str = "sizes", direction: Direction | str = Direction.forward
+) -> SplitReader | ReversedReader:
+    """A prepared dataset's split as a run with ``data.direction`` reads it: a :class:`SplitReader`,
+    wrapped in a :class:`ReversedReader` for ``backward``."""
+    reader = SplitReader(path, split, verify=verify)
+    return ReversedReader(reader) if Direction(direction) is Direction.backward else reader
 
 
 def stream_bounds(pairs: int, streams: int) -> np.ndarray:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from pipeline.errors import PipelineError
 from pipeline.models.mixers import detach_state
 from pipeline.train.config import DYNAMIC_METHODS, EvalConfig, PretrainConfig
-from pipeline.train.data import IGNORE, Batch, SplitReader, StreamBatches, eval_batches
+from pipeline.train.data import IGNORE, Batch, SplitReader, StreamBatches, eval_batches, open_split
 from pipeline.train.evaluate import (
     PROGRESS_FRACTION,
     PROGRESS_MIN_S,
@@ -324,7 +324,7 @@ def dynamic_results(
             return None
     out: dict[str, dict[str, float]] = {}
     for split in splits:
-        reader = SplitReader(cfg.data.path, split, verify=cfg.data.verify)
+        reader = open_split(cfg.data.path, split, cfg.data.verify, cfg.data.direction)
         result = evaluate_dynamic(
             module,
             reader,
@@ -367,7 +367,10 @@ def evaluate_export(
     one it was trained on, from its config.json) and, with ``options.dynamic``, its dynamic one
     beside it: ``{"loss", "bpb", "ppl", "tokens"}`` plus ``loss_dynamic``, ``bpb_dynamic``,
     ``ppl_dynamic``. One process, no process group; the ``rms`` rule reads the dataset's train
-    split. PipelineError when the dataset's tokenizer is not the export's."""
+    split. A backward LM's export (``data.direction=backward``, :func:`~pipeline.models.exported.
+    export_direction`) reads every split in reverse, as its run did. PipelineError when the
+    dataset's tokenizer is not the export's."""
+    from pipeline.models.exported import export_direction
     from pipeline.models.pretrained import CONFIG, load_pretrained
 
     opts = options or EvalConfig(dynamic=True)
@@ -379,7 +382,8 @@ def evaluate_export(
     data = data or (meta.get("source") or {}).get("data")
     if not data:
         raise PipelineError(f"{path}: its {CONFIG} names no dataset: give one")
-    reader = SplitReader(data, split, verify=verify)
+    direction = export_direction(str(path))
+    reader = open_split(data, split, verify, direction)
     mine, theirs = meta.get("tokenizer") or {}, reader.manifest["tokenizer"]
     key = ("kind", "vocab_size", "model_sha256")
     if [mine.get(k) for k in key] != [theirs.get(k) for k in key]:
@@ -393,7 +397,7 @@ def evaluate_export(
     result = evaluate(model, reader, 0, 1, streams, seq_len, device)
     assert result is not None  # (no should_stop)
     if opts.dynamic:
-        stats = SplitReader(data, "train", verify=verify) if opts.dynamic_method == "rms" else None
+        stats = open_split(data, "train", verify, direction) if opts.dynamic_method == "rms" else None
         dyn_len = opts.dynamic_seq_len or seq_len
         dyn = evaluate_dynamic(
             model, reader, 0, 1, streams, dyn_len, device, options=opts, stats_reader=stats

@@ -1,4 +1,7 @@
-"""``rnnpipe export RUN_OR_CHECKPOINT OUT``: one fp32 safetensors file from any ZeRO checkpoint."""
+"""``rnnpipe export RUN_OR_CHECKPOINT OUT [--backward BWD]``: one fp32 safetensors file from any
+ZeRO checkpoint; with ``--backward``, a backward LM's export (a ``data.direction=backward`` run, or
+its export) beside it in ``OUT/backward/``: the two LMs of an ELMo pair in one directory.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +18,8 @@ import torch
 
 from pipeline import fsio
 from pipeline.data.manifest import read_manifest
-from pipeline.errors import PipelineError
-from pipeline.models.exported import is_export
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.models.exported import BACKWARD, export_direction, export_meta, is_export
 from pipeline.models.pretrained import save_pretrained
 from pipeline.provenance import provenance
 from pipeline.train import checkpoint
@@ -81,22 +84,19 @@ def consolidate(source: str | Path) -> Consolidated:
     return Consolidated(ckpt, state, cfg, header, tokenizer, files)
 
 
-def export(source: str | Path, out: str | Path) -> Path:
-    """Consolidate a checkpoint (a run dir means its latest) into ``out``; returns ``out``.
+def run_direction(cfg: dict[str, Any]) -> str:
+    """A run's ``data.direction`` from its config (plain values): forward for a run from before it."""
+    return str((cfg.get("data") or {}).get("direction") or "forward")
 
-    Written beside ``out`` and renamed into place, so a killed export never leaves a directory
-    that looks like a finished one; an earlier export in ``out`` is replaced."""
-    source, out = Path(source), Path(out)
-    if out.exists() and any(out.iterdir()) and not is_export(out):
-        # (a Hugging Face model directory has a config.json too: it must be one of ours to be replaced)
-        raise PipelineError(f"{out} holds files that are not an rnnpipe export: choose another directory")
-    c = consolidate(source)
+
+def _meta(c: Consolidated) -> dict[str, Any]:
+    """What the weights were made from: the export's identity for the stages after it."""
     cfg, header = c.config, c.header
-    # What the weights were made from: the export's identity for the stages after it.
-    meta = {
+    return {
         "checkpoint": str(c.checkpoint),
         "step": header["step"],
         "data": cfg["data"]["path"],
+        "direction": run_direction(cfg),  # which way the model reads text
         "dataset": header.get("dataset"),
         "fingerprint": header.get("fingerprint"),
         "train_steps": cfg["train"]["steps"],
@@ -104,12 +104,84 @@ def export(source: str | Path, out: str | Path) -> Path:
         "provenance": header.get("provenance"),
         "exported_by": provenance(),
     }
+
+
+def _write(c: Consolidated, out: Path) -> None:
+    backbone = (c.header.get("hf_backbone") or {}).get("config")  # a huggingface-kind model's
+    save_pretrained(out, c.state, c.config["model"], c.tokenizer, c.tokenizer_files, _meta(c), backbone)
+
+
+TOKENIZER_KEYS = ("kind", "vocab_size", "model_sha256")  # what makes two tokenizers the same
+
+
+def _backward_twin(backward: Path, forward: Consolidated, source: Path) -> Consolidated | Path:
+    """The backward LM for ``--backward``: its run's consolidated checkpoint, or its export (a
+    path); ConfigError naming it when it is not a backward LM, or not tokenized as ``forward``."""
+    if is_export(backward):
+        direction, tokenizer = export_direction(backward), export_meta(str(backward)).get("tokenizer") or {}
+        twin: Consolidated | Path = backward
+    else:
+        try:
+            c = consolidate(backward)
+        except PipelineError as e:
+            raise PipelineError(f"--backward {backward}: not an export, and {e}") from None
+        direction, tokenizer, twin = run_direction(c.config), c.tokenizer, c
+    if direction != BACKWARD:
+        raise ConfigError(
+            f"--backward {backward}: its model reads text {direction} (data.direction={direction}); "
+            "it takes a run trained with data.direction=backward, or its export"
+        )
+    mine = [forward.tokenizer.get(k) for k in TOKENIZER_KEYS]
+    theirs = [tokenizer.get(k) for k in TOKENIZER_KEYS]
+    if mine != theirs:
+        raise ConfigError(
+            f"--backward {backward} is tokenized by {theirs[0]} (vocabulary {theirs[1]}, model file "
+            f"sha256 {str(theirs[2])[:12]}), {source} by {mine[0]} (vocabulary {mine[1]}, "
+            f"{str(mine[2])[:12]}): the two directions of a pair must share their tokenizer"
+        )
+    return twin
+
+
+def export(source: str | Path, out: str | Path, backward: str | Path | None = None) -> Path:
+    """Consolidate a checkpoint (a run dir means its latest) into ``out``; returns ``out``.
+
+    ``backward``: a ``data.direction=backward`` run (its latest checkpoint) or checkpoint, or an
+    export of one, written as a complete export into ``out/backward/`` (the forward export's own
+    files are as without it); ``source`` must then be a forward run, and both share a tokenizer
+    (ConfigError naming the path otherwise, before anything is written).
+
+    Written beside ``out`` and renamed into place, so a killed export never leaves a directory
+    that looks like a finished one; an earlier export in ``out`` is replaced (with its
+    ``backward/``)."""
+    source, out = Path(source), Path(out)
+    if out.exists() and any(out.iterdir()) and not is_export(out):
+        # (a Hugging Face model directory has a config.json too: it must be one of ours to be replaced)
+        raise PipelineError(f"{out} holds files that are not an rnnpipe export: choose another directory")
+    c = consolidate(source)
+    twin = None
+    if backward is not None:
+        direction = run_direction(c.config)
+        if direction != "forward":
+            raise ConfigError(
+                f"{source} is a data.direction={direction} run: with --backward, the first run is the "
+                "forward LM (data.direction=forward) and the backward one comes after --backward"
+            )
+        twin = _backward_twin(Path(backward), c, source)
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # per process: two may export at once
     shutil.rmtree(tmp, ignore_errors=True)
-    backbone = (header.get("hf_backbone") or {}).get("config")  # a huggingface-kind model's
-    save_pretrained(tmp, c.state, cfg["model"], c.tokenizer, c.tokenizer_files, meta, backbone)
+    try:
+        _write(c, tmp)
+        if isinstance(twin, Consolidated):
+            _write(twin, tmp / BACKWARD)
+        elif twin is not None:  # an export, copied as it is (copy2 keeps the mtime its sha256 is trusted by)
+            shutil.copytree(twin, tmp / BACKWARD, ignore=shutil.ignore_patterns(BACKWARD))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    log.info("exported step %d of %s to %s (%d tensors)", header["step"], c.checkpoint, out, len(c.state))
+    log.info("exported step %d of %s to %s (%d tensors)", c.header["step"], c.checkpoint, out, len(c.state))
+    if twin is not None:
+        log.info("and the backward LM %s to %s", backward, out / BACKWARD)
     return out

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from pipeline import __version__, fsio
 from pipeline.config import flatten, to_dict
-from pipeline.data.manifest import dataset_digest, load_tokenizer
+from pipeline.data.manifest import dataset_digest
 from pipeline.errors import PipelineError
 from pipeline.locking import exclusive
 from pipeline.models import embeddings
@@ -50,10 +50,10 @@ from pipeline.train.config import (
     deepspeed_config,
     run_fingerprint,
 )
-from pipeline.train.data import IGNORE, ShuffleBatches, SplitReader, StreamBatches
-from pipeline.train.dynamic_eval import dynamic_results
+from pipeline.train.data import IGNORE, ShuffleBatches, SplitReader, StreamBatches, open_split
 from pipeline.train.evaluate import evaluate
 from pipeline.train.metrics import Metrics
+from pipeline.train.report import final_evaluation, report
 from pipeline.train.signals import StopFlag
 from pipeline.train.state import TrainState
 
@@ -101,8 +101,9 @@ def _train(
     t = cfg.train
 
     # Model: identical on every rank (same seed), then each rank its own random stream (dropout).
-    train_reader = SplitReader(cfg.data.path, "train", verify=cfg.data.verify)
-    valid_reader = SplitReader(cfg.data.path, "valid", verify=cfg.data.verify)
+    # (data.direction=backward: every split read in reverse, pipeline.train.data.ReversedReader)
+    train_reader = open_split(cfg.data.path, "train", cfg.data.verify, cfg.data.direction)
+    valid_reader = open_split(cfg.data.path, "valid", cfg.data.verify, cfg.data.direction)
     vocab = int(train_reader.manifest["tokenizer"]["vocab_size"])
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, vocab)
@@ -324,7 +325,7 @@ def _train(
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 result = evaluate_split(valid_reader)
                 if result is not None:  # else a signal came: checkpoint below, without it
-                    _report(engine, cfg, "valid", step, result, metrics, rank, device, valid_reader)
+                    report(engine, cfg, "valid", step, result, metrics, rank, device, valid_reader)
             stopping = _any(bool(stop), device)
             out_of_time = bool(t.time_limit_min) and _any(
                 time.time() - started > 60 * t.time_limit_min, device
@@ -352,39 +353,20 @@ def _train(
         if status == "done":
             # The last checkpoint is already written: a signal during the final evaluation ends
             # the job to be requeued (it evaluates again) rather than risk its time limit.
-            results = {"valid": evaluate_split(valid_reader, full=True)}
-            if "test" in train_reader.manifest["splits"] and results["valid"] is not None:
-                results["test"] = evaluate_split(
-                    SplitReader(cfg.data.path, "test", verify=cfg.data.verify), full=True
-                )
-            if all(r is not None for r in results.values()):  # eval.dynamic: beside the static figures
-                extra = dynamic_results(
-                    engine.module, cfg, list(results), rank, world, device, train_reader, lambda: bool(stop)
-                )
-                results = {
-                    k: None if extra is None else {**r, **extra.get(k, {})} for k, r in results.items()
-                }
-            if any(r is None for r in results.values()):
+            code = prov["code"]
+            params = {
+                **flatten(values),
+                "code.version": describe_code(code),
+                "code.dirty": bool((code.get("git") or {}).get("dirty")),
+                "world_size": world,
+                "fingerprint": header["fingerprint"][:12],
+            }
+            args = (engine, cfg, rank, world, device, train_reader, valid_reader, evaluate_split)
+            if not final_evaluation(*args, lambda: bool(stop), metrics, params):
                 status = "preempted"
                 exit_status = stop.exit_status()
                 if rank == 0:
                     log.warning("signal %s during the final evaluation: exiting to be requeued", stop.signal)
-            else:
-                final: dict[str, float] = {}
-                for split, result in results.items():
-                    step = engine.global_steps
-                    final.update(
-                        _report(engine, cfg, split, step, result, metrics, rank, device, valid_reader)
-                    )
-                code = prov["code"]
-                params = {
-                    **flatten(values),
-                    "code.version": describe_code(code),
-                    "code.dirty": bool((code.get("git") or {}).get("dirty")),
-                    "world_size": world,
-                    "fingerprint": header["fingerprint"][:12],
-                }
-                metrics.hparams(params, final)
     finally:
         if own_flag:
             stop.restore()
@@ -408,36 +390,6 @@ def _recompute_schedule(engine: Any, rank: int) -> None:
             sched.total_num_steps,
             sched.warmup_num_steps,
         )
-
-
-def _report(engine, cfg, split, step, result, metrics, rank, device, reader) -> dict[str, float]:
-    """Log and record a split's evaluation (and, for valid, a sample generated from the start of
-    ``reader``, the valid split)."""
-    t = cfg.train
-    metrics.scalars(step, {f"{split}/{k}": v for k, v in result.items() if k != "tokens"})
-    if rank == 0:
-        log.info(
-            "%s at step %d: loss %.4f, %.4f bits per byte, perplexity %.2f",
-            split,
-            step,
-            result["loss"],
-            result["bpb"],
-            result["ppl"],
-        )
-    if split == "valid" and t.sample_tokens:
-        prompt = torch.from_numpy(reader.read(0, min(64, reader.tokens))).to(device)
-        gen = torch.Generator(device=device).manual_seed(t.seed)
-        engine.module.eval()
-        new = engine.module.generate(prompt, t.sample_tokens, temperature=0.8, top_k=40, generator=gen)
-        engine.module.train()
-        tok = load_tokenizer(cfg.data.path)
-        text = (
-            tok.decode(prompt.tolist()).decode("utf-8", "replace")
-            + " ⟶ "
-            + tok.decode(new[0].tolist()).decode("utf-8", "replace")
-        )
-        metrics.text(step, f"{split}/sample", "```\n" + text + "\n```")
-    return {f"{split}/{k}": v for k, v in result.items() if k != "tokens"}
 
 
 def _peak_flops(device: torch.device, precision: Precision, override_tflops: float) -> float:

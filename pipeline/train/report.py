@@ -1,0 +1,109 @@
+"""What a pretrain run reports of its evaluations: each one logged and recorded (with, for the
+valid split, a sample generated from its start), and the final evaluation at the end of a
+finished run (valid and test, whole; ``eval.dynamic`` beside them; the run's hparams session).
+
+Used by :mod:`pipeline.train.loop`; it sees the engine only through ``engine.module``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pipeline.data.manifest import load_tokenizer
+from pipeline.train.config import Direction, PretrainConfig
+from pipeline.train.data import SplitReader, open_split
+from pipeline.train.dynamic_eval import dynamic_results
+from pipeline.train.metrics import Metrics
+
+log = logging.getLogger("rnnpipe.train")
+
+# (reader, whole split?) -> the split's metrics, or None when a signal cut the evaluation short
+EvaluateSplit = Callable[[SplitReader, bool], "dict[str, float] | None"]
+
+
+def report(
+    engine: Any,
+    cfg: PretrainConfig,
+    split: str,
+    step: int,
+    result: dict[str, float],
+    metrics: Metrics,
+    rank: int,
+    device: torch.device,
+    reader: SplitReader,
+) -> dict[str, float]:
+    """Log and record a split's evaluation (and, for valid, a sample generated from the start of
+    ``reader``, the valid split as the run reads it); returns the recorded ``{split/key: value}``.
+
+    A backward run's sample is shown in reading order: its generated text (which precedes the
+    prompt in the text) ⟵ the prompt."""
+    t = cfg.train
+    metrics.scalars(step, {f"{split}/{k}": v for k, v in result.items() if k != "tokens"})
+    if rank == 0:
+        log.info(
+            "%s at step %d: loss %.4f, %.4f bits per byte, perplexity %.2f",
+            split,
+            step,
+            result["loss"],
+            result["bpb"],
+            result["ppl"],
+        )
+    if split == "valid" and t.sample_tokens:
+        prompt = torch.from_numpy(reader.read(0, min(64, reader.tokens))).to(device)
+        gen = torch.Generator(device=device).manual_seed(t.seed)
+        engine.module.eval()
+        new = engine.module.generate(prompt, t.sample_tokens, temperature=0.8, top_k=40, generator=gen)
+        engine.module.train()
+        tok = load_tokenizer(cfg.data.path)
+
+        def text(ids: list[int]) -> str:
+            return tok.decode(ids).decode("utf-8", "replace")
+
+        if Direction(cfg.data.direction) is Direction.backward:
+            sample = text(new[0].tolist()[::-1]) + " ⟵ " + text(prompt.tolist()[::-1])
+        else:
+            sample = text(prompt.tolist()) + " ⟶ " + text(new[0].tolist())
+        metrics.text(step, f"{split}/sample", "```\n" + sample + "\n```")
+    return {f"{split}/{k}": v for k, v in result.items() if k != "tokens"}
+
+
+def final_evaluation(
+    engine: Any,
+    cfg: PretrainConfig,
+    rank: int,
+    world: int,
+    device: torch.device,
+    train_reader: SplitReader,
+    valid_reader: SplitReader,
+    evaluate_split: EvaluateSplit,
+    should_stop: Callable[[], bool],
+    metrics: Metrics,
+    params: dict[str, Any],
+) -> bool:
+    """The finished run's final evaluation: valid and (when the dataset has one) test, whole, each
+    read in the run's ``data.direction``; with ``eval.dynamic`` the dynamic figures beside the
+    static ones. Reported (:func:`report`) and recorded with ``params`` as the run's hparams
+    session. False, and nothing recorded, when a signal cut it short (the job is then requeued and
+    evaluates again)."""
+    results = {"valid": evaluate_split(valid_reader, True)}
+    if "test" in train_reader.manifest["splits"] and results["valid"] is not None:
+        test_reader = open_split(cfg.data.path, "test", cfg.data.verify, cfg.data.direction)
+        results["test"] = evaluate_split(test_reader, True)
+    if all(r is not None for r in results.values()):  # eval.dynamic: beside the static figures
+        extra = dynamic_results(
+            engine.module, cfg, list(results), rank, world, device, train_reader, should_stop
+        )
+        results = {k: None if extra is None else {**r, **extra.get(k, {})} for k, r in results.items()}
+    if any(r is None for r in results.values()):
+        return False
+    final: dict[str, float] = {}
+    for split, result in results.items():
+        final.update(
+            report(engine, cfg, split, engine.global_steps, result, metrics, rank, device, valid_reader)
+        )
+    metrics.hparams(params, final)
+    return True
