@@ -13,6 +13,9 @@ decision: a forward run that resumes for more steps does not make the backward o
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 from launch import pretrain
 from launch.pretrain_job import PretrainJob
 from launch.stage import Decision, SlurmContext, Submitted, Upstream
@@ -54,10 +57,4 @@ def run(job: PretrainJob, decision: Decision) -> None:
 
 def submit(job: PretrainJob, decision: Decision, ctx: SlurmContext) -> Submitted:
     """The backward LM's Slurm job, in its own folder of the submission."""
-    import os
-
-    return pretrain.submit(job, decision, SlurmContext(os.path.join(ctx.folder, NAME), *_rest(ctx)))
-
-
-def _rest(ctx: SlurmContext) -> tuple:
-    return tuple(getattr(ctx, f) for f in ctx.__dataclass_fields__ if f != "folder")
+    return pretrain.submit(job, decision, dataclasses.replace(ctx, folder=os.path.join(ctx.folder, NAME)))
