@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,27 +78,3 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m launch.evaluate``: the same command outside ``rnnpipe``'s parser."""
-    parser = argparse.ArgumentParser(prog="rnnpipe evaluate", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args, extra = parser.parse_known_args(argv)
-    bad = [x for x in extra if x.startswith("-") or "=" not in x]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = list(args.overrides) + extra
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except ConfigError as e:
-        print(f"rnnpipe: config error: {e}", file=sys.stderr)
-        return 2
-    except PipelineError as e:
-        print(f"rnnpipe: error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

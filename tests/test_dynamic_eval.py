@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launch.evaluate import main as evaluate_main
 from pipeline.config import to_dict
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.models import LanguageModel, ModelConfig
@@ -28,7 +27,7 @@ from pipeline.train.dynamic_eval import (
     working_copy,
 )
 from pipeline.train.evaluate import evaluate
-from tests.conftest import REPO, prepare
+from tests.conftest import REPO, prepare, rnnpipe
 
 CPU = torch.device("cpu")
 V, T, L = 64, 32, 512  # vocabulary, segment length, one copy of the repeated text (L = 16 segments)
@@ -294,13 +293,13 @@ def test_an_export_evaluated_on_its_dataset_and_from_the_command_line(exported, 
         "eval.dynamic_lr=1e-3",
         "eval.dynamic_stat_batches=20",
     ]
-    assert evaluate_main([*argv, "--json", str(tmp_path / "r.json")]) == 0
+    assert rnnpipe("evaluate", *argv, "--json", str(tmp_path / "r.json")) == 0
     assert json.loads((tmp_path / "r.json").read_text()) == pytest.approx(result, rel=1e-9)
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("test (") and out[1].startswith("test, dynamic (rms, lr 0.001")
     assert (export / "model.safetensors").read_bytes() == weights
-    assert evaluate_main([str(export), "train.steps=3"]) == 2  # only eval.* keys
-    assert evaluate_main([str(tmp_path)]) == 1  # not an export
+    assert rnnpipe("evaluate", export, "train.steps=3") == 2  # only eval.* keys
+    assert rnnpipe("evaluate", tmp_path) == 1  # not an export
 
 
 def test_the_loops_helper_reports_beside_the_static_figures(exported, caplog):
