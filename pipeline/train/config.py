@@ -100,6 +100,7 @@ class TrainConfig:
     precision: Precision = Precision.fp32
     zero_stage: int = 0
     activation_checkpointing: bool = False
+    compile: bool = False  # run the model under torch.compile (the recurrences' custom ops trace)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 500  # 0 = only at the end
@@ -150,8 +151,11 @@ class EvalConfig:
 
     Dynamic evaluation (Krause et al. 2018, :mod:`pipeline.train.dynamic_eval`): valid and test are
     read again by a copy of the model that takes a gradient step on each segment after scoring it;
-    reported beside the static figures as ``valid/bpb_dynamic``, ``test/bpb_dynamic``, ... None of
-    these keys changes the trained weights: they are not part of the run's identity."""
+    reported beside the static figures as ``valid/bpb_dynamic``, ``test/bpb_dynamic``, ...
+
+    ``window``: also score valid and test with the state reset every ``window`` tokens (as a
+    fixed-context model reads them), reported as ``valid/loss_window``, ``valid/bpb_window``, ...
+    None of these keys changes the trained weights: they are not part of the run's identity."""
 
     dynamic: bool = False
     dynamic_method: str = "rms"  # sgd: θ ← θ − lr·g + decay·(θ₀ − θ) | rms: Krause's RMS-normalised rule
@@ -160,6 +164,7 @@ class EvalConfig:
     dynamic_eps: float = 1e-5  # rms: ε in g / (RMS + ε)
     dynamic_stat_batches: int = 100  # rms: training batches for the gradients' mean square (0 = one epoch)
     dynamic_seq_len: int = 0  # tokens per stream per adaptation step (0 = data.seq_len)
+    window: int = 0  # also evaluate with the state reset every this many tokens (0 = not)
 
     def validate(self) -> None:
         """Check every value's range (a ConfigError names the key)."""
@@ -169,6 +174,7 @@ class EvalConfig:
         check_range("dynamic_eps", self.dynamic_eps, gt=0)
         check_range("dynamic_stat_batches", self.dynamic_stat_batches, ge=0, note=" (0 = one epoch)")
         check_range("dynamic_seq_len", self.dynamic_seq_len, ge=0, note=" (0 = data.seq_len)")
+        check_range("window", self.window, ge=0, note=" (0 = no windowed evaluation)")
 
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -366,6 +372,7 @@ NOT_CONTENT = (
     "train.peak_tflops",
     "train.max_nonfinite",
     "train.activation_checkpointing",  # recomputes the same activations
+    "train.compile",  # the same computation, fused (rounding may differ in the last bits)
     *METRICS_DEFAULTS,  # where metrics are sent
     *EVAL_DEFAULTS,  # what the final evaluation also reports
 )
@@ -394,6 +401,7 @@ ADDED_KEYS: dict[str, Any] = {
     "train.init_from": "",
     "data.verify": "sizes",
     "data.direction": Direction.forward.value,  # before it, every run read its text forward
+    "train.compile": False,
     **METRICS_DEFAULTS,
     **EVAL_DEFAULTS,
     # model.kind=huggingface and its keys (an rnnpipe-kind model has them at these values), and
