@@ -1,7 +1,8 @@
 """Benchmark the recurrence kernels, the mixers against torch's GRU/LSTM, and LM training speed.
 
-    python benchmarks/kernels.py [--quick] [--write docs/benchmarks.md] [--tables kernels,mixers,lm]
-        [--no-rnn] [--plot docs/figures/kernels-gbs.png]
+    python benchmarks/kernels.py [--quick] [--write docs/benchmarks.md]
+        [--tables kernels,mixers,lm,scan-peers,layers] [--no-rnn] [--plot docs/figures/kernels-gbs.png]
+        [--shapes 16x4096x128,...]
 
 Three tables (CPU always; on a GPU the kernels are the Triton ones, on CPU the references):
 1. ``linear_scan`` and ``lrn_recurrence`` forward + backward at the issue's (B, T, D) shapes, fp32
@@ -9,7 +10,11 @@ Three tables (CPU always; on a GPU the kernels are the Triton ones, on CPU the r
    beside nn.GRU and nn.LSTM layers of the same width;
 2. a minGRU layer vs nn.GRU and minLSTM vs nn.LSTM, one training step at T = 512 and 4096
    (the minGRU paper's headline, 175× at T = 512 on a T4);
-3. LM training tokens/s for LRN, minGRU and transformer models of about equal parameter count.
+3. LM training tokens/s for LRN, minGRU and transformer models of about equal parameter count;
+4. ``scan-peers``: the CPU linear scan against a Python loop, accelerated-scan's reference,
+   minGRU-pytorch's log-space scan and torch's compiled associative_scan (benchmarks/kernel_peers.py);
+5. ``layers``: LRN, oLRN and SRU layers (input projection + recurrence) against nn.LSTM(D, D).
+The default runs tables 1–3; 4 and 5 are asked for by name (``--tables scan-peers,layers``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import kernels  # noqa: E402
+from benchmarks import kernel_peers  # noqa: E402
 from pipeline.models import LanguageModel, MixerKind, ModelConfig, model_params  # noqa: E402
 from pipeline.models.mixers import MinGRU, MinLSTM  # noqa: E402
 
@@ -323,6 +329,18 @@ def plot_kernels(out: str, records: list[dict], where: str, backend: str, repeat
 
 
 TABLES = ("kernels", "mixers", "lm")
+EXTRA_TABLES = ("scan-peers", "layers")
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """'16x4096x128,64x512x256' -> [(16, 4096, 128), (64, 512, 256)]."""
+    shapes = []
+    for part in text.split(","):
+        dims = part.strip().lower().replace("×", "x").split("x")
+        if len(dims) != 3 or not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise ValueError(f"--shapes: {part!r} is not BxTxD")
+        shapes.append(tuple(int(d) for d in dims))
+    return shapes
 
 
 def main() -> None:
@@ -331,16 +349,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write", help="markdown file for the tables (between markers)")
     parser.add_argument(
-        "--tables", default=",".join(TABLES), help=f"which to measure, comma-separated ({','.join(TABLES)})"
+        "--tables",
+        default=",".join(TABLES),
+        help=f"which to measure, comma-separated ({','.join(TABLES + EXTRA_TABLES)})",
     )
+    parser.add_argument("--shapes", help="B×T×D list for scan-peers or layers (e.g. 16x4096x128,64x512x256)")
     parser.add_argument(
         "--no-rnn", action="store_true", help="leave out the nn.GRU/nn.LSTM rows for scale (minutes on CPU)"
     )
     parser.add_argument("--plot", metavar="PNG", help="draw the kernel table's GB/s as a chart")
     args = parser.parse_args()
     tables = [t.strip() for t in args.tables.split(",") if t.strip()]
-    if unknown := set(tables) - set(TABLES):
-        parser.error(f"--tables: unknown {', '.join(sorted(unknown))} (choose from {', '.join(TABLES)})")
+    if unknown := set(tables) - set(TABLES + EXTRA_TABLES):
+        parser.error(
+            f"--tables: unknown {', '.join(sorted(unknown))} (choose from {', '.join(TABLES + EXTRA_TABLES)})"
+        )
+    try:
+        custom = parse_shapes(args.shapes) if args.shapes else None
+    except ValueError as e:
+        parser.error(str(e))
     if args.plot and "kernels" not in tables:
         parser.error("--plot draws the kernels table: add kernels to --tables")
     if args.plot and not args.plot.lower().endswith(".png"):  # before minutes of measuring, not after
@@ -389,6 +416,40 @@ def main() -> None:
                 "| mixer | d_model | parameters | T | batch | tokens/s |",
                 "|---|---|---|---|---|---|",
                 *lm_rows(lengths, 16384, 3_000_000, args.repeats),
+            ]
+        )
+    for name, rows_of, default, head in (
+        (
+            "scan-peers",
+            kernel_peers.scan_rows,
+            kernel_peers.SCAN_SHAPES,
+            "| contender | B×T×D | ms | time / rnnpipe's |\n|---|---|---|---|",
+        ),
+        (
+            "layers",
+            kernel_peers.layer_rows,
+            kernel_peers.LAYER_SHAPES,
+            "| B×T×D | nn.LSTM ms | LRN ms (LSTM's time / LRN's) | oLRN ms (ratio) | SRU ms (ratio) |\n"
+            "|---|---|---|---|---|",
+        ),
+    ):
+        if name not in tables:
+            continue
+        share = others_share()
+        rows = rows_of(custom or default, args.repeats)
+        what = (
+            "the linear scan h_t = a_t ⊙ h_{t−1} + b_t against its peers"
+            if name == "scan-peers"
+            else "layers of width D: the input projection (nn.Linear) + the recurrence, against nn.LSTM(D, D)"
+        )
+        sections[name] = "\n".join(
+            [
+                f"Forward + backward, float32, {what}; on {where}, glibc's allocator defaults (no MALLOC_* "
+                f"settings). All contenders interleaved in one process, median of {args.repeats} rounds "
+                f"after one warm-up round. Other processes took {share():.0%} of the CPU time while it ran.",
+                "",
+                head,
+                *rows,
             ]
         )
     if args.write:

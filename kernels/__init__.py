@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.ops import backend, linear_scan_op, lrn_op, olrn_op, sru_op
+from kernels.ops import backend, linear_scan_op, lrn_family, sru_op
 
 __all__ = ["backend", "linear_scan", "lrn_recurrence", "olrn_recurrence", "sru_recurrence"]
 
@@ -47,7 +47,7 @@ def lrn_recurrence(q: Tensor, k: Tensor, v: Tensor, h0: Tensor | None = None) ->
     ``q, k, v`` are the projections XW_q, XW_k, XW_v [B, T, D]. Returns (h, h_last).
     """
     _check("lrn_recurrence", q, k, v, state=h0)
-    h = lrn_op(q, k, v, h0)
+    h = lrn_family(q, k, v, None, h0)
     return h, h[:, -1]
 
 
@@ -56,7 +56,7 @@ def olrn_recurrence(
 ) -> tuple[Tensor, Tensor]:
     """oLRN: c_t = i_t ⊙ v_t + f_t ⊙ h_{t−1} (gates as LRN), h_t = σ(o_t − c_t) ⊙ c_t, o = XW_o."""
     _check("olrn_recurrence", q, k, v, o, state=h0)
-    h = olrn_op(q, k, v, o, h0)
+    h = lrn_family(q, k, v, o, h0)
     return h, h[:, -1]
 
 

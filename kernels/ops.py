@@ -206,6 +206,81 @@ def _olrn_backward(ctx, dh):
 olrn_op.register_autograd(_olrn_backward, setup_context=_olrn_setup)
 
 
+# ------------------------------------------------------- LRN and oLRN on one packed projection (CPU)
+
+
+@torch.library.custom_op("rnnpipe::lrn_packed", mutates_args=())
+def lrn_packed_op(p: Tensor, h0: Tensor | None, gated: bool) -> Tensor:
+    return reference.lrn_packed_fwd(p, h0, gated).contiguous()
+
+
+@lrn_packed_op.register_fake
+def _(p, h0, gated):
+    B, T, n = p.shape
+    return p.new_empty(B, T, n // (4 if gated else 3))
+
+
+@torch.library.custom_op("rnnpipe::lrn_packed_backward", mutates_args=())
+def lrn_packed_backward_op(
+    p: Tensor, h: Tensor, h0: Tensor | None, dh: Tensor, gated: bool
+) -> tuple[Tensor, Tensor]:
+    dp, dh0 = reference.lrn_packed_bwd(p, h, h0, dh, gated)
+    return dp, _opt(dh0, p)
+
+
+@lrn_packed_backward_op.register_fake
+def _(p, h, h0, dh, gated):
+    return torch.empty_like(p), torch.empty_like(h0) if h0 is not None else p.new_empty(0)
+
+
+def _packed_setup(ctx, inputs, output):
+    p, h0, gated = inputs
+    ctx.has_h0, ctx.gated = h0 is not None, gated
+    ctx.save_for_backward(p, output, h0)
+
+
+def _packed_backward(ctx, dh):
+    p, h, h0 = ctx.saved_tensors
+    dp, dh0 = lrn_packed_backward_op(p, h, h0, dh.contiguous(), ctx.gated)
+    return dp, _none(dh0) if ctx.has_h0 else None, None
+
+
+lrn_packed_op.register_autograd(_packed_backward, setup_context=_packed_setup)
+
+
+def packed_source(xs: tuple[Tensor, ...]) -> Tensor | None:
+    """The [B, T, n·D] tensor whose column blocks are exactly ``xs`` (n = len(xs)), or None.
+
+    A mixer's ``proj(x).chunk(3, -1)`` gives such views. The packed ops then take that tensor
+    itself, and their gradient is one tensor: no ``cat`` of n gradients (on CPU a fresh
+    allocation and a copy of n·B·T·D elements). Not under ``torch.compile``, which fuses that.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    base = xs[0]._base
+    B, T, D = xs[0].shape
+    if base is None or base.shape != (B, T, len(xs) * D) or not base.is_contiguous():
+        return None
+    for j, x in enumerate(xs):
+        if (
+            x._base is not base
+            or x.stride() != base.stride()
+            or x.storage_offset() != base.storage_offset() + j * D
+        ):
+            return None
+    return base
+
+
+def lrn_family(q: Tensor, k: Tensor, v: Tensor, o: Tensor | None, h0: Tensor | None) -> Tensor:
+    """h [B, T, D] of LRN (``o`` None) or oLRN: the packed op when q, k, v (, o) are the column
+    blocks of one tensor and the recurrences run on the PyTorch reference, else the plain op."""
+    xs = (q, k, v) if o is None else (q, k, v, o)
+    p = packed_source(xs) if backend(q) is reference else None
+    if p is not None:
+        return lrn_packed_op(p, h0, o is not None)
+    return lrn_op(q, k, v, h0) if o is None else olrn_op(q, k, v, o, h0)
+
+
 # ---------------------------------------------------------------------------------------------- SRU
 
 
@@ -254,7 +329,10 @@ def _sru_setup(ctx, inputs, output):
 def _sru_backward(ctx, dh, dc):
     u, fp, rp, x, vf, vr, c0, c = ctx.saved_tensors
     dh = torch.zeros_like(u) if dh is None else dh.contiguous()
-    dc = torch.zeros_like(u) if dc is None else dc.contiguous()
+    if dc is None:  # the usual case (only h is used); the reference takes an empty tensor for zeros
+        dc = u.new_empty(0) if backend(u) is reference else torch.zeros_like(u)
+    else:
+        dc = dc.contiguous()
     du, dfp, drp, dx, dvf, dvr, dc0 = sru_backward_op(u, fp, rp, x, vf, vr, c0, c, dh, dc)
     return du, dfp, drp, dx, dvf, dvr, _none(dc0) if ctx.has_c0 else None
 

@@ -3,11 +3,18 @@
 Stage protocol (:mod:`launch.stage`). Its input is the grid of the fine-tune stage: exactly those
 jobs' results, never a leftover of an earlier grid or backbone. The fingerprint is that of every
 result it tabulates; ``results.json`` records it. Complete: every job of the grid is complete and
-``results.json`` records their current fingerprints. On Slurm it is a one-CPU job after the sweep.
+``results.json`` and ``comparison.json`` record their current fingerprints. On Slurm it is a
+one-CPU job after the sweep.
+
+After the table it writes and prints the comparison the pipeline exists for: for each task (and
+other hyper-parameters, backbone) run both ways, the pretrained model's figure beside the one
+from scratch (``comparison.md``, ``comparison.json``; see :func:`comparison`).
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +24,11 @@ from pipeline import fsio
 from pipeline.errors import PipelineError
 
 NAME = "collect"
+COMPARISON = "comparison"  # <out_dir>/comparison.md and comparison.json
+# The figure each kind of task is compared on: (the result key, its name in the table). A
+# language model's is bits per byte, which is bits per character on ASCII text such as PTB's, the
+# unit byte- and character-level LMs are reported in (its per-word perplexity is in results.md).
+FIGURE = {"lm": ("bpb", "bits/char")}
 
 
 @dataclass
@@ -56,15 +68,105 @@ def fingerprint(job: CollectJob) -> str:
 
 
 def is_complete(job: CollectJob) -> bool:
-    import json
-
-    path = fsio.join(_out_dir(job), "results.json")
-    if not fsio.exists(path) or not fsio.exists(fsio.join(_out_dir(job), "results.md")):
+    out = _out_dir(job)
+    paths = [fsio.join(out, name) for name in ("results.json", f"{COMPARISON}.json")]
+    if not all(
+        fsio.exists(p) for p in [*paths, fsio.join(out, "results.md"), fsio.join(out, f"{COMPARISON}.md")]
+    ):
         return False
     try:
-        return json.loads(fsio.read_text(path)).get("fingerprint") == fingerprint(job)
+        fp = fingerprint(job)
+        return all(json.loads(fsio.read_text(p)).get("fingerprint") == fp for p in paths)
     except (PipelineError, ValueError):
         return False
+
+
+def _mean_std(values: list[float]) -> str:
+    """``73.39 ± 1.02`` over seeds; one value alone."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def comparison(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pretrained against scratch: one row per (task, other hyper-parameters, backbone) that has
+    results of both inits, in task order.
+
+    Each row compares one figure, the same for both: a language model's test bits per byte
+    (:data:`FIGURE`), any other task's main metric on test where every result has it, else on dev
+    (SST-2: GLUE's test labels are hidden); the mean over seeds. ``gain`` is pretrained minus
+    scratch, signed so that positive is better (bits: lower is better); ``pretrained_better`` says
+    whether it is above 0.
+    """
+    from pipeline.finetune.collect import backbone_label
+
+    groups: dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]] = {}
+    for r in results:
+        hp = {k: v for k, v in r.get("hparams", {}).items() if k not in ("task", "init", "seed")}
+        others = ", ".join(f"{k}={v}" for k, v in sorted(hp.items())) or "—"
+        key = (r["task"], others, backbone_label(r))
+        groups.setdefault(key, {}).setdefault(r["init"], []).append(r)
+    rows = []
+    for (task, others, backbone), by_init in sorted(groups.items()):
+        if not {"pretrained", "scratch"} <= set(by_init):
+            continue
+        both = by_init["pretrained"] + by_init["scratch"]
+        kind = both[0]["kind"]
+        lower = kind == "lm"
+        metric, name = FIGURE.get(kind, (both[0]["metric"], both[0]["metric"]))
+        split = "test" if all(metric in (r.get("test") or {}) for r in both) else "dev"
+        values = {
+            init: [float((r.get(split) or {})[metric]) for r in by_init[init]]
+            for init in ("pretrained", "scratch")
+        }
+        gain = statistics.fmean(values["pretrained"]) - statistics.fmean(values["scratch"])
+        gain = -gain if lower else gain
+        rows.append(
+            {
+                "task": task,
+                "hparams": others,
+                "backbone": backbone,
+                "figure": f"{split} {name}",
+                "lower_is_better": lower,
+                "seeds": {init: len(v) for init, v in values.items()},
+                "pretrained": values["pretrained"],
+                "scratch": values["scratch"],
+                "gain": gain,
+                "pretrained_better": gain > 0,
+            }
+        )
+    return rows
+
+
+def comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    """The comparison as a Markdown table, after a line saying how to read it."""
+    lines = [
+        "Pretrained against scratch (the same architecture and fine-tuning; mean over seeds; gain: "
+        "positive is better; bits/char: lower is better):",
+        "",
+        "| task | hyper-parameters | figure | scratch | pretrained | gain | pretrained better |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['hparams']} | {r['figure']} | {_mean_std(r['scratch'])} | "
+            f"{_mean_std(r['pretrained'])} | {r['gain']:+.2f} | {'yes' if r['pretrained_better'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(job: CollectJob, results: list[dict[str, Any]]) -> str:
+    """``comparison.md`` and ``comparison.json`` (its rows and the results' fingerprint) in the
+    sweep's out_dir; returns the Markdown ("" when no task ran both ways)."""
+    from pipeline.finetune.collect import results_fingerprint
+
+    rows = comparison(results)
+    md = comparison_markdown(rows) if rows else ""
+    out = _out_dir(job)
+    record = {"fingerprint": results_fingerprint(results), "rows": rows}
+    fsio.write_text_atomic(fsio.join(out, f"{COMPARISON}.json"), json.dumps(record, indent=1) + "\n")
+    fsio.write_text_atomic(fsio.join(out, f"{COMPARISON}.md"), md)
+    return md
 
 
 def check(job: CollectJob, upstream: Upstream | None = None) -> None:
@@ -80,20 +182,27 @@ def plan(job: CollectJob, upstream: Upstream | None = None) -> Decision:
 
 
 def run(job: CollectJob, decision: Decision | None = None) -> str:
-    """Write and print the table; returns it."""
+    """Write and print the table, then the comparison; returns the table."""
     from pipeline.finetune.collect import collect
 
-    md, _ = collect(_out_dir(job), _results(job))
+    results = _results(job)
+    md, _ = collect(_out_dir(job), results)
     print(md, end="")
     print(f"results: {fsio.join(_out_dir(job), 'results.md')}")
+    compared = write_comparison(job, results)
+    if compared:
+        print("\n" + compared, end="")
     return md
 
 
 def show(job: CollectJob) -> None:
-    """Print the table as it is."""
+    """Print the table and the comparison as they are."""
     path = fsio.join(_out_dir(job), "results.md")
     print(fsio.read_text(path), end="")
     print(f"results: {path}")
+    compared = fsio.join(_out_dir(job), f"{COMPARISON}.md")
+    if fsio.exists(compared) and fsio.read_text(compared):
+        print("\n" + fsio.read_text(compared), end="")
 
 
 def slurm_task(job: CollectJob) -> None:

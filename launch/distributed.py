@@ -14,6 +14,7 @@ errors always show.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import logging
 import os
@@ -120,9 +121,34 @@ def init() -> DistEnv:
         import deepspeed
 
         quiet_deepspeed()  # again: loading it reset its logger's level
-        # (it prints "... built successfully" when it has compiled its shared-memory collectives)
+        skip_shm_build()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return d
+
+
+def skip_shm_build() -> bool:
+    """Keep DeepSpeed from building its shared-memory collectives (a C++ extension, about 19 s on
+    two cores, under ~/.cache/torch_extensions) when it sets up the process group on CPU: they
+    serve only ``deepspeed.comm.inference_all_reduce`` (DeepSpeed's inference and tensor
+    parallelism), which rnnpipe never calls; without them that call falls back to
+    torch.distributed's all-reduce. DeepSpeed has no setting for it (0.19: ``TorchBackend``
+    builds it unconditionally through ``deepspeed.comm.torch.build_shm_op``), so that function is
+    replaced, before the process group exists, by one that reports the op unavailable (its own
+    answer on a platform without it). Guarded: a DeepSpeed without the function is left alone (it
+    builds as before, or not at all). Returns whether it was replaced."""
+    try:  # (by its name: ``deepspeed.comm.torch`` as an attribute is the torch package)
+        ds_torch = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:
+        return False
+    if not callable(getattr(ds_torch, "build_shm_op", None)):
+        return False
+    ds_torch.build_shm_op = _no_shm_op
+    return True
+
+
+def _no_shm_op() -> None:
+    """:func:`deepspeed.comm.torch.build_shm_op`'s answer where the op is unavailable."""
+    return None
 
 
 # ------------------------------------------------------------------------------------ console

@@ -7,9 +7,11 @@ The split (by default the test split of the dataset the export was trained on, f
 config.json) is read as the pretrain stage's final evaluation reads it, the state carried through
 each of ``--streams`` contiguous streams; then, unless ``eval.dynamic=false``, again with dynamic
 evaluation (:mod:`pipeline.train.dynamic_eval`), the ``eval.dynamic_*`` keys as in a pretrain
-config. One process on one device: this is how a ZeRO-3 run gets its dynamic figures (the loop
-skips them under ZeRO-3), from its consolidated export. Stdout gets one line per evaluation;
-``--json`` writes the results (``loss``, ``bpb``, ``ppl``, ``tokens``, ``*_dynamic``).
+config; with ``eval.window=N``, again with the state reset every N tokens (as a fixed-context
+model of block size N scores the split: :func:`pipeline.train.evaluate.window_batches`). One
+process on one device: this is how a ZeRO-3 run gets its dynamic figures (the loop skips them
+under ZeRO-3), from its consolidated export. Stdout gets one line per evaluation; ``--json``
+writes the results (``loss``, ``bpb``, ``ppl``, ``tokens``, ``*_window``, ``*_dynamic``).
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import check_range, load_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.train.config import EvalConfig
+
+if TYPE_CHECKING:  # (the parser is built without torch: every rnnpipe command builds it)
+    import torch
 
 log = logging.getLogger("rnnpipe")
 
@@ -75,6 +81,41 @@ def run(args: argparse.Namespace) -> int:
             f"{opts.dynamic_decay:g}): loss {result['loss_dynamic']:.4f}, "
             f"{result['bpb_dynamic']:.4f} bits per byte, perplexity {result['ppl_dynamic']:.2f}"
         )
+    if opts.window:
+        win = evaluate_window(
+            args.export, args.data, args.split, opts.window, args.streams, args.seq_len, device
+        )
+        result.update({f"{k}_window": v for k, v in win.items() if k != "tokens"})
+        print(
+            f"{args.split}, in {opts.window}-token windows: loss {win['loss']:.4f}, "
+            f"{win['bpb']:.4f} bits per byte, perplexity {win['ppl']:.2f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def evaluate_window(
+    export: str,
+    data: str | None,
+    split: str,
+    window: int,
+    streams: int,
+    seq_len: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """An export's evaluation of ``split`` (of ``data``, by default the dataset it was trained on)
+    with the state reset every ``window`` tokens: ``{"loss", "bpb", "ppl", "tokens"}``; at most
+    ``streams`` × ``seq_len`` tokens per forward pass. The tokenizer check is
+    :func:`pipeline.train.dynamic_eval.evaluate_export`'s, which runs first."""
+    from pipeline.models.exported import export_direction
+    from pipeline.models.pretrained import CONFIG, load_pretrained
+    from pipeline.train.data import open_split
+    from pipeline.train.evaluate import evaluate
+
+    meta = json.loads((Path(export) / CONFIG).read_text())
+    reader = open_split(data or meta["source"]["data"], split, "sizes", export_direction(export))
+    model = load_pretrained(Path(export), device)
+    result = evaluate(model, reader, 0, 1, streams, seq_len, device, window=window)
+    assert result is not None  # (no should_stop)
+    return result

@@ -1,6 +1,6 @@
 """The chained pipeline without Slurm: the launch package's shape, config loading, the shell plan
 for slurm/pipeline.sh, the sbatch options against what submitit submits, a failure on the local
-executor, and `make demo`.
+executor. `make demo` itself: tests/test_demo.py.
 
 Re-runs, fingerprints and --dry-run: tests/test_rerun.py. On a real Slurm cluster: tests/test_slurm.py.
 """
@@ -242,25 +242,3 @@ def test_a_failed_stage_stops_the_local_pipeline_and_status_names_it(tmp_path, c
     for later in ("pretrain", "finetune", "collect"):
         assert re.search(rf"{later}\s+CANCELLED\s+prepare failed", out), out
     assert not (run_dir / "data" / "manifest.json").exists() and not (run_dir / "pretrain").exists()
-
-
-@pytest.mark.slow
-def test_make_demo_runs_the_whole_pipeline_and_prints_the_table(tmp_path):
-    """What the README promises on a fresh machine (make's install step is already done here)."""
-    for name in ("enwik8-head/enwik8-head.txt", "sst2", "conll2003", "ptb"):
-        data_file(name)
-    out = tmp_path / "demo"
-    cmd = ["make", "-s", "demo", f"DEMO_OUT={out}", f"DATA={DATA}"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    header = "| task | init | hyper-parameters | seeds | metric | dev | test |"
-    assert header in done.stdout and f"tensorboard --logdir {out}" in done.stdout
-    rows = [line for line in done.stdout.splitlines() if re.match(r"\| (sst2|conll|ptb) \|", line)]
-    assert len(rows) == 6  # 3 tasks × {pretrained, scratch}
-    assert json.loads((out / "pretrain" / "export" / "config.json").read_text())["source"]["step"] == 200
-    # again: every stage is complete and skipped, and the table is printed again
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    for stage in ("prepare", "pretrain", "finetune", "collect"):
-        assert f"== {stage}: skip (complete" in again.stdout
-    assert header in again.stdout

@@ -31,6 +31,7 @@ TINY_PIPELINE = [
     "pretrain.train.eval_batch_size=2",
     "pretrain.train.sample_tokens=0",
     "pretrain.optim.warmup_steps=2",
+    "pretrain.optim.lr=3.0e-3",  # the tests below name this value (the demo's own lr may change)
     "pretrain.model.d_model=32",
     "pretrain.data.seq_len=32",
     "pretrain.data.batch_size=2",

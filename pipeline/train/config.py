@@ -299,7 +299,11 @@ class PretrainConfig:
 
 
 def deepspeed_config(cfg: PretrainConfig, on_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed config for ``cfg``, with ``cfg.deepspeed`` merged over it."""
+    """The DeepSpeed config for ``cfg``, with ``cfg.deepspeed`` merged over it.
+
+    The optimizer is torch's AdamW on every device (``torch_adam``): on a GPU its fused kernel
+    (``fused``: one launch per step for every parameter), which ships with torch, where DeepSpeed's
+    own FusedAdam would compile a CUDA extension at the first launch; on CPU its default one."""
     o, t = cfg.optim, cfg.train
     derived: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
@@ -314,8 +318,8 @@ def deepspeed_config(cfg: PretrainConfig, on_gpu: bool) -> dict[str, Any]:
                 "betas": [o.beta1, o.beta2],
                 "eps": o.eps,
                 "weight_decay": o.weight_decay,
-                # torch's AdamW on CPU: DeepSpeed's fused Adam would compile an extension
-                **({} if on_gpu else {"torch_adam": True}),
+                "torch_adam": True,  # (DeepSpeed's FusedAdam would compile an extension)
+                **({"fused": True} if on_gpu else {}),
             },
         },
         "scheduler": {

@@ -1,4 +1,5 @@
-"""Evaluation with the state carried through a whole split (as the enwik8 literature does).
+"""Evaluation with the state carried through a whole split (as the enwik8 literature does), or
+with it reset every ``window`` tokens (``eval.window``: as a fixed-context model reads the split).
 
 A long evaluation (a whole split at the end of training) says how far it is: rank 0 logs a line
 every tenth of the split, but no more than one per half minute (a short one logs none).
@@ -10,14 +11,14 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.train.data import IGNORE, SplitReader, eval_batches, stream_bounds
+from pipeline.train.data import IGNORE, Batch, SplitReader, eval_batches, stream_bounds
 from pipeline.train.metrics import duration
 
 log = logging.getLogger("rnnpipe.train")
@@ -89,8 +90,14 @@ def evaluate(
     should_stop: Callable[[], bool] | None = None,
     check_every: int = 16,
     progress_every_s: float = PROGRESS_MIN_S,
+    window: int = 0,
 ) -> dict[str, float] | None:
     """Loss (nats per token), bits per byte and perplexity of ``model`` on a split.
+
+    ``window`` > 0 (``eval.window``) scores the same targets with the state reset every ``window``
+    tokens instead (:func:`window_batches`: every target predicted from at most ``window`` tokens
+    of context, as a fixed-context model of that block size scores them); ``streams`` × ``seq_len``
+    then bounds the tokens per forward pass.
 
     The split is cut into world × ``streams`` contiguous streams; each is read from its start with
     the state carried from segment to segment. Every rank runs the same number of forward passes
@@ -110,10 +117,17 @@ def evaluate(
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # nats, targets
     delay = float(os.environ.get("RNNPIPE_TEST_EVAL_DELAY", "0"))  # tests: a slow evaluation
     progress = None
-    if rank == 0:
+    if window:
+        batches = window_batches(reader, rank, world, streams, seq_len, window, max_tokens)
+        total = window_batch_count(reader.tokens, world, streams, seq_len, window, max_tokens)
+    else:
+        batches = eval_batches(reader, rank, world, streams, seq_len, max_tokens)
         total = eval_batch_count(reader.tokens, world, streams, seq_len, max_tokens)
+    if rank == 0:
         progress = _Progress(split_name(reader), total, world, progress_every_s, PROGRESS_FRACTION)
-    for i, batch in enumerate(eval_batches(reader, rank, world, streams, seq_len, max_tokens)):
+    for i, batch in enumerate(batches):
+        if batch.reset and window:  # (carried: StreamBatches' only reset is the first batch)
+            state = None
         if should_stop is not None and i % check_every == check_every - 1 and _anyone(should_stop(), device):
             model.train(was_training)
             return None
@@ -132,6 +146,73 @@ def evaluate(
     model.train(was_training)
     nats, targets = totals.tolist()
     return summarize(nats, targets, reader)
+
+
+def _window_layout(
+    tokens: int, world: int, streams: int, seq_len: int, window: int, max_tokens: int
+) -> tuple[int, int, int, int]:
+    """(target pairs, windows per rank per batch, tokens per forward pass, global batches) of a
+    windowed evaluation: see :func:`window_batches`."""
+    pairs = (tokens if not max_tokens else min(tokens, max_tokens)) - 1
+    chunk = min(window, seq_len)
+    rows = max(1, streams * seq_len // chunk)
+    windows = math.ceil(pairs / window)
+    return pairs, rows, chunk, math.ceil(windows / (world * rows))
+
+
+def window_batch_count(
+    tokens: int, world: int, streams: int, seq_len: int, window: int, max_tokens: int = 0
+) -> int:
+    """How many batches :func:`window_batches` yields on a split of ``tokens`` tokens (every rank
+    the same), without reading the split."""
+    pairs, rows, chunk, batches = _window_layout(tokens, world, streams, seq_len, window, max_tokens)
+    span = world * rows * window  # pairs per global batch
+    return sum(math.ceil(min(window, pairs - g * span) / chunk) for g in range(batches))
+
+
+def window_batches(
+    reader: SplitReader,
+    rank: int,
+    world: int,
+    streams: int,
+    seq_len: int,
+    window: int,
+    max_tokens: int = 0,
+) -> Iterator[Batch]:
+    """One pass over (the first ``max_tokens`` of) a split in windows of ``window`` (input, target)
+    pairs, each read from the zero state: ``eval.window``.
+
+    Window k holds input tokens [k·N, (k + 1)·N) and their targets [k·N + 1, (k + 1)·N + 1)
+    (N = ``window``; the last one may be shorter), so every token but the first is a target once,
+    predicted from 1 … N tokens of context: nanoGPT's scoring of a block of N inputs, over every
+    block of the split rather than a random sample of them. Each batch takes R consecutive
+    windows per rank (R = ``streams`` × ``seq_len`` // min(N, ``seq_len``), so a forward pass holds
+    about as many tokens as the carried evaluation's), rank r the r-th R of each world × R; a
+    window longer than ``seq_len`` is read in ``seq_len`` pieces with the state carried between
+    them. The first batch of each group of windows has ``reset`` set: the caller starts it from
+    the zero state. Every rank yields the same number of batches (rows past the split's end are
+    all padding: IGNORE targets)."""
+    pairs, rows, chunk, batches = _window_layout(reader.tokens, world, streams, seq_len, window, max_tokens)
+    span = world * rows * window
+    for g in range(batches):
+        longest = min(window, pairs - g * span)  # the batch's longest window, the same on every rank
+        a = min(g * span + rank * rows * window, pairs)  # this rank's first pair
+        b = min(a + rows * window, pairs)
+        got = reader.read(a, b + 1) if b > a else np.zeros(1, np.int64)
+        flat = np.full(rows * window + 1, IGNORE, dtype=np.int64)
+        flat[: len(got)] = got
+        inputs_RN = np.where(flat[:-1] == IGNORE, 0, flat[:-1]).reshape(rows, window)
+        targets_RN = flat[1:].copy()
+        targets_RN[b - a :] = IGNORE  # (the pair count: the token after the last pair is no target)
+        targets_RN = targets_RN.reshape(rows, window)
+        for c in range(0, longest, chunk):
+            t = targets_RN[:, c : c + chunk]
+            yield Batch(
+                torch.from_numpy(np.ascontiguousarray(inputs_RN[:, c : c + chunk])),
+                torch.from_numpy(np.ascontiguousarray(t)),
+                c == 0,
+                int((t != IGNORE).sum()),
+            )
 
 
 def summarize(nats: float, targets: float, reader: SplitReader) -> dict[str, float]:

@@ -4,11 +4,18 @@
 :mod:`launch.distributed`); it knows nothing of Slurm. Its result says ``"done"`` or
 ``"preempted"`` (a signal arrived: checkpointed, run again to continue) and holds the model.
 
-Four environment variables exist for tests only: RNNPIPE_TEST_STEP_DELAY (seconds to sleep after
+A step costs the host one synchronisation outside logging, evaluation and checkpoint steps: what
+the loop needs to know of it is read in one go at its end (:mod:`pipeline.train.stepsync`). A step
+with a non-finite loss or gradient norm is skipped (no update) and counted; train.max_nonfinite
+of them in a row stop the run.
+
+Five environment variables exist for tests only: RNNPIPE_TEST_STEP_DELAY (seconds to sleep after
 each step, so a test can signal or kill a run mid-way), RNNPIPE_TEST_EVAL_DELAY (the same per
 evaluation batch, see :mod:`pipeline.train.evaluate`), RNNPIPE_TEST_CHECKPOINT_DELAY (see
-:mod:`pipeline.train.checkpoint`) and RNNPIPE_TEST_HUGE_GRAD_AT (micro-steps, comma-separated,
-whose gradient is scaled by 1e30: a finite loss with a non-finite gradient norm).
+:mod:`pipeline.train.checkpoint`), RNNPIPE_TEST_HUGE_GRAD_AT (micro-steps, comma-separated,
+whose gradient is scaled by 1e30: a finite loss with a non-finite gradient norm) and
+RNNPIPE_TEST_COMPILE_BACKEND (train.compile's torch.compile backend, ``inductor`` without it:
+``aot_eager`` traces the same graphs without compiling C++).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from pipeline.models.backbone import backbone_source, build_model
 from pipeline.models.config import ModelKind
 from pipeline.models.mixers import detach_state
 from pipeline.provenance import describe_code, provenance
-from pipeline.train import checkpoint, divergence, elastic, init_from
+from pipeline.train import checkpoint, divergence, elastic, init_from, stepsync
 from pipeline.train.config import (
     RESUME_SCHEDULE,
     DataMode,
@@ -132,9 +139,23 @@ def _train(
     vectors = embeddings.apply(model, cfg.model, cfg.data.path, resume_from is None and not init, rank == 0)
     model.gradient_checkpointing = t.activation_checkpointing
     flops_per_token = model.training_flops_per_token(cfg.data.seq_len)  # before ZeRO-3 partitions it
+    # DeepSpeed keeps the gradient norm where its optimizer wrappers clip (ZeRO >= 1, and bf16 at
+    # ZeRO-0), and skips the update when it is not finite; for fp32 at ZeRO-0 it does neither
+    # (only clips, taking the norm again), so the loop takes the norm and clips with it there
+    # (the gradients are already all-reduced: every rank gets the same norm).
+    own_grad_norm = t.zero_stage == 0
+    own_clip = own_grad_norm and t.precision is Precision.fp32
+    clip = float(ds_config.get("gradient_clipping") or 0.0)
+    if own_clip:
+        ds_config["gradient_clipping"] = 0.0
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=model.param_groups(), config=ds_config
     )
+    if t.compile:  # in place (nn.Module.compile): the state dict's keys stay the module's own
+        backend = os.environ.get("RNNPIPE_TEST_COMPILE_BACKEND", "inductor")
+        engine.compile(backend=backend)
+        if rank == 0:
+            log.info("train.compile: the model runs under torch.compile (%s)", backend)
     random.seed(t.seed + rank)
     np.random.seed(t.seed + rank)
     torch.manual_seed(t.seed + rank)
@@ -189,17 +210,14 @@ def _train(
     # The speed since the last log line (not carried over a resume; the loss window is, in state).
     window = {"timed": 0, "tokens": 0, "t": time.time()}
     nonfinite_run = 0
-    nonfinite_kinds: set[str] = set()  # of the current run of non-finite micro-steps or steps
+    nonfinite_kinds: set[str] = set()  # of the current run of skipped steps
     status = "done"
     exit_status = 0
     step_delay = float(os.environ.get("RNNPIPE_TEST_STEP_DELAY", "0"))
     loss_cap = divergence.ceiling(vocab)
     huge_grad_at = {int(x) for x in os.environ.get("RNNPIPE_TEST_HUGE_GRAD_AT", "").split(",") if x}
-    # DeepSpeed keeps the gradient norm where its optimizer wrappers clip (ZeRO >= 1), and skips
-    # the update when it is not finite; at ZeRO-0 it does neither, so the loop takes the norm
-    # itself there (the gradients are already all-reduced: every rank gets the same norm).
-    own_grad_norm = t.zero_stage == 0
-    step_loss = [0.0, 0]  # (sum, count) of this step's micro-batch losses, for the divergence watch
+    tally = stepsync.StepTally(device)  # the step's losses and tokens, on the device until its end
+    own_norm = None
     started = time.time()
 
     def save() -> Path:
@@ -207,8 +225,8 @@ def _train(
             engine, run_dir, state, {**header, "diverging_since": state.diverging_since}, t.keep_checkpoints
         )
 
-    def nonfinite(what: str) -> None:
-        """A micro-step (loss) or step (gradient norm) without a usable update: count it, restart
+    def nonfinite(what: str, step: int) -> None:
+        """A step skipped for a non-finite loss or gradient norm (no update): count it, restart
         the streams' state, and stop after train.max_nonfinite in a row."""
         nonlocal nonfinite_run
         state.nonfinite_total += 1
@@ -216,21 +234,23 @@ def _train(
         nonfinite_kinds.add(what)
         state.hidden = None  # the state may be non-finite too: restart the streams' state
         if rank == 0:
+            first = state.micro_index - t.grad_accum + 1  # (the step's micro-steps)
+            micro = f"micro-steps {first}-{state.micro_index}" if first < state.micro_index else ""
             log.warning(
-                "non-finite %s at micro-step %d (step %d): skipped (%d in a row, %d in all)",
+                "non-finite %s at %s (step %d): skipped (%d in a row, %d in all)",
                 what,
-                state.micro_index,
-                engine.global_steps + (what == "loss"),
+                micro or f"micro-step {state.micro_index}",
+                step,
                 nonfinite_run,
                 state.nonfinite_total,
             )
-        metrics.scalars(engine.global_steps + 1, {"train/nonfinite_total": state.nonfinite_total})
+        metrics.scalars(step, {"train/nonfinite_total": state.nonfinite_total})
         if nonfinite_run >= t.max_nonfinite:
             plural = {"loss": "losses", "gradient norm": "gradient norms"}
             kinds = " or ".join(plural[k] for k in sorted(nonfinite_kinds, reverse=True))
             raise PipelineError(
-                f"{nonfinite_run} non-finite {kinds} in a row at step "
-                f"{engine.global_steps + 1}: stopping; {divergence.advice(run_dir / 'checkpoints')}"
+                f"{nonfinite_run} non-finite {kinds} in a row at step {step}: stopping; "
+                f"{divergence.advice(run_dir / 'checkpoints')}"
             )
 
     def evaluate_split(reader: SplitReader, full: bool = False) -> dict[str, float] | None:
@@ -253,61 +273,62 @@ def _train(
             state.micro_index += 1
             if batch.reset:
                 state.hidden = None
-            logits, new_hidden = engine(batch.inputs_BT.to(device), state.hidden)
+            logits, new_hidden = engine(stepsync.to_device(batch.inputs_BT, device), state.hidden)
             loss = F.cross_entropy(
-                logits.float().flatten(0, 1), batch.targets_BT.to(device).flatten(), ignore_index=IGNORE
+                logits.float().flatten(0, 1),
+                stepsync.to_device(batch.targets_BT, device).flatten(),
+                ignore_index=IGNORE,
             )
             if state.micro_index in t.inject_nan_at:
                 loss = loss * float("nan")
-            if not _all(torch.isfinite(loss.detach()), device):
-                nonfinite("loss")
-                continue
+            # Read at the step's end: a non-finite loss skips the whole step (its gradient is
+            # non-finite too, and already summed into the step's by then).
+            tally.add(loss.detach(), batch.targets)
             engine.backward(loss * 1e30 if state.micro_index in huge_grad_at else loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            own_norm = None
-            if boundary and own_grad_norm:
-                own_norm = _grad_norm(engine.module)  # before DeepSpeed clips the gradients
-                if not math.isfinite(own_norm):
-                    # No update: zero gradients at a zero rate leave every weight as it is (the
-                    # scheduler sets the next step's rate as usual; Adam's moments decay once).
-                    for p in engine.module.parameters():
-                        if p.grad is not None:
-                            p.grad.zero_()
-                    for group in engine.optimizer.param_groups:
-                        group["lr"] = 0.0
+            state.hidden = detach_state(new_hidden)
+            window["timed"] += 1
+            if not engine.is_gradient_accumulation_boundary():
+                engine.step()
+                continue
+            if own_grad_norm:
+                own_norm = stepsync.grad_norm(engine.module)  # before anything clips the gradients
+            late = bool(t.time_limit_min) and time.time() - started > 60 * t.time_limit_min
+            facts = tally.read(own_norm, bool(stop), late)  # the step's one host synchronisation
+            rates = None
+            if facts.nonfinite or facts.bad_norm:  # no update: every weight stays as it is
+                rates = stepsync.hold(engine, zero_grads=own_grad_norm)
+            elif own_clip and own_norm is not None:
+                stepsync.clip_(engine.module, own_norm, clip)
             skipped = engine.skipped_steps
             engine.step()
-            state.hidden = detach_state(new_hidden)
-            counted = _sum(batch.targets, device)
-            state.tokens_seen += counted
-            value = loss.item()
-            state.loss_window[0] += value
-            state.loss_window[1] += 1
-            step_loss[0] += value
-            step_loss[1] += 1
-            window["timed"] += 1
-            window["tokens"] += counted
-            if not boundary:
-                continue
             step = state.step = engine.global_steps
-            if engine.skipped_steps > skipped or (own_norm is not None and not math.isfinite(own_norm)):
-                nonfinite("gradient norm")  # the update was skipped (by DeepSpeed, or above)
+            if engine.skipped_steps > skipped and rates is not None:
+                stepsync.release(engine, rates)  # DeepSpeed skipped it too: its scheduler did not run
+            state.tokens_seen += facts.tokens
+            window["tokens"] += facts.tokens
+            # Sums over ranks (the mean is what the gradient averages: runs on any world size compare).
+            state.loss_window[0] += facts.loss_sum
+            state.loss_window[1] += facts.finite
+            if facts.nonfinite:
+                nonfinite("loss", step)
+            elif facts.bad_norm or engine.skipped_steps > skipped:
+                nonfinite("gradient norm", step)  # the update was skipped (above, or by DeepSpeed)
             else:
                 nonfinite_run = 0
                 nonfinite_kinds.clear()
-            divergence.follow(state, step_loss[0] / max(step_loss[1], 1), step, rank == 0, loss_cap)
-            step_loss = [0.0, 0]
+            divergence.follow(state, facts.mean_loss, step, rank == 0, loss_cap)
             if step_delay:
                 time.sleep(step_delay)
 
             if step % t.log_every == 0 or step == t.steps:
                 elapsed = time.time() - window["t"]
-                # The mean over ranks (what the gradient averages), so runs on any world size compare.
-                mean_loss = _mean(state.loss_window[0] / state.loss_window[1], device)
                 tok_s = window["tokens"] / max(elapsed, 1e-9)
-                scalars = {
-                    "train/loss": mean_loss,
-                    "train/bpb": mean_loss / math.log(2) / bytes_per_token,
+                scalars = {}
+                if state.loss_window[1]:  # (none when every step since the last line was skipped)
+                    mean_loss = state.loss_window[0] / state.loss_window[1]
+                    scalars["train/loss"] = mean_loss
+                    scalars["train/bpb"] = mean_loss / math.log(2) / bytes_per_token
+                scalars |= {
                     "train/lr": engine.get_lr()[0],
                     "train/grad_norm": _first_known(engine.get_global_grad_norm(), own_norm),
                     "train/tokens_per_s": tok_s,
@@ -322,14 +343,12 @@ def _train(
                 state.loss_window = [0.0, 0]
                 window = {"timed": 0, "tokens": 0, "t": time.time()}
 
+            stopping, out_of_time = facts.stop, facts.late  # (read with the step's facts)
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 result = evaluate_split(valid_reader)
                 if result is not None:  # else a signal came: checkpoint below, without it
                     report(engine, cfg, "valid", step, result, metrics, rank, device, valid_reader)
-            stopping = _any(bool(stop), device)
-            out_of_time = bool(t.time_limit_min) and _any(
-                time.time() - started > 60 * t.time_limit_min, device
-            )
+                stopping = _any(bool(stop), device)  # (a signal during the evaluation)
             if (
                 stopping
                 or out_of_time
@@ -427,12 +446,6 @@ def _memory_gb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def _all(flag: torch.Tensor, device: torch.device) -> bool:
-    x = flag.to(device=device, dtype=torch.int32).reshape(1)
-    dist.all_reduce(x, op=dist.ReduceOp.MIN)
-    return bool(x.item())
-
-
 def _any(flag: bool, device: torch.device) -> bool:
     x = torch.tensor([int(flag)], device=device)
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
@@ -441,21 +454,3 @@ def _any(flag: bool, device: torch.device) -> bool:
 
 def _first_known(*values: Any) -> float:
     return float(next((v for v in values if v is not None), 0.0))
-
-
-def _grad_norm(module: torch.nn.Module) -> float:
-    """The global L2 norm of the gradients (already all-reduced across ranks at ZeRO-0)."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
-
-
-def _mean(x: float, device: torch.device) -> float:
-    t = torch.tensor([x], device=device, dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
-
-
-def _sum(n: int, device: torch.device) -> int:
-    x = torch.tensor([n], device=device, dtype=torch.int64)
-    dist.all_reduce(x)
-    return int(x.item())

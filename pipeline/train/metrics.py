@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Mapping
@@ -61,6 +62,7 @@ PRETRAIN_SCALARS = (
     "train/nonfinite_total",
     *(f"{split}/{k}" for split in ("valid", "test") for k in ("loss", "bpb", "ppl")),
     *(f"{split}/{k}_dynamic" for split in ("valid", "test") for k in ("loss", "bpb", "ppl")),  # eval.dynamic
+    *(f"{split}/{k}_window" for split in ("valid", "test") for k in ("loss", "bpb", "ppl")),  # eval.window
 )
 PRETRAIN_TEXTS = ("provenance", "valid/sample")
 # The final results in the hparams view: bits per byte, what the results compare across tokenizers.
@@ -253,8 +255,8 @@ class Metrics:
             "step %d/%d | loss %.4f | bpb %.3f | lr %.2e | grad %.3f | %s tok/s | mfu %.1f%% | eta %s",
             step,
             self.total_steps,
-            values["train/loss"],
-            values["train/bpb"],
+            values.get("train/loss", math.nan),  # (none logged when every step since was skipped)
+            values.get("train/bpb", math.nan),
             values["train/lr"],
             values["train/grad_norm"],
             f"{values['train/tokens_per_s']:,.0f}",

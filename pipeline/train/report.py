@@ -1,6 +1,7 @@
 """What a pretrain run reports of its evaluations: each one logged and recorded (with, for the
 valid split, a sample generated from its start), and the final evaluation at the end of a
-finished run (valid and test, whole; ``eval.dynamic`` beside them; the run's hparams session).
+finished run (valid and test, whole; ``eval.window`` and ``eval.dynamic`` beside them; the run's
+hparams session).
 
 Used by :mod:`pipeline.train.loop`; it sees the engine only through ``engine.module``.
 """
@@ -17,12 +18,14 @@ from pipeline.data.manifest import load_tokenizer
 from pipeline.train.config import Direction, PretrainConfig
 from pipeline.train.data import SplitReader, open_split
 from pipeline.train.dynamic_eval import dynamic_results
+from pipeline.train.evaluate import evaluate
 from pipeline.train.metrics import Metrics
 
 log = logging.getLogger("rnnpipe.train")
 
 # (reader, whole split?) -> the split's metrics, or None when a signal cut the evaluation short
 EvaluateSplit = Callable[[SplitReader, bool], "dict[str, float] | None"]
+WINDOW_SUFFIX = "_window"  # eval.window's results: valid/bpb (carried) beside valid/bpb_window
 
 
 def report(
@@ -85,14 +88,23 @@ def final_evaluation(
     params: dict[str, Any],
 ) -> bool:
     """The finished run's final evaluation: valid and (when the dataset has one) test, whole, each
-    read in the run's ``data.direction``; with ``eval.dynamic`` the dynamic figures beside the
-    static ones. Reported (:func:`report`) and recorded with ``params`` as the run's hparams
-    session. False, and nothing recorded, when a signal cut it short (the job is then requeued and
-    evaluates again)."""
-    results = {"valid": evaluate_split(valid_reader, True)}
-    if "test" in train_reader.manifest["splits"] and results["valid"] is not None:
-        test_reader = open_split(cfg.data.path, "test", cfg.data.verify, cfg.data.direction)
-        results["test"] = evaluate_split(test_reader, True)
+    read in the run's ``data.direction``; with ``eval.window`` the windowed figures
+    (:func:`window_results`) and with ``eval.dynamic`` the dynamic ones beside the static ones.
+    Reported (:func:`report`) and recorded with ``params`` as the run's hparams session. False,
+    and nothing recorded, when a signal cut it short (the job is then requeued and evaluates
+    again)."""
+    readers = {"valid": valid_reader}
+    if "test" in train_reader.manifest["splits"]:
+        readers["test"] = open_split(cfg.data.path, "test", cfg.data.verify, cfg.data.direction)
+    results: dict[str, dict[str, float] | None] = {}
+    for split, reader in readers.items():
+        result = evaluate_split(reader, True)
+        if result is not None and cfg.eval.window:  # eval.window: beside the carried figures
+            extra = window_results(engine.module, cfg, split, reader, rank, world, device, should_stop)
+            result = None if extra is None else {**result, **extra}
+        results[split] = result
+        if result is None:
+            break
     if all(r is not None for r in results.values()):  # eval.dynamic: beside the static figures
         extra = dynamic_results(
             engine.module, cfg, list(results), rank, world, device, train_reader, should_stop
@@ -107,3 +119,37 @@ def final_evaluation(
         )
     metrics.hparams(params, final)
     return True
+
+
+def window_results(
+    module: torch.nn.Module,
+    cfg: PretrainConfig,
+    split: str,
+    reader: SplitReader,
+    rank: int,
+    world: int,
+    device: torch.device,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, float] | None:
+    """``eval.window``'s figures of a split: ``{"loss_window", "bpb_window", "ppl_window"}``, the
+    whole split scored with the state reset every ``cfg.eval.window`` tokens
+    (:func:`pipeline.train.evaluate.window_batches`), ``train.eval_batch_size`` × ``data.seq_len``
+    tokens per forward pass; logged on rank 0. None when a signal cut it short."""
+    n = cfg.eval.window
+    streams, seq_len = cfg.train.eval_batch_size, cfg.data.seq_len
+    result = evaluate(
+        module, reader, rank, world, streams, seq_len, device, should_stop=should_stop, window=n
+    )
+    if result is None:
+        return None
+    if rank == 0:
+        log.info(
+            "%s in %d-token windows (the state reset at each): loss %.4f, %.4f bits per byte, "
+            "perplexity %.2f",
+            split,
+            n,
+            result["loss"],
+            result["bpb"],
+            result["ppl"],
+        )
+    return {f"{k}{WINDOW_SUFFIX}": v for k, v in result.items() if k != "tokens"}
