@@ -126,6 +126,7 @@ def score_nanogpt(nanogpt: Path, ckpt_path: Path, val: np.ndarray) -> dict:
     sys.path.insert(0, str(nanogpt))
     from model import GPT, GPTConfig  # nanoGPT's
 
+    # (a pickle with nanoGPT's config: only the checkpoint this script's own nanoGPT run just wrote)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})

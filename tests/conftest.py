@@ -67,3 +67,16 @@ def read_split(root: Path, split: str):
 def prepare(config, out, *overrides: str, executor: str = "inline") -> int:
     """``rnnpipe prepare CONFIG output=OUT OVERRIDES --executor EXECUTOR``; returns its exit status."""
     return rnnpipe("prepare", config, f"output={out}", *overrides, "--executor", executor)
+
+
+def prepare_enwik8_head(out: Path, limit_bytes: int = 0) -> Path:
+    """The pretrain tests' tiny dataset: enwik8-head as bytes (its first ``limit_bytes``; 0 = all),
+    4,096-token samples, 16 per shard, prepared into ``out``; skips when the data is absent."""
+    src = data_file("enwik8-head/enwik8-head.txt")
+    limit = [f"source.limit_bytes={limit_bytes}"] if limit_bytes else []
+    overrides = ["shards.sample_tokens=4096", "shards.samples_per_shard=16"]
+    code = prepare(
+        REPO / "configs/prepare/enwik8-head.yaml", out, f"source.paths=[{src}]", *limit, *overrides
+    )
+    assert code == 0
+    return out

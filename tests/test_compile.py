@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, data_file, prepare
+from tests.conftest import REPO, prepare_enwik8_head
 
 pytest.importorskip("deepspeed")
 CONFIG = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"
@@ -44,18 +44,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "enwik8"
-    src = data_file("enwik8-head/enwik8-head.txt")
-    code = prepare(
-        REPO / "configs/prepare/enwik8-head.yaml",
-        out,
-        f"source.paths=[{src}]",
-        "source.limit_bytes=100000",
-        "shards.sample_tokens=4096",
-        "shards.samples_per_shard=16",
-    )
-    assert code == 0
-    return out
+    return prepare_enwik8_head(tmp_path_factory.mktemp("data") / "enwik8", limit_bytes=100000)
 
 
 def pretrain(run_dir: Path, data: Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
 from pipeline.train import checkpoint, divergence
-from tests.conftest import REPO, data_file, prepare
+from tests.conftest import REPO, prepare_enwik8_head
 
 pytest.importorskip("deepspeed")
 CONFIG = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"
@@ -44,18 +44,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "enwik8"
-    src = data_file("enwik8-head/enwik8-head.txt")
-    code = prepare(
-        REPO / "configs/prepare/enwik8-head.yaml",
-        out,
-        f"source.paths=[{src}]",
-        "source.limit_bytes=300000",
-        "shards.sample_tokens=4096",
-        "shards.samples_per_shard=16",
-    )
-    assert code == 0
-    return out
+    return prepare_enwik8_head(tmp_path_factory.mktemp("data") / "enwik8", limit_bytes=300000)
 
 
 def cmd(run_dir: Path, data: Path, *overrides: str, executor: str = "inline") -> list[str]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, data_file, prepare
+from tests.conftest import REPO, prepare_enwik8_head
 
 pytest.importorskip("deepspeed")
 CONFIG = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"
@@ -73,18 +73,7 @@ COLLECTIVES = (
 def counts(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("sync")
     data = root / "enwik8"
-    src = data_file("enwik8-head/enwik8-head.txt")
-    assert (
-        prepare(
-            REPO / "configs/prepare/enwik8-head.yaml",
-            data,
-            f"source.paths=[{src}]",
-            "source.limit_bytes=100000",
-            "shards.sample_tokens=4096",
-            "shards.samples_per_shard=16",
-        )
-        == 0
-    )
+    prepare_enwik8_head(data, limit_bytes=100000)
     out, extensions = root / "counts.json", root / "torch_extensions"
     env = {
         **os.environ,
