@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from kernels import cpu_native
 from kernels.cpu_scan import compute_dtype, scan_into, scratch
 
 _BLOCK_ELEMS = 1 << 17  # elements per block of the element-wise passes: 512 KiB in float32
@@ -93,30 +94,35 @@ def _carry_into(g: Tensor, dh_last: Tensor, carry: Tensor | None) -> None:
 def lrn_family_fwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor | None, h0: Tensor | None) -> Tensor:
     """h_BTD of LRN (``o`` None: h_t = tanh(c_t)) or oLRN (h_t = σ(o_t − c_t) ⊙ c_t), where
     c_t = i_t ⊙ v_t + f_t ⊙ h_{t−1}, i_t = σ(k_t + h_{t−1}), f_t = σ(q_t − h_{t−1})."""
+    native = cpu_native.forward(q, k, v, o, h0)  # the loop in C, where it is built
+    if native is not None:
+        return native
     B, T, D = q.shape
     cd = compute_dtype(q)
     out = torch.empty(B, T, D, dtype=cd, device=q.device)
+    # Every per-step tensor is [B, 1, D] (or [B, 2, D]): one layout, so each op writes straight
+    # into its destination (the output's step, or a half of a pair) and no step needs a squeeze.
+    # oLRN's output is one glu over z = [c_t, o_t − c_t]: c_t ⊙ σ(o_t − c_t) in one op, not three.
     with torch.inference_mode():
         sign = torch.tensor([-1.0, 1.0], dtype=cd, device=q.device).view(2, 1)
         qk_t = _pair(q, k).unbind(1)
-        v_t, o_t, out_t = v.unbind(1), (o.unbind(1) if o is not None else None), out.unbind(1)
-        out_u = out.unsqueeze(2).unbind(1)  # h_t as [B, 1, D], to broadcast over the two gates
+        v_t = v.unsqueeze(2).unbind(1)
+        o_t = o.unsqueeze(2).unbind(1) if o is not None else None
+        out_t = out.unsqueeze(2).unbind(1)  # h_t as [B, 1, D]
         gates = q.new_empty(B, 2, D, dtype=cd)  # [f, i]
-        c = q.new_empty(B, D, dtype=cd)
-        og = q.new_empty(B, D, dtype=cd)
-        h = q.new_zeros(B, D, dtype=cd) if h0 is None else h0.to(cd)
-        h_u = h.unsqueeze(1)
-        f, i = gates[:, 0], gates[:, 1]
+        z = q.new_empty(B, 2, D, dtype=cd)  # [c, o − c] (oLRN); c alone in z[:, :1] (LRN)
+        f, i, c, oc = gates[:, :1], gates[:, 1:], z[:, :1], z[:, 1:]
+        h = q.new_zeros(B, 1, D, dtype=cd) if h0 is None else h0.to(cd).unsqueeze(1)
         for t in range(T):
-            torch.addcmul(qk_t[t], sign, h_u, out=gates).sigmoid_()  # σ([q_t − h, k_t + h])
+            torch.addcmul(qk_t[t], sign, h, out=gates).sigmoid_()  # σ([q_t − h, k_t + h])
             torch.mul(f, h, out=c)
             torch.addcmul(c, i, v_t[t], out=c)
             if o_t is None:
                 torch.tanh(c, out=out_t[t])
             else:
-                torch.sub(o_t[t], c, out=og).sigmoid_()
-                torch.mul(og, c, out=out_t[t])
-            h, h_u = out_t[t], out_u[t]
+                torch.sub(o_t[t], c, out=oc)
+                torch._C._nn.glu(z, 1, out=out_t[t])  # z[:, :1] ⊙ σ(z[:, 1:])
+            h = out_t[t]
     return _out(out, q.dtype)
 
 

@@ -257,18 +257,19 @@ def packed_source(xs: tuple[Tensor, ...]) -> Tensor | None:
     """
     if torch.compiler.is_compiling():
         return None
+    # nn.Linear on [B, T, D] computes on the flattened [B·T, D] input, so its output is itself a
+    # view and the chunks' _base is the [B·T, n·D] matmul result: any contiguous base of exactly
+    # B·T·n·D elements, viewed as [B, T, n·D], is the projection.
     base = xs[0]._base
     B, T, D = xs[0].shape
-    if base is None or base.shape != (B, T, len(xs) * D) or not base.is_contiguous():
+    shape, strides = (B, T, len(xs) * D), (T * len(xs) * D, len(xs) * D, 1)
+    if base is None or base.numel() != B * T * len(xs) * D or not base.is_contiguous():
         return None
     for j, x in enumerate(xs):
-        if (
-            x._base is not base
-            or x.stride() != base.stride()
-            or x.storage_offset() != base.storage_offset() + j * D
-        ):
+        offset = base.storage_offset() + j * D
+        if x._base is not base or x.stride() != strides or x.storage_offset() != offset:
             return None
-    return base
+    return base if base.shape == shape else base.view(shape)
 
 
 def lrn_family(q: Tensor, k: Tensor, v: Tensor, o: Tensor | None, h0: Tensor | None) -> Tensor:

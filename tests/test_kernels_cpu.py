@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import cpu_rnn, cpu_scan, ops
+from kernels import cpu_native, cpu_rnn, cpu_scan, ops
 from kernels import reference as R
 
 TS = [1, 2, 5, 16, 17, 31, 64, 97]  # T = 1, under the chunk, sequential, primes, a square
@@ -93,12 +93,23 @@ def test_scan_pads_nothing(monkeypatch):
 LRN = {"lrn": (kernels.lrn_recurrence, R.lrn_loop, 3), "olrn": (kernels.olrn_recurrence, R.olrn_loop, 4)}
 
 
+@pytest.fixture(params=["C", "torch"])
+def forward_path(request, monkeypatch):
+    """Both forwards of LRN and oLRN on CPU: the C loop (kernels/cpu_native.py) and the PyTorch one."""
+    if request.param == "C":
+        if cpu_native.library() is None:
+            pytest.skip("no C compiler here: the C forward cannot be built (the PyTorch one is tested)")
+    else:
+        monkeypatch.setattr(cpu_native, "forward", lambda *a: None)
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(LRN))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("T", [1, 2, 7, 17])
 @pytest.mark.parametrize("with_h0", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-def test_lrn_family_matches_the_loop(small_blocks, name, dtype, T, with_h0, packed):
+def test_lrn_family_matches_the_loop(small_blocks, forward_path, name, dtype, T, with_h0, packed):
     op, loop, n = LRN[name]
     B, D = 2, 3
     if packed:  # a projection's column blocks: the packed op, one gradient tensor
@@ -135,6 +146,79 @@ def test_packed_source_refuses_what_is_not_a_projection():
     assert ops.packed_source((k, q, v)) is None  # out of order
     assert ops.packed_source(tuple(p[..., :9].chunk(3, -1))) is None  # a part of the columns
     assert ops.packed_source(tuple(p.chunk(4, -1))[:3]) is None  # columns of a wider tensor
+
+
+@pytest.mark.parametrize("name", ["lrn", "olrn"])
+def test_the_mixers_projection_takes_the_packed_op(monkeypatch, name):
+    """nn.Linear on [B, T, D] computes on a flattened view, so its output is itself a view: the
+    mixers' ``proj(x).chunk(n, -1)`` still reaches the packed op, with the plain op's values and
+    gradients."""
+    from pipeline.models.mixers import LRN, OLRN
+
+    calls = []
+    packed = ops.lrn_packed_op
+    monkeypatch.setattr(ops, "lrn_packed_op", lambda *a: calls.append(1) or packed(*a))
+    torch.manual_seed(0)
+    mixer = (LRN if name == "lrn" else OLRN)(8).double()
+    x = torch.randn(3, 11, 8, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    h, _ = mixer(x, h0)
+    assert calls == [1]
+    xs = [t.clone() for t in mixer.proj(x).chunk(4 if name == "olrn" else 3, -1)]  # not packed
+    assert ops.packed_source(tuple(xs)) is None
+    ref = ops.lrn_op(*xs, h0) if name == "lrn" else ops.olrn_op(*xs, h0)
+    assert_same([h], [ref], [x, h0, *mixer.parameters()], torch.float64)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_c_forward_reads_any_batch_and_time_strides(gated):
+    """Each of q, k, v, o with its own strides (a transposed batch, every other step), on 2 threads
+    (rows split across them), against the PyTorch forward."""
+    if cpu_native.library() is None:
+        pytest.skip("no C compiler here: the C forward cannot be built")
+    B, T, D = 5, 40, 96  # B·T·D above the one-thread limit
+    xs = [
+        torch.randn(T * 2, B, D).transpose(0, 1)[:, ::2],  # batch stride D, time stride 2·B·D
+        torch.randn(B, T, D),  # contiguous
+        torch.randn(B, T, 3 * D)[..., D : 2 * D],  # a projection's column block
+        torch.randn(B, 2 * T, D)[:, 1::2],  # every other step, from the second
+    ][: 4 if gated else 3]
+    assert len({x.stride() for x in xs}) == len(xs)
+    h0 = torch.randn(D, B).t()  # not contiguous
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        h = cpu_native.forward(*xs[:3], xs[3] if gated else None, h0)
+    finally:
+        torch.set_num_threads(threads)
+    assert h is not None and h.is_contiguous()
+    ref = (R.olrn_loop(*xs, h0) if gated else R.lrn_loop(*xs, h0))[0]
+    torch.testing.assert_close(h, ref, **TOL[torch.float32])
+
+
+def test_the_c_forward_builds_once_per_cache_and_falls_back_without_a_compiler(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("RNNPIPE_NATIVE_CACHE", str(tmp_path / "cache"))
+    cpu_native.library.cache_clear()
+    try:
+        monkeypatch.setenv("CC", "no-such-compiler")
+        with caplog.at_level("INFO", logger="rnnpipe.kernels"):
+            assert cpu_native.library() is None
+        assert "no C compiler (no-such-compiler)" in caplog.text
+        x = torch.randn(2, 3, 4)
+        assert cpu_native.forward(x, x, x, None, None) is None  # the PyTorch loop runs instead
+        torch.testing.assert_close(kernels.lrn_recurrence(x, x, x)[0], R.lrn_loop(x, x, x)[0])
+        monkeypatch.delenv("CC")
+        cpu_native.library.cache_clear()
+        if cpu_native.library() is None:
+            pytest.skip("no C compiler here: the C forward cannot be built")
+        built = list((tmp_path / "cache").iterdir())
+        assert [p.suffix for p in built] == [".so"]  # the library alone: no temporary left
+        mtime = built[0].stat().st_mtime_ns
+        cpu_native.library.cache_clear()
+        assert cpu_native.library() is not None
+        assert built[0].stat().st_mtime_ns == mtime  # loaded, not built again
+    finally:
+        cpu_native.library.cache_clear()
 
 
 def test_bfloat16_packed_lrn_accumulates_in_float32():

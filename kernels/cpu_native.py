@@ -1,0 +1,153 @@
+"""LRN and oLRN forward on CPU in C (kernels/csrc/lrn_forward.c), built on first use, else None.
+
+The forward recurrence is nonlinear in the state, so T steps stay sequential; in PyTorch each
+step is several dispatched ops on a [B, D] slice, and at B·D of a few thousand the dispatch, not
+the arithmetic, is the cost. The C loop does a whole batch row in one call, its inner loop over D
+vectorized (expf and tanhf from glibc's libmvec). Batch ranges run on ``torch.get_num_threads()``
+threads (ctypes releases the GIL), so it takes the cores torch would have used.
+
+Built with the system C compiler (``$CC``, else ``cc``; about a second, no torch headers) into
+``$RNNPIPE_NATIVE_CACHE`` (default ``~/.cache/rnnpipe/native``), keyed by the source, the compiler
+and this CPU's flags (the build is ``-march=native``), and written atomically, so that ranks
+starting together and nodes sharing a home directory each load a whole, matching library. No
+compiler, a failed build or ``RNNPIPE_NATIVE=0``: :func:`forward` returns None and callers use the
+PyTorch loop (logged once). The library is code: it is loaded only from that per-user directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("rnnpipe.kernels")
+
+SOURCE = Path(__file__).with_name("csrc") / "lrn_forward.c"
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno"]
+_PARALLEL_ELEMS = 1 << 16  # below B·T·D this many, one thread (a thread hand-off costs ~50 µs)
+_FUNCS = {torch.float32: "lrn_forward_f32", torch.float64: "lrn_forward_f64"}
+_CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RNNPIPE_NATIVE_CACHE") or Path.home() / ".cache" / "rnnpipe" / "native")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cc: str, out: Path) -> str | None:
+    """Compile SOURCE into ``out`` (with libmvec, then without); None, or why it failed."""
+    tmp = Path(tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)[1])
+    why = ""
+    try:
+        for extra in (["-lmvec", "-lm"], ["-DRNNPIPE_NO_MVEC", "-lm"]):
+            cmd = [cc, *_FLAGS, str(SOURCE), "-o", str(tmp), *extra]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(tmp, out)  # atomic: a rank never loads a half-written library
+                return None
+            why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        return why
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled library (built now if this source, compiler and CPU have none yet), or None."""
+    if os.environ.get("RNNPIPE_NATIVE", "1") == "0":
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        log.info("no C compiler (%s): LRN/oLRN on CPU use the PyTorch loop", os.environ.get("CC", "cc"))
+        return None
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        b"\0".join(x.encode() for x in (SOURCE.read_text(), version, " ".join(_FLAGS), _cpu_flags()))
+    ).hexdigest()[:16]
+    path = cache_dir() / f"lrn_forward-{key}.so"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not path.exists() and (why := _build(cc, path)) is not None:
+            log.warning("building %s failed (%s): LRN/oLRN on CPU use the PyTorch loop", SOURCE.name, why)
+            return None
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        log.warning("loading %s failed (%s): LRN/oLRN on CPU use the PyTorch loop", path, e)
+        return None
+    for dtype, name in _FUNCS.items():
+        ptr = ctypes.POINTER(_CTYPES[dtype])
+        getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, ctypes.POINTER(ctypes.c_int64), ptr, ptr] + [
+            ctypes.c_int64
+        ] * 3
+        getattr(lib, name).restype = None
+    return lib
+
+
+@functools.cache
+def _pool(n: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(n, thread_name_prefix="rnnpipe-lrn")
+
+
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has none of the threads
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, o: Tensor | None, h0: Tensor | None) -> Tensor | None:
+    """h_BTD of LRN (``o`` None) or oLRN, as :func:`kernels.cpu_rnn.lrn_family_fwd` computes it, or
+    None where this path does not apply: no library, not CPU, not float32/float64 throughout, or
+    a D that is not contiguous. q, k, v, o [B, T, D]; h0 [B, D] or None."""
+    xs = (q, k, v) if o is None else (q, k, v, o)
+    dtype = q.dtype
+    if dtype not in _FUNCS or any(x.device.type != "cpu" or x.dtype != dtype or x.stride(2) != 1 for x in xs):
+        return None
+    if h0 is not None and (h0.device.type != "cpu" or h0.dtype != dtype):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    B, T, D = q.shape
+    out = torch.empty(B, T, D, dtype=dtype)
+    h0 = h0.contiguous() if h0 is not None else None
+    strides = (ctypes.c_int64 * 8)(*(s for x in (q, k, v, o if o is not None else q) for s in x.stride()[:2]))
+    ptr = ctypes.POINTER(_CTYPES[dtype])
+    fn = getattr(lib, _FUNCS[dtype])
+
+    def rows(b0: int, b1: int) -> None:
+        def at(x: Tensor | None, row_stride: int):
+            return None if x is None else ctypes.cast(x.data_ptr() + b0 * row_stride * x.element_size(), ptr)
+
+        fn(
+            at(q, q.stride(0)), at(k, k.stride(0)), at(v, v.stride(0)),
+            at(o, o.stride(0) if o is not None else 0), strides,
+            at(h0, D), at(out, T * D), b1 - b0, T, D,
+        )  # fmt: skip
+
+    n = min(torch.get_num_threads(), B) if B * T * D >= _PARALLEL_ELEMS else 1
+    if n <= 1:
+        rows(0, B)
+    else:
+        cuts = [B * j // n for j in range(n + 1)]
+        for f in [_pool(n).submit(rows, cuts[j], cuts[j + 1]) for j in range(n)]:
+            f.result()
+    return out
