@@ -31,8 +31,8 @@ install: $(VENV)/.installed
 
 # The whole pipeline on this machine (local executor): prepare -> pretrain (2 ranks, ZeRO-2) ->
 # export -> fine-tune sweep -> the table and pretrained against scratch; then a text sample of the
-# exported LM and its loss curves as a PNG. From a fresh clone on 2 idle cores: 36 s of install,
-# 3 min 40 s of pipeline, sample and figure (2026-12-02); about 6½ minutes beside other jobs.
+# exported LM and its loss curves as a PNG. From a fresh clone on 2 idle cores: 37 s of install,
+# 3 min 24 s of pipeline, sample and figure (2026-12-02); about 6 minutes beside other jobs.
 # Re-running skips what is complete.
 FINETUNE_DATA := $(and $(wildcard $(DATA)/sst2),$(wildcard $(DATA)/conll2003),$(wildcard $(DATA)/ptb))
 DEMO_PROMPT ?= The history of

@@ -1,7 +1,8 @@
 """LRN, oLRN and SRU on CPU: a lean forward loop, and a backward made of linear scans.
 
-Forward: the recurrences are nonlinear in the state, so T sequential steps remain; each step is
-3–7 fused ``out=`` ops into preallocated [B, D] buffers and its slice of the output (no per-step
+Forward: the recurrences are nonlinear in the state, so T sequential steps remain. LRN's and
+oLRN's run in C where it could be built (:mod:`kernels.cpu_native`); otherwise, and for SRU, each
+step is 3–6 fused ``out=`` ops into preallocated [B, D] buffers and its slice of the output (no per-step
 allocation), under ``torch.inference_mode`` (less dispatch work per op; the outputs themselves
 are allocated outside it, so autograd can save them). LRN's two gates are one op:
 σ([q_t, k_t] + [−1, 1] ⊙ h) = [f, i] over a [B, 2, D] view (the projection's q and k are adjacent
