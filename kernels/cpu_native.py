@@ -82,19 +82,19 @@ def library() -> ctypes.CDLL | None:
     if cc is None:
         log.info("no C compiler (%s): LRN/oLRN on CPU use the PyTorch loop", os.environ.get("CC", "cc"))
         return None
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(
-        b"\0".join(x.encode() for x in (SOURCE.read_text(), version, " ".join(_FLAGS), _cpu_flags()))
-    ).hexdigest()[:16]
-    path = cache_dir() / f"lrn_forward-{key}.so"
     try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256(
+            b"\0".join(x.encode() for x in (SOURCE.read_text(), version, " ".join(_FLAGS), _cpu_flags()))
+        ).hexdigest()[:16]
+        path = cache_dir() / f"lrn_forward-{key}.so"
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not path.exists() and (why := _build(cc, path)) is not None:
             log.warning("building %s failed (%s): LRN/oLRN on CPU use the PyTorch loop", SOURCE.name, why)
             return None
         lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        log.warning("loading %s failed (%s): LRN/oLRN on CPU use the PyTorch loop", path, e)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("the C forward (%s) failed (%s): LRN/oLRN on CPU use the PyTorch loop", SOURCE.name, e)
         return None
     for dtype, name in _FUNCS.items():
         ptr = ctypes.POINTER(_CTYPES[dtype])

@@ -204,6 +204,12 @@ def test_the_c_forward_builds_once_per_cache_and_falls_back_without_a_compiler(t
         with caplog.at_level("INFO", logger="rnnpipe.kernels"):
             assert cpu_native.library() is None
         assert "no C compiler (no-such-compiler)" in caplog.text
+        monkeypatch.setenv("CC", "false")  # a compiler that fails: a warning, no library, no file
+        cpu_native.library.cache_clear()
+        with caplog.at_level("INFO", logger="rnnpipe.kernels"):
+            assert cpu_native.library() is None
+        assert "building lrn_forward.c failed (exit 1)" in caplog.text
+        assert list((tmp_path / "cache").iterdir()) == []
         x = torch.randn(2, 3, 4)
         assert cpu_native.forward(x, x, x, None, None) is None  # the PyTorch loop runs instead
         torch.testing.assert_close(kernels.lrn_recurrence(x, x, x)[0], R.lrn_loop(x, x, x)[0])
