@@ -9,25 +9,47 @@ BIN := $(VENV)/bin
 DEMO_INPUT ?= $(if $(wildcard $(DATA)/enwik8-head/enwik8-head.txt),$(DATA)/enwik8-head/enwik8-head.txt,zip://enwik8::https://mattmahoney.net/dc/enwik8.zip)
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean lock
 
 # The demo needs the core and the plot extra; the tests the dev extra on top (transformers,
 # lm-evaluation-harness, W&B and the reference libraries). --no-compile: Python compiles only what
 # it imports, on first import, instead of pip compiling every file of torch and the rest up front
 # (a fresh demo install: 45 s instead of 68 s; the dev extra adds about 40 s).
-PIP_INSTALL := $(BIN)/pip install --quiet --no-compile
+# Every install takes its versions from the lock of the tested set (LOCK, constraints.txt): an
+# upstream release reaches this project only through `make lock`. On a GPU machine with another
+# torch: make demo TORCH='torch==X' LOCK= (no lock; the versions pyproject.toml allows).
+LOCK ?= constraints.txt
+PIP_INSTALL := $(BIN)/pip install --quiet --no-compile $(if $(LOCK),--constraint $(LOCK))
 
-$(VENV)/.installed-demo: pyproject.toml
+$(VENV)/.installed-demo: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) "$(TORCH)"
 	$(PIP_INSTALL) -e '.[plot]'
 	touch $@
 
+# The tests start hundreds of Python processes (ranks, workers, CLI runs): their bytecode is
+# compiled once here (about a minute), so that none of them compiles torch, DeepSpeed and
+# transformers again (where PYTHONDONTWRITEBYTECODE is set, none would keep what it compiled).
+# Some packages ship files for other Pythons that do not compile: compileall's status is ignored.
 $(VENV)/.installed: $(VENV)/.installed-demo
 	$(PIP_INSTALL) -e '.[dev]'
+	-$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null
 	touch $@
 
 install: $(VENV)/.installed
+
+# The lock (constraints.txt): every package the demo, the tests and the benchmarks install, pinned,
+# for Linux x86_64, Python 3.11 (what CI runs) and $(TORCH). Refresh it on purpose: after changing a
+# dependency in pyproject.toml, or to take upstream's newest releases (LOCK_UPGRADE=--upgrade, the
+# default; LOCK_UPGRADE= keeps every pin that still fits). Then run make test and commit both.
+# uv resolves from PyPI's metadata and installs nothing.
+LOCK_UPGRADE ?= --upgrade
+lock:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "uv>=0.13"
+	echo "$(TORCH)" | $(BIN)/uv pip compile pyproject.toml - --extra dev --extra bench $(LOCK_UPGRADE) \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--custom-compile-command "make lock" --quiet --output-file constraints.txt
 
 # The whole pipeline on this machine (local executor): prepare -> pretrain (2 ranks, ZeRO-2) ->
 # export -> fine-tune sweep -> the table and pretrained against scratch; then a text sample of the
@@ -70,7 +92,7 @@ lint: install
 # loss-curve runs 1-3 (LRN 34 s, minGRU 22 s alone; attention 3 min beside other jobs), the
 # pretrain speed sweep 5.5 (9 runs of 12 steps), the kernel chart 1.5. Other processes on the
 # cores stretch it (the loss runs took 5-11 minutes each beside a test suite). The kernel, mixer
-# and LM tables take tens of minutes: python benchmarks/kernels.py --write docs/benchmarks.md.
+# and LM tables take tens of minutes: python benchmarks/kernel_speed.py --write docs/benchmarks.md.
 BENCH_DIR ?= /tmp/rnnpipe-bench
 BENCH_ENV := RNNPIPE_PROGRESS=0
 LOSS_MIXERS := lrn mingru attention
@@ -91,16 +113,16 @@ bench: install
 		--title "enwik8-head bytes, 500 steps of 8 × 128 tokens, valid: 41,541 bytes"
 	$(BIN)/python benchmarks/pretrain.py --data $(DATA) --seq-lens 128,512,2048 --steps 12 --log-every 3 \
 		--budget-min 0 --write docs/benchmarks.md --plot docs/figures/pretrain-speed.png
-	$(BIN)/python benchmarks/kernels.py --tables kernels --repeats 2 --no-rnn --plot docs/figures/kernels-gbs.png
+	$(BIN)/python benchmarks/kernel_speed.py --tables kernels --repeats 2 --no-rnn --plot docs/figures/kernels-gbs.png
 
 # Recurrence added to a pretrained GPT-2 (seed 002), on this machine: stage 1 (gpt2-tiny-cpu.yaml,
 # 600 steps), then 7 stage-2 runs of 300 steps from its export (none and 3 variants at S = 64 and at
 # equal positions per pass), the section in docs/results.md and docs/figures/recurrence-convergence.png.
 # Sized for about 10-12 minutes on 2 quiet CPU cores; complete runs in $(BENCH_DIR)/recurrence are
-# reused. A check in minutes: python -m benchmarks.recurrence --quick (writes a "quick run" section).
+# reused. A check in minutes: python benchmarks/recurrence.py --quick (writes a "quick run" section).
 .PHONY: bench-recurrence
 bench-recurrence: install
-	$(BENCH_ENV) $(BIN)/python -m benchmarks.recurrence --data $(DATA) --runs $(BENCH_DIR)/recurrence
+	$(BENCH_ENV) $(BIN)/python benchmarks/recurrence.py --data $(DATA) --runs $(BENCH_DIR)/recurrence
 
 # Seed 000's Table 2 at CPU scale (docs/results.md): PTB at word level, three word LMs (LSTM
 # forward and backward, LRN) and five fine-tuning sweeps (scratch, word2vec inputs, pretrained LSTM
@@ -109,7 +131,7 @@ bench-recurrence: install
 .PHONY: bench-table2
 bench-table2: install
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
-	$(BENCH_ENV) $(BIN)/python -m benchmarks.table2 --data $(DATA) --runs $(BENCH_DIR)/table2
+	$(BENCH_ENV) $(BIN)/python benchmarks/table2.py --data $(DATA) --runs $(BENCH_DIR)/table2
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache build

@@ -7,15 +7,13 @@ the optional ``rnnpipe[plot]`` extra.
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from launch.plot import check_png, new_figure, save_png  # noqa: E402
+from rnnpipe.launch.plot import check_png, new_figure, save_png  # noqa: E402
 
 
 def _finish(fig, ax, title: str | None, note: str | None, grid: str = "both") -> None:

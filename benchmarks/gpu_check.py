@@ -41,11 +41,10 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
+import gpu_check_kernels  # noqa: E402
+import gpu_check_train  # noqa: E402
 import torch  # noqa: E402
-
-from benchmarks import gpu_check_kernels, gpu_check_train  # noqa: E402
 
 # (name, title, nominal seconds on one H100/H200). Their sum stays under the default budget, which
 # leaves about 30 s of the 8 minutes for Python's start and writing the report.

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import kernels
+from rnnpipe import kernels
 
 # (B, T, D): long T with a modest batch, wide channels, a large batch at short T, and one where
 # B·D alone fills the device (one time chunk in the scan, 128-wide channel blocks).

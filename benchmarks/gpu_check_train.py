@@ -45,8 +45,8 @@ def load_run_config(name: str, overrides: list[str]):
     """configs/pretrain/NAME.yaml as a validated PretrainConfig (without its executor keys)."""
     import yaml
 
-    from pipeline.config import config_from_dict, override
-    from pipeline.train.config import PretrainConfig
+    from rnnpipe.pipeline.config import config_from_dict, override
+    from rnnpipe.pipeline.train.config import PretrainConfig
 
     values = yaml.safe_load((REPO / "configs" / "pretrain" / f"{name}.yaml").read_text())
     values = {k: v for k, v in values.items() if k not in ("executor", "distributed", "overwrite")}
@@ -82,7 +82,7 @@ def train_speed(model_cfg, vocab: int, batch: int, seq_len: int, dev: torch.devi
     The model keeps fp32 weights (autocast computes in bf16): 4 + 4 + 8 bytes of states per
     parameter, what DeepSpeed's bf16 mode (2 + 2 + 12) also takes. Gradients are clipped at 1.0 as
     the loop does. Returns (s/step, peak GiB or NaN on CPU, final loss, parameters)."""
-    from pipeline.models import LanguageModel
+    from rnnpipe.pipeline.models import LanguageModel
 
     model = LanguageModel(model_cfg, vocab).to(dev).train()
     cuda = dev.type == "cuda"
@@ -129,7 +129,7 @@ def docs_estimate(name: str) -> str:
 
 def lm_section(ctx: dict[str, Any], out: dict[str, Any]) -> None:
     """(c): tokens/s, MFU and peak memory of the 50M and 350M configs, one GPU, bf16."""
-    from pipeline.train.memory import estimate_memory
+    from rnnpipe.pipeline.train.memory import estimate_memory
 
     dev, dry = ctx["device"], ctx["dry_run"]
     peak, where = peak_flops(dev)
@@ -151,7 +151,7 @@ def lm_section(ctx: dict[str, Any], out: dict[str, Any]) -> None:
         B, T = cfg.data.batch_size, cfg.data.seq_len
         steps, warmup = (2, 1) if dry else ((10, 3) if name == "enwik8-50m" else (6, 2))
         s, mem, loss, params = train_speed(cfg.model, vocab, B, T, dev, steps, warmup)
-        from pipeline.models.flops import training_flops_per_token
+        from rnnpipe.pipeline.models.flops import training_flops_per_token
 
         tok_s = B * T / s
         mfu = training_flops_per_token(cfg.model, vocab, T) * tok_s / peak

@@ -1,4 +1,4 @@
-"""The CPU kernel tables of ``benchmarks/kernels.py``: the linear scan against its peers, and the
+"""The CPU kernel tables of ``benchmarks/kernel_speed.py``: the linear scan against its peers, and the
 LRN, oLRN and SRU layers against ``nn.LSTM``, timed interleaved in one process (medians).
 
 Peers of the scan, each forward + backward of h_t = a_t ⊙ h_{t−1} + b_t at the same shape:
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-import kernels
+from rnnpipe import kernels
 
 SCAN_SHAPES = [(16, 4096, 128), (64, 512, 256), (1, 8192, 256)]
 LAYER_SHAPES = [(16, 256, 128), (32, 256, 256), (64, 512, 256)]

@@ -43,9 +43,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.kernels import machine, others_share, replace_section  # noqa: E402
+from kernel_speed import machine, others_share, replace_section  # noqa: E402
 
 BEGIN, END = "<!-- nanogpt:begin -->", "<!-- nanogpt:end -->"
 SPEED_BEGIN, SPEED_END = "<!-- nanogpt-speed:begin -->", "<!-- nanogpt-speed:end -->"
@@ -185,9 +184,9 @@ def run_recipe(work: Path, text: Path) -> dict:
 def read_recipe(run: Path, data: Path, t0: float) -> dict:
     """The recipe run's final valid figures, model and startup (seconds from ``t0``, the pretrain
     process's start, to its first training step) from its run dir."""
-    from launch.pretrain import PretrainJob
-    from pipeline.config import load_config
-    from pipeline.models.flops import model_params
+    from rnnpipe.launch.pretrain import PretrainJob
+    from rnnpipe.pipeline.config import load_config
+    from rnnpipe.pipeline.models.flops import model_params
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = next(r for r in reversed(records) if "valid/loss_window" in r)
@@ -233,10 +232,10 @@ def speed_rows(nanogpt: Path, lengths: list[int], tokens: int, rounds: int) -> l
     models' steps interleaved round by round; medians."""
     import torch
     import torch.nn.functional as F
+    from kernel_speed import width_for
 
-    from benchmarks.kernels import width_for
-    from pipeline.models import LanguageModel, MixerKind, ModelConfig
-    from pipeline.models.flops import model_params
+    from rnnpipe.pipeline.models import LanguageModel, MixerKind, ModelConfig
+    from rnnpipe.pipeline.models.flops import model_params
 
     sys.path.insert(0, str(nanogpt))
     from model import GPT, GPTConfig  # nanoGPT's

@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("RNNPIPE_PROGRESS", "0")
 
-from launch.executors import make_executor  # noqa: E402
-from launch.prepare import PrepareJob, stage_config  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data.prepare import prepare  # noqa: E402
+from rnnpipe.launch.executors import make_executor  # noqa: E402
+from rnnpipe.launch.prepare import PrepareJob, stage_config  # noqa: E402
+from rnnpipe.pipeline.config import load_config  # noqa: E402
+from rnnpipe.pipeline.data.prepare import prepare  # noqa: E402
 
 BEGIN, END = "<!-- prepare-benchmark:begin -->", "<!-- prepare-benchmark:end -->"
 

@@ -22,10 +22,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.kernels import machine, others_share, replace_section, width_for  # noqa: E402
-from pipeline.models import MixerKind  # noqa: E402
+from kernel_speed import machine, others_share, replace_section, width_for  # noqa: E402
+
+from rnnpipe.pipeline.models import MixerKind  # noqa: E402
 
 MIXERS = (MixerKind.lrn, MixerKind.mingru, MixerKind.attention)
 SPEED_BEGIN, SPEED_END = "<!-- pretrain-benchmark:begin -->", "<!-- pretrain-benchmark:end -->"
@@ -85,7 +85,7 @@ def prepare(out: Path, src: Path, *overrides: str) -> Path:
 
 def plot_speed(out: str, speeds: dict[str, list[tuple[int, float]]], note: str) -> str:
     """tokens/s against sequence length, one line per mixer."""
-    from benchmarks.charts import line_chart
+    from charts import line_chart
 
     lengths = sorted({t for points in speeds.values() for t, _ in points})
     return line_chart(

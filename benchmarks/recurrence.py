@@ -1,6 +1,6 @@
 """Recurrence added to a pretrained transformer (seed 002): every variant on the same GPT-2.
 
-    python -m benchmarks.recurrence [--data ../shared/data] [--runs DIR] [--steps 300] [--quick]
+    python benchmarks/recurrence.py [--data ../shared/data] [--runs DIR] [--steps 300] [--quick]
         [--write docs/results.md] [--plot docs/figures/recurrence-convergence.png]
 
 Stage 1 pretrains a small GPT-2 (``configs/pretrain/gpt2-tiny-cpu.yaml``, random init) on
@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.kernels import machine, others_share, replace_section  # noqa: E402
-from benchmarks.pretrain import prepare  # noqa: E402
-from pipeline.models.config import RecurrenceConfig, RecurrenceKind  # noqa: E402
+from kernel_speed import machine, others_share, replace_section  # noqa: E402
+from pretrain import prepare  # noqa: E402
+
+from rnnpipe.pipeline.models.config import RecurrenceConfig, RecurrenceKind  # noqa: E402
 
 BEGIN, END = "<!-- recurrence:begin -->", "<!-- recurrence:end -->"
 STAGE1, STAGE2 = "configs/pretrain/gpt2-tiny-cpu.yaml", "configs/pretrain/gpt2-recurrence-cpu.yaml"
@@ -131,7 +131,7 @@ def step_memory(model: Any, batch: int, seq_len: int) -> dict[str, int]:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.models.mixers import detach_state
+    from rnnpipe.pipeline.models.mixers import detach_state
 
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -193,7 +193,7 @@ def by_position(export: Path, reader: Any, n: int = 16384) -> list[float]:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.models.pretrained import load_pretrained
+    from rnnpipe.pipeline.models.pretrained import load_pretrained
 
     model = load_pretrained(export)
     S = model.segment_len
@@ -209,7 +209,7 @@ def by_position(export: Path, reader: Any, n: int = 16384) -> list[float]:
 
 def measure(run: dict[str, Any], prompt: Any) -> dict[str, Any]:
     """The export's step memory and generation speed, and the run's logged numbers."""
-    from pipeline.models.pretrained import load_pretrained
+    from rnnpipe.pipeline.models.pretrained import load_pretrained
 
     model = load_pretrained(run["dir"] / "export")
     m = run["metrics"]
@@ -256,8 +256,9 @@ def plot_convergence(
     out: str, results: dict[str, list[tuple[Variant, dict]]], target: float, note: str
 ) -> str:
     """Train bits per byte against tokens seen, one panel per setting, one line per variant."""
-    from benchmarks.charts import _finish
-    from launch.plot import check_png, new_figure, save_png
+    from charts import _finish
+
+    from rnnpipe.launch.plot import check_png, new_figure, save_png
 
     check_png(out)
     fig = new_figure()
@@ -291,7 +292,7 @@ def section(args: argparse.Namespace, s1: dict, results: dict, target: float, ex
     lines = [
         "## Recurrence added to a pretrained transformer (seed 002)",
         "",
-        label + f"Made by `python -m benchmarks.recurrence{' --quick' if quick else ''}` on "
+        label + f"Made by `python benchmarks/recurrence.py{' --quick' if quick else ''}` on "
         f"{machine()}, {time.strftime('%Y-%m-%d')}; its runs took {extra['wall'] / 60:.1f} minutes.",
         "",
         "**What was run.** Stage 1: `rnnpipe pretrain configs/pretrain/gpt2-tiny-cpu.yaml "
@@ -359,7 +360,7 @@ def section(args: argparse.Namespace, s1: dict, results: dict, target: float, ex
         "Regenerate (the runs go to `--runs`; a complete run there is reused):",
         "",
         "```bash",
-        "make bench-recurrence     # python -m benchmarks.recurrence --data ../shared/data",
+        "make bench-recurrence     # python benchmarks/recurrence.py --data ../shared/data",
         "```",
     ]
     return "\n".join(lines)
@@ -425,8 +426,8 @@ def main() -> None:
     import torch
     import yaml
 
-    from pipeline.models.pretrained import load_pretrained
-    from pipeline.train.data import SplitReader
+    from rnnpipe.pipeline.models.pretrained import load_pretrained
+    from rnnpipe.pipeline.train.data import SplitReader
 
     reader = SplitReader(str(data), "valid")
     prompt = torch.from_numpy(reader.read(0, PROMPT))

@@ -1,7 +1,7 @@
 """Seed 000's Table 2 at CPU scale: a standard LSTM against pre-trained RNNs on word-level PTB
 perplexity, the GLUE score and CoNLL-2003 F1.
 
-    python -m benchmarks.table2 [--data ../shared/data] [--runs DIR] [--quick] [--write docs/results.md]
+    python benchmarks/table2.py [--data ../shared/data] [--runs DIR] [--quick] [--write docs/results.md]
 
 1. ``rnnpipe prepare configs/prepare/ptb-word.yaml tokenizer.lowercase=true``: PTB's training split
    with Mikolov's 10k vocabulary (lowercased input, so GLUE's and CoNLL's words meet PTB's).
@@ -34,10 +34,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.kernels import machine, replace_section  # noqa: E402
-from benchmarks.recurrence import pretrain  # noqa: E402
+from kernel_speed import machine, replace_section  # noqa: E402
+from recurrence import pretrain  # noqa: E402
 
 BEGIN, END = "<!-- table2:begin -->", "<!-- table2:end -->"
 PREPARE, PRETRAIN = "configs/prepare/ptb-word.yaml", "configs/pretrain/ptb-word-lstm.yaml"
@@ -184,14 +183,14 @@ def finetune(out: Path, export: Path, row: Row, quick: bool) -> tuple[list[dict[
             *extra,
         ]
     )
-    from pipeline.finetune.collect import find_results
+    from rnnpipe.pipeline.finetune.collect import find_results
 
     return [r for r in find_results(str(out / "jobs")) if r["task"] in row.tasks], wall
 
 
 def cells(results: list[dict[str, Any]], ptb_ppl: float | None) -> dict[str, Any]:
     """PTB test perplexity, the GLUE score (dev, × 100) and its task scores, CoNLL test F1."""
-    from pipeline.finetune.collect import glue_table, table
+    from rnnpipe.pipeline.finetune.collect import glue_table, table
 
     by_task = {r["task"]: r for r in table(results)}
     glue = glue_table(results)
@@ -222,7 +221,7 @@ def markdown(
     out = [
         "## Seed 000's Table 2 at CPU scale (word-level PTB, GLUE, CoNLL-2003)",
         "",
-        f"`python -m benchmarks.table2 --data {args.data}` on {machine()}: {wall_min:.0f} minutes of "
+        f"`python benchmarks/table2.py --data {args.data}` on {machine()}: {wall_min:.0f} minutes of "
         "training and fine-tuning in all (wall time, under whatever else the cores ran). "
         "Configs: `configs/prepare/ptb-word.yaml` (`tokenizer.lowercase=true`), "
         "`configs/pretrain/ptb-word-lstm.yaml`, `configs/finetune/table2-cpu.yaml`; one seed.",
@@ -283,7 +282,7 @@ def markdown(
 
 def _lm_record(run: dict[str, Any], export: Path) -> dict[str, Any]:
     """Parameters, steps, epochs, test perplexity and wall time of a pretraining run."""
-    from pipeline.models.pretrained import load_pretrained
+    from rnnpipe.pipeline.models.pretrained import load_pretrained
 
     metrics = run["metrics"]
     test = [x for x in metrics if "test/loss" in x][-1]

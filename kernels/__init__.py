@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.ops import backend, linear_scan_op, lrn_family, sru_op
+from rnnpipe.kernels.ops import backend, linear_scan_op, lrn_family, sru_op
 
 __all__ = ["backend", "linear_scan", "lrn_recurrence", "olrn_recurrence", "sru_recurrence"]
 

@@ -114,7 +114,7 @@ os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has none
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, o: Tensor | None, h0: Tensor | None) -> Tensor | None:
-    """h_BTD of LRN (``o`` None) or oLRN, as :func:`kernels.cpu_rnn.lrn_family_fwd` computes it, or
+    """h_BTD of LRN (``o`` None) or oLRN, as :func:`rnnpipe.kernels.cpu_rnn.lrn_family_fwd` computes it, or
     None where this path does not apply: no library, not CPU, not float32/float64 throughout, or
     a D that is not contiguous. q, k, v, o [B, T, D]; h0 [B, D] or None."""
     xs = (q, k, v) if o is None else (q, k, v, o)

@@ -1,7 +1,7 @@
 """LRN, oLRN and SRU on CPU: a lean forward loop, and a backward made of linear scans.
 
 Forward: the recurrences are nonlinear in the state, so T sequential steps remain. LRN's and
-oLRN's run in C where it could be built (:mod:`kernels.cpu_native`); otherwise, and for SRU, each
+oLRN's run in C where it could be built (:mod:`rnnpipe.kernels.cpu_native`); otherwise, and for SRU, each
 step is 3–6 fused ``out=`` ops into preallocated [B, D] buffers and its slice of the output (no per-step
 allocation), under ``torch.inference_mode`` (less dispatch work per op; the outputs themselves
 are allocated outside it, so autograd can save them). LRN's two gates are one op:
@@ -12,7 +12,7 @@ back, so they are computed after the loop, vectorized.
 Backward: dL/dh_{t−1} = dh_{t−1} + M_t ⊙ dL/dh_t, where M_t (the Jacobian's diagonal) depends only
 on forward values. So blocks of time steps (about 512 KiB per intermediate) run from last to
 first: each computes its M and the element-wise factors of its gradients in one go, solves its
-carry as a reverse linear scan (:func:`kernels.cpu_scan.scan_into`) from what the later block
+carry as a reverse linear scan (:func:`rnnpipe.kernels.cpu_scan.scan_into`) from what the later block
 left, and writes its gradients while its intermediates are still in cache. Nothing is computed
 twice, the intermediates are reused buffers (no fresh full-size temporaries: once past glibc's
 mmap threshold those are new zeroed pages on every call), and the only full-size allocations
@@ -29,8 +29,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from kernels import cpu_native
-from kernels.cpu_scan import compute_dtype, scan_into, scratch
+from rnnpipe.kernels import cpu_native
+from rnnpipe.kernels.cpu_scan import compute_dtype, scan_into, scratch
 
 _BLOCK_ELEMS = 1 << 17  # elements per block of the element-wise passes: 512 KiB in float32
 
@@ -43,7 +43,7 @@ def _blocks_reversed(B: int, T: int, D: int) -> Iterator[tuple[int, int]]:
 
 
 def _scratch(like: Tensor, dtype: torch.dtype, count: int) -> list[Tensor]:
-    """``count`` reused [B, Tb, D] block buffers (see :func:`kernels.cpu_scan.scratch`)."""
+    """``count`` reused [B, Tb, D] block buffers (see :func:`rnnpipe.kernels.cpu_scan.scratch`)."""
     B, T, D = like.shape
     Tb = min(T, max(1, _BLOCK_ELEMS // max(1, B * D)))
     return [scratch(f"block{i}", (B, Tb, D), dtype, like.device) for i in range(count)]

@@ -16,7 +16,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from kernels import reference
+from rnnpipe.kernels import reference
 
 
 class _TritonBackend:
@@ -24,8 +24,8 @@ class _TritonBackend:
 
     def __init__(self) -> None:
         try:
-            scan = importlib.import_module("kernels.triton_scan")
-            rnn = importlib.import_module("kernels.triton_rnn")
+            scan = importlib.import_module("rnnpipe.kernels.triton_scan")
+            rnn = importlib.import_module("rnnpipe.kernels.triton_rnn")
         except ImportError as e:
             raise RuntimeError(f"the Triton kernels cannot be loaded: {e}") from e
         self.scan_fwd, self.scan_bwd = scan.scan_fwd, scan.scan_bwd

@@ -5,9 +5,9 @@ float64) and returns outputs in the input dtype.
 
 - ``*_loop``: the equations one time step at a time, differentiated by autograd. Slow; the oracle.
 - ``*_fwd`` / ``*_bwd``: what the custom ops run on CPU. The linear scan is a two-level chunked
-  scan written in place (:mod:`kernels.cpu_scan`, about 2·√T vectorized steps instead of T); the
+  scan written in place (:mod:`rnnpipe.kernels.cpu_scan`, about 2·√T vectorized steps instead of T); the
   nonlinear recurrences a lean forward loop and a backward made of linear scans
-  (:mod:`kernels.cpu_rnn`); ``lrn_packed_*`` take LRN's or oLRN's projection as one tensor.
+  (:mod:`rnnpipe.kernels.cpu_rnn`); ``lrn_packed_*`` take LRN's or oLRN's projection as one tensor.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels import cpu_rnn, cpu_scan
+from rnnpipe.kernels import cpu_rnn, cpu_scan
 
 
 def _f32(*xs: Tensor | None) -> list[Tensor | None]:
@@ -80,22 +80,22 @@ def olrn_loop(q, k, v, o, h0=None) -> tuple[Tensor, Tensor]:
 
 
 def lrn_fwd(q: Tensor, k: Tensor, v: Tensor, h0: Tensor | None) -> Tensor:
-    """h [B, T, D] by :func:`kernels.cpu_rnn.lrn_family_fwd`."""
+    """h [B, T, D] by :func:`rnnpipe.kernels.cpu_rnn.lrn_family_fwd`."""
     return cpu_rnn.lrn_family_fwd(q, k, v, None, h0)
 
 
 def lrn_bwd(q, k, v, h, h0, dh) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(dq, dk, dv, dh0) by :func:`kernels.cpu_rnn.lrn_family_bwd`."""
+    """(dq, dk, dv, dh0) by :func:`rnnpipe.kernels.cpu_rnn.lrn_family_bwd`."""
     return cpu_rnn.lrn_family_bwd(q, k, v, None, h, h0, dh)
 
 
 def olrn_fwd(q, k, v, o, h0) -> Tensor:
-    """h [B, T, D] by :func:`kernels.cpu_rnn.lrn_family_fwd`."""
+    """h [B, T, D] by :func:`rnnpipe.kernels.cpu_rnn.lrn_family_fwd`."""
     return cpu_rnn.lrn_family_fwd(q, k, v, o, h0)
 
 
 def olrn_bwd(q, k, v, o, h, h0, dh):
-    """(dq, dk, dv, do, dh0) by :func:`kernels.cpu_rnn.lrn_family_bwd`."""
+    """(dq, dk, dv, do, dh0) by :func:`rnnpipe.kernels.cpu_rnn.lrn_family_bwd`."""
     return cpu_rnn.lrn_family_bwd(q, k, v, o, h, h0, dh)
 
 

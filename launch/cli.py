@@ -12,6 +12,10 @@
     rnnpipe run PIPELINE [key=value | stage.key=value ...] [--executor local|slurm] [--wait] [--dry-run]
     rnnpipe status RUN_DIR [--wait]
     rnnpipe plan PIPELINE [overrides]      (for slurm/pipeline.sh)
+    rnnpipe configs [NAME] [--copy DIR] [--slurm-dir]
+
+CONFIG, SWEEP and PIPELINE name a YAML file, or a config shipped with rnnpipe by its name
+(``rnnpipe pretrain tiny-lrn``, ``rnnpipe run quickstart``; ``rnnpipe configs`` lists them).
 
 Exit status: 0 done, 1 the data or a task failed (the message says which file, shard or task),
 2 the command line or config is wrong, or a check before any work refused it (the message names
@@ -27,10 +31,11 @@ import os
 import sys
 import time
 
-from pipeline import __version__, fsio
-from pipeline.config import load_config, to_yaml
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.train.signals import early, wants_early_flag
+from rnnpipe import __version__
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.config import load_config, to_yaml
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.train.signals import early, wants_early_flag
 
 log = logging.getLogger("rnnpipe")
 
@@ -46,7 +51,7 @@ def _load_job(schema: type, args: argparse.Namespace):
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from launch import prepare
+    from rnnpipe.launch import prepare
 
     job = _load_job(prepare.PrepareJob, args)
     if job is None:
@@ -57,7 +62,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.data.manifest import read_manifest, verify
+    from rnnpipe.pipeline.data.manifest import read_manifest, verify
 
     problems = verify(args.dir, deep=not args.quick)
     if len(problems) == 1:
@@ -75,7 +80,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from launch import pretrain
+    from rnnpipe.launch import pretrain
 
     job = _load_job(pretrain.PretrainJob, args)
     if job is None:
@@ -84,7 +89,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.train.export import export
+    from rnnpipe.pipeline.train.export import export
 
     if args.out and args.out_flag and args.out != args.out_flag:
         raise ConfigError(f"two output directories: {args.out} and --out {args.out_flag}; give one")
@@ -97,25 +102,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from launch import sample
+    from rnnpipe.launch import sample
 
     return sample.run(args)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from launch import evaluate
+    from rnnpipe.launch import evaluate
 
     return evaluate.run(args)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from launch import plot
+    from rnnpipe.launch import plot
 
     return plot.run(args)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from launch import finetune
+    from rnnpipe.launch import finetune
 
     job = _load_job(finetune.FinetuneJob, args)
     if job is None:
@@ -123,7 +128,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.only is not None:
         finetune.run_only(job, args.only)
         return 0
-    from launch.stage import Decision
+    from rnnpipe.launch.stage import Decision
 
     exported = fsio.exists(fsio.join(fsio.absolute(job.pretrained), "config.json"))
     finetune.check(job, None if exported else {"pretrain": Decision(True, "a run dir: exported first")})
@@ -132,12 +137,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from pipeline.finetune.collect import collect
+    from rnnpipe.pipeline.finetune.collect import collect
 
     target = args.dir
     if target.endswith((".yaml", ".yml", ".json")) and fsio.exists(target):  # a sweep: its grid's table
-        from launch import collect as collect_stage
-        from launch.finetune import FinetuneJob
+        from rnnpipe.launch import collect as collect_stage
+        from rnnpipe.launch.finetune import FinetuneJob
 
         collect_stage.run(collect_stage.CollectJob(load_config(FinetuneJob, target)))
         return 0
@@ -148,7 +153,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from launch import workflow
+    from rnnpipe.launch import workflow
 
     p = workflow.load(args.config, list(args.overrides), args.executor)
     if args.print_config:
@@ -166,14 +171,41 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launch import sbatch, workflow
+    from rnnpipe.launch import sbatch, workflow
 
     print(sbatch.shell_plan(workflow.load(args.config, list(args.overrides), "slurm")), end="")
     return 0
 
 
+def cmd_configs(args: argparse.Namespace) -> int:
+    from rnnpipe.launch import shipped
+
+    if args.slurm_dir:
+        print(shipped.shipped_dir("slurm"))
+        return 0
+    if args.copy:
+        written = shipped.copy_shipped(args.copy)
+        print(f"copied {len(written)} files (configs/ and slurm/) into {args.copy}")
+        return 0
+    if args.name:
+        path = shipped.find_shipped(args.name)
+        if path is None:
+            raise ConfigError(f"no shipped config named {args.name!r}: `rnnpipe configs` lists them")
+        print(f"# {path}\n{path.read_text(encoding='utf-8')}", end="")
+        return 0
+    configs = shipped.shipped_configs()
+    width = max(len(c.name) for c in configs)
+    for c in configs:
+        print(f"{c.name:<{width}}  {c.summary}")
+    print(
+        f"({len(configs)} configs in {shipped.shipped_dir('configs')}; name one without a path, e.g. "
+        "`rnnpipe pretrain tiny-lrn`)"
+    )
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from launch import record, status
+    from rnnpipe.launch import record, status
 
     run_dir = fsio.absolute(args.run_dir)
     if args.record:
@@ -188,7 +220,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         record.record(run_dir, stage, entry)
         return 0
     if args.wait:
-        from launch.workflow import wait_for
+        from rnnpipe.launch.workflow import wait_for
 
         return wait_for(run_dir, args.poll)
     return status.show(run_dir)
@@ -211,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="shard a corpus into webdataset tars",
         description="Tokenize a corpus (enwik8, a Wikipedia dump, text) into shards.",
     )
-    p.add_argument("config", help="YAML config (see configs/prepare/)")
+    p.add_argument("config", help="YAML config, or a shipped one's name (rnnpipe configs)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. tokenizer.vocab_size=4096")
     p.add_argument("--executor", choices=["inline", "local", "slurm"], help="overrides executor.kind")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -222,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a language model on a prepared dataset",
         description="Pretrain an LM with DeepSpeed (stateful TBPTT or shuffled windows).",
     )
-    t.add_argument("config", help="YAML config (see configs/pretrain/)")
+    t.add_argument("config", help="YAML config, or a shipped one's name (rnnpipe configs)")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=2000")
     t.add_argument("--executor", choices=["inline", "local", "slurm"], help="overrides executor.kind")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -237,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
         "source", help="a pretrain run directory (its latest checkpoint) or a checkpoint directory"
     )
     e.add_argument(
-        "out", nargs="?", help="directory to write model.safetensors, config.json and tokenizer/ into"
+        "out",
+        nargs="?",
+        help="the export directory: model.safetensors, config.json, rnnpipe.json (provenance), a "
+        "model card (README.md) and the files transformers loads",
     )
     e.add_argument("--out", dest="out_flag", metavar="OUT", help="the same as OUT")
     e.add_argument(
@@ -266,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     sm.set_defaults(func=cmd_sample)
 
-    from launch.evaluate import add_arguments as add_evaluate_arguments
+    from rnnpipe.launch.evaluate import add_arguments as add_evaluate_arguments
 
     ev = sub.add_parser("evaluate", help="an export's static and dynamic evaluation on a dataset split")
     add_evaluate_arguments(ev)
@@ -287,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a fine-tuning sweep (tasks × hyper-parameters × seeds × init)",
         description="Expand a sweep's grid into fine-tuning jobs and run them; re-runs skip finished jobs.",
     )
-    f.add_argument("config", help="YAML sweep config (see configs/finetune/)")
+    f.add_argument("config", help="YAML sweep config, or a shipped one's name (rnnpipe configs)")
     f.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. job.max_steps=100")
     f.add_argument("--executor", choices=["inline", "local", "slurm"], help="overrides executor.kind")
     f.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -306,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Chain the stages: on this machine (local), or as Slurm jobs with dependencies "
         "(slurm: submits and returns; --wait to wait). Re-running skips complete stages.",
     )
-    r.add_argument("config", help="pipeline YAML (see configs/pipeline/)")
+    r.add_argument("config", help="pipeline YAML, or a shipped one's name (rnnpipe configs)")
     r.add_argument(
         "overrides",
         nargs="*",
@@ -350,6 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=cmd_collect)
 
+    cf = sub.add_parser(
+        "configs",
+        help="the configs shipped with rnnpipe: list them, print one, or copy them (and slurm/) to edit",
+        description="Every command that takes a config file also takes a shipped config's name.",
+    )
+    cf.add_argument("name", nargs="?", help="print this config (pretrain/tiny-lrn, or tiny-lrn when unique)")
+    cf.add_argument("--copy", metavar="DIR", help="copy configs/ and slurm/ into DIR (an empty directory)")
+    cf.add_argument("--slurm-dir", action="store_true", help="print the folder of the shipped sbatch scripts")
+    cf.set_defaults(func=cmd_configs)
+
     v = sub.add_parser("verify", help="check a dataset's shards against its manifest")
     v.add_argument("dir", help="dataset root (holding manifest.json)")
     v.add_argument("--quick", action="store_true", help="sizes and hashes only, do not re-read samples")
@@ -377,10 +422,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.verbose:  # fsspec logs every file it opens at DEBUG: one line per shard read
         logging.getLogger("fsspec").setLevel(logging.INFO)
-    from launch.distributed import quiet_deepspeed
+    from rnnpipe.launch.distributed import quiet_deepspeed
 
     quiet_deepspeed()  # before DeepSpeed loads (export, fine-tune): its warnings go below our level
     try:
+        if args.command in ("prepare", "pretrain", "finetune", "run", "plan"):
+            from rnnpipe.launch.shipped import resolve_config
+
+            args.config = resolve_config(args.config, "run" if args.command == "plan" else args.command)
         return args.func(args)
     except ConfigError as e:
         print(f"rnnpipe: config error: {e}", file=sys.stderr)

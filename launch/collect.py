@@ -1,6 +1,6 @@
-"""The collect stage: the sweep's results as one table (:mod:`pipeline.finetune.collect`).
+"""The collect stage: the sweep's results as one table (:mod:`rnnpipe.pipeline.finetune.collect`).
 
-Stage protocol (:mod:`launch.stage`). Its input is the grid of the fine-tune stage: exactly those
+Stage protocol (:mod:`rnnpipe.launch.stage`). Its input is the grid of the fine-tune stage: exactly those
 jobs' results, never a leftover of an earlier grid or backbone. The fingerprint is that of every
 result it tabulates; ``results.json`` records it. Complete: every job of the grid is complete and
 ``results.json`` and ``comparison.json`` record their current fingerprints. On Slurm it is a
@@ -18,10 +18,10 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from launch.finetune import FinetuneJob, grid_status
-from launch.stage import Decision, SlurmContext, Submitted, Upstream, any_runs
-from pipeline import fsio
-from pipeline.errors import PipelineError
+from rnnpipe.launch.finetune import FinetuneJob, grid_status
+from rnnpipe.launch.stage import Decision, SlurmContext, Submitted, Upstream, any_runs
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.errors import PipelineError
 
 NAME = "collect"
 COMPARISON = "comparison"  # <out_dir>/comparison.md and comparison.json
@@ -47,7 +47,7 @@ def _out_dir(job: CollectJob) -> str:
 
 def _results(job: CollectJob) -> list[dict[str, Any]]:
     """The grid's results, each with its ``dir``; raises when a job is not complete."""
-    from pipeline.finetune.sweep import job_label
+    from rnnpipe.pipeline.finetune.sweep import job_label
 
     jobs, todo, why, done = grid_status(job.sweep)
     if todo:
@@ -62,7 +62,7 @@ def _results(job: CollectJob) -> list[dict[str, Any]]:
 
 
 def fingerprint(job: CollectJob) -> str:
-    from pipeline.finetune.collect import results_fingerprint
+    from rnnpipe.pipeline.finetune.collect import results_fingerprint
 
     return results_fingerprint(_results(job))
 
@@ -98,7 +98,7 @@ def comparison(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     scratch, signed so that positive is better (bits: lower is better); ``pretrained_better`` says
     whether it is above 0.
     """
-    from pipeline.finetune.collect import backbone_label
+    from rnnpipe.pipeline.finetune.collect import backbone_label
 
     groups: dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]] = {}
     for r in results:
@@ -158,7 +158,7 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
 def write_comparison(job: CollectJob, results: list[dict[str, Any]]) -> str:
     """``comparison.md`` and ``comparison.json`` (its rows and the results' fingerprint) in the
     sweep's out_dir; returns the Markdown ("" when no task ran both ways)."""
-    from pipeline.finetune.collect import results_fingerprint
+    from rnnpipe.pipeline.finetune.collect import results_fingerprint
 
     rows = comparison(results)
     md = comparison_markdown(rows) if rows else ""
@@ -183,7 +183,7 @@ def plan(job: CollectJob, upstream: Upstream | None = None) -> Decision:
 
 def run(job: CollectJob, decision: Decision | None = None) -> str:
     """Write and print the table, then the comparison; returns the table."""
-    from pipeline.finetune.collect import collect
+    from rnnpipe.pipeline.finetune.collect import collect
 
     results = _results(job)
     md, _ = collect(_out_dir(job), results)
@@ -207,7 +207,7 @@ def show(job: CollectJob) -> None:
 
 def slurm_task(job: CollectJob) -> None:
     """The Slurm job: the table (its log shows it)."""
-    from launch.slurm import task_setup
+    from rnnpipe.launch.slurm import task_setup
 
     task_setup()
     run(job)
@@ -215,7 +215,7 @@ def slurm_task(job: CollectJob) -> None:
 
 def submit(job: CollectJob, decision: Decision, ctx: SlurmContext) -> Submitted:
     """A one-CPU job with the pipeline's ``slurm`` resources (``ctx.small``)."""
-    from launch.executors import SlurmExecutor
+    from rnnpipe.launch.executors import SlurmExecutor
 
     executor = SlurmExecutor(ctx.small, ctx.folder, code=ctx.code)
     sjob = executor.submit_job(slurm_task, job, name=NAME, dependency=ctx.after)

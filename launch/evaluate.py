@@ -4,11 +4,12 @@
                      [--device auto] [--json FILE] [eval.dynamic_method=rms eval.dynamic_lr=1e-4 ...]
 
 The split (by default the test split of the dataset the export was trained on, from its
-config.json) is read as the pretrain stage's final evaluation reads it, the state carried through
+header rnnpipe.json, or the config.json of an export from before it) is read as the pretrain
+stage's final evaluation reads it, the state carried through
 each of ``--streams`` contiguous streams; then, unless ``eval.dynamic=false``, again with dynamic
-evaluation (:mod:`pipeline.train.dynamic_eval`), the ``eval.dynamic_*`` keys as in a pretrain
+evaluation (:mod:`rnnpipe.pipeline.train.dynamic_eval`), the ``eval.dynamic_*`` keys as in a pretrain
 config; with ``eval.window=N``, again with the state reset every N tokens (as a fixed-context
-model of block size N scores the split: :func:`pipeline.train.evaluate.window_batches`). One
+model of block size N scores the split: :func:`rnnpipe.pipeline.train.evaluate.window_batches`). One
 process on one device: this is how a ZeRO-3 run gets its dynamic figures (the loop skips them
 under ZeRO-3), from its consolidated export. Stdout gets one line per evaluation; ``--json``
 writes the results (``loss``, ``bpb``, ``ppl``, ``tokens``, ``*_window``, ``*_dynamic``).
@@ -23,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import check_range, load_config
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.train.config import EvalConfig
+from rnnpipe.pipeline.config import check_range, load_config
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.train.config import EvalConfig
 
 if TYPE_CHECKING:  # (the parser is built without torch: every rnnpipe command builds it)
     import torch
@@ -55,8 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``rnnpipe evaluate``: 0 when the results were printed."""
-    from launch.sample import pick_device
-    from pipeline.train.dynamic_eval import evaluate_export
+    from rnnpipe.launch.sample import pick_device
+    from rnnpipe.pipeline.train.dynamic_eval import evaluate_export
 
     check_range("--streams", args.streams, ge=1)
     check_range("--seq-len", args.seq_len, ge=1)
@@ -107,14 +108,13 @@ def evaluate_window(
     """An export's evaluation of ``split`` (of ``data``, by default the dataset it was trained on)
     with the state reset every ``window`` tokens: ``{"loss", "bpb", "ppl", "tokens"}``; at most
     ``streams`` × ``seq_len`` tokens per forward pass. The tokenizer check is
-    :func:`pipeline.train.dynamic_eval.evaluate_export`'s, which runs first."""
-    from pipeline.models.exported import export_direction
-    from pipeline.models.pretrained import CONFIG, load_pretrained
-    from pipeline.train.data import open_split
-    from pipeline.train.evaluate import evaluate
+    :func:`rnnpipe.pipeline.train.dynamic_eval.evaluate_export`'s, which runs first."""
+    from rnnpipe.pipeline.models.exported import export_direction, export_source
+    from rnnpipe.pipeline.models.pretrained import load_pretrained
+    from rnnpipe.pipeline.train.data import open_split
+    from rnnpipe.pipeline.train.evaluate import evaluate
 
-    meta = json.loads((Path(export) / CONFIG).read_text())
-    reader = open_split(data or meta["source"]["data"], split, "sizes", export_direction(export))
+    reader = open_split(data or export_source(str(export))["data"], split, "sizes", export_direction(export))
     model = load_pretrained(Path(export), device)
     result = evaluate(model, reader, 0, 1, streams, seq_len, device, window=window)
     assert result is not None  # (no should_stop)

@@ -27,9 +27,9 @@ from typing import Any
 import submitit
 from tqdm import tqdm
 
-from pipeline.config import check_range
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.locking import die_with_parent
+from rnnpipe.pipeline.config import check_range
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.locking import die_with_parent
 
 Report = Callable[[int], None]
 TaskFn = Callable[[Any, Report], Any]
@@ -314,7 +314,7 @@ class ChunkFailed(RuntimeError):
 
 def _run_chunk(fn: TaskFn, chunk: list[Any]) -> list[Any]:
     """One Slurm array task: runs every item of its chunk in order, then fails if any failed."""
-    from launch.slurm import task_setup
+    from rnnpipe.launch.slurm import task_setup
 
     task_setup()
     out: list[Any] = []
@@ -369,9 +369,9 @@ class SlurmExecutor(Executor):
 
     @property
     def code(self) -> Any:
-        """The snapshot of the code this executor's jobs run (see :mod:`launch.snapshot`)."""
+        """The snapshot of the code this executor's jobs run (see :mod:`rnnpipe.launch.snapshot`)."""
         if self._code is None:
-            from launch.snapshot import take
+            from rnnpipe.launch.snapshot import take
 
             self._code = take(self.log_dir)
         return self._code
@@ -392,7 +392,7 @@ class SlurmExecutor(Executor):
             if getattr(c, key):
                 params[key] = getattr(c, key)
         if c.extra:
-            from launch.slurm import submitit_extra
+            from rnnpipe.launch.slurm import submitit_extra
 
             params["additional_parameters"] = submitit_extra(c.extra)
         if c.setup:
@@ -417,7 +417,7 @@ class SlurmExecutor(Executor):
 
     def submit_job(self, fn: Callable[..., Any], *args: Any, name: str, dependency: str = "") -> Any:
         """One job (not an array) running ``fn(*args)`` after ``dependency``; submitit's job."""
-        from launch.slurm import with_dependency
+        from rnnpipe.launch.slurm import with_dependency
 
         ex = with_dependency(self.submitit_executor(name), dependency)
         with submitit.helpers.clean_env():  # from inside a job, inherit none of its SLURM_* settings
@@ -432,7 +432,7 @@ class SlurmExecutor(Executor):
         n_chunks = min(len(items), self.cfg.max_array_size)
         bounds = [round(k * len(items) / n_chunks) for k in range(n_chunks + 1)]
         chunks = [list(range(bounds[k], bounds[k + 1])) for k in range(n_chunks)]
-        from launch.slurm import with_dependency
+        from rnnpipe.launch.slurm import with_dependency
 
         ex = with_dependency(self.submitit_executor(name), dependency)
         runner = _RequeueableChunk() if self.requeue else _run_chunk

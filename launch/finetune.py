@@ -1,7 +1,7 @@
-"""The fine-tune stage: a sweep's jobs on an executor (:mod:`pipeline.finetune.sweep`).
+"""The fine-tune stage: a sweep's jobs on an executor (:mod:`rnnpipe.pipeline.finetune.sweep`).
 
-Stage protocol (:mod:`launch.stage`). Each job's fingerprint covers its config, the exported
-weights' sha256 and every task file's sha256 (:mod:`pipeline.finetune.identity`); the stage's
+Stage protocol (:mod:`rnnpipe.launch.stage`). Each job's fingerprint covers its config, the exported
+weights' sha256 and every task file's sha256 (:mod:`rnnpipe.pipeline.finetune.identity`); the stage's
 fingerprint is that of all its jobs. Complete: every job's ``result.json`` records its current
 fingerprint; a re-run runs exactly the jobs that are missing or stale, and on Slurm submits only
 those array tasks. Jobs fan out as one process per job (local), one Slurm array task per job
@@ -15,13 +15,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from launch.executors import ExecutorConfig, ExecutorKind, TasksFailed, make_executor
-from launch.stage import Decision, SlurmContext, Submitted, Upstream, any_runs
-from pipeline import fsio
-from pipeline.config import base_config, to_yaml
-from pipeline.config import fingerprint as config_fingerprint
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.finetune.sweep import SweepConfig
+from rnnpipe.launch.executors import ExecutorConfig, ExecutorKind, TasksFailed, make_executor
+from rnnpipe.launch.stage import Decision, SlurmContext, Submitted, Upstream, any_runs
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.config import base_config, to_yaml
+from rnnpipe.pipeline.config import fingerprint as config_fingerprint
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.finetune.sweep import SweepConfig
 
 NAME = "finetune"
 
@@ -48,7 +48,7 @@ def sweep_config(job: FinetuneJob) -> SweepConfig:
 def grid(job: FinetuneJob) -> list[Any]:
     """Every JobConfig of the grid, in grid order, with the export it fine-tunes: ``pretrained``
     itself, or for a pretrain run dir the export the sweep makes of it (``<out_dir>/pretrained``)."""
-    from pipeline.finetune.sweep import expand, export_of
+    from rnnpipe.pipeline.finetune.sweep import expand, export_of
 
     sweep = sweep_config(job)
     return expand(sweep, export_of(sweep))
@@ -57,7 +57,7 @@ def grid(job: FinetuneJob) -> list[Any]:
 def grid_status(job: FinetuneJob) -> tuple[list[Any], list[int], dict[str, str], list[dict[str, Any]]]:
     """(the grid's jobs, the indices of those not complete, why each is not (by out_dir), the
     results of those that are)."""
-    from pipeline.finetune.sweep import pending
+    from rnnpipe.pipeline.finetune.sweep import pending
 
     jobs = grid(job)
     done, todo, why = pending(jobs)
@@ -67,8 +67,8 @@ def grid_status(job: FinetuneJob) -> tuple[list[Any], list[int], dict[str, str],
 
 def fingerprint(job: FinetuneJob) -> str:
     """The fingerprint of every job of the grid (needs the export)."""
-    from pipeline.finetune.identity import job_identity
-    from pipeline.models.exported import backbone_identity
+    from rnnpipe.pipeline.finetune.identity import job_identity
+    from rnnpipe.pipeline.models.exported import backbone_identity
 
     jobs = grid(job)
     backbone = backbone_identity(jobs[0].pretrained) if jobs else {}
@@ -90,18 +90,18 @@ def check(job: FinetuneJob, upstream: Upstream | None = None) -> None:
             path = getattr(task, split)
             if path and not fsio.exists(path):
                 raise ConfigError(f"tasks.{name}.{split}={path}: no such file")
-    from pipeline.finetune.sweep import expand
+    from rnnpipe.pipeline.finetune.sweep import expand
 
     expand(sweep_config(job), "/check")  # unknown grid keys, duplicate job directories
     if not any_runs(upstream):
-        from pipeline.models.exported import export_meta
+        from rnnpipe.pipeline.models.exported import export_meta
 
         try:
             export_meta(job.pretrained)
         except PipelineError as e:
             raise ConfigError(f"pretrained={job.pretrained}: {e}") from e
     if job.executor.kind is ExecutorKind.slurm:
-        from launch.slurm import check_partition
+        from rnnpipe.launch.slurm import check_partition
 
         check_partition(job.executor.slurm.partition, "finetune.executor.slurm.partition")
 
@@ -110,7 +110,7 @@ def plan(job: FinetuneJob, upstream: Upstream | None = None) -> Decision:
     if any_runs(upstream):
         n = len(grid(job))
         return Decision(True, f"all {n} job(s): the backbone is (re)made first", todo=list(range(n)))
-    from pipeline.finetune.sweep import job_label
+    from rnnpipe.pipeline.finetune.sweep import job_label
 
     jobs, todo, why, _ = grid_status(job)
     if not todo:
@@ -131,9 +131,9 @@ def run_sweep(job: FinetuneJob, table: bool = True) -> None:
     """Run every job of the sweep not yet complete; with ``table``, then write and print the table
     of the grid's results. Raises :class:`TasksFailed` (after the table of what did finish) when
     some failed."""
-    from pipeline.finetune.collect import collect
-    from pipeline.finetune.sweep import expand, pending, resolve_pretrained
-    from pipeline.finetune.sweep import run_sweep as run_jobs
+    from rnnpipe.pipeline.finetune.collect import collect
+    from rnnpipe.pipeline.finetune.sweep import expand, pending, resolve_pretrained
+    from rnnpipe.pipeline.finetune.sweep import run_sweep as run_jobs
 
     sweep = _prepared(job)
     sweep.pretrained = resolve_pretrained(sweep)  # a pretrain run dir is exported first
@@ -168,9 +168,9 @@ def run(job: FinetuneJob, decision: Decision | None = None) -> None:
 
 def run_only(job: FinetuneJob, index: int) -> None:
     """Run job ``index`` of the grid in this process (skipped when already complete)."""
-    from launch.slurm import task_setup
-    from pipeline.finetune.identity import status
-    from pipeline.finetune.sweep import LabelledJob, expand, job_label, resolve_pretrained, run_one
+    from rnnpipe.launch.slurm import task_setup
+    from rnnpipe.pipeline.finetune.identity import status
+    from rnnpipe.pipeline.finetune.sweep import LabelledJob, expand, job_label, resolve_pretrained, run_one
 
     task_setup()
     sweep = _prepared(job, write_config=False)  # the array's tasks would all write it at once
@@ -187,8 +187,8 @@ def run_only(job: FinetuneJob, index: int) -> None:
 
 def submit(job: FinetuneJob, decision: Decision, ctx: SlurmContext) -> Submitted:
     """One array of the jobs the decision lists, each task requeueable."""
-    from launch.executors import SlurmExecutor
-    from pipeline.finetune.sweep import LabelledJob, job_label, run_one
+    from rnnpipe.launch.executors import SlurmExecutor
+    from rnnpipe.pipeline.finetune.sweep import LabelledJob, job_label, run_one
 
     jobs = grid(job)
     items = [LabelledJob(jobs[i], job_label(jobs[i])) for i in decision.todo]

@@ -1,10 +1,10 @@
 """A local pretrain launch: ``nproc`` ranks on this machine, each ``python -m launch.rank
-RUN_DIR/config.yaml`` (:mod:`launch.rank`) with RANK/WORLD_SIZE/MASTER_* set.
+RUN_DIR/config.yaml`` (:mod:`rnnpipe.launch.rank`) with RANK/WORLD_SIZE/MASTER_* set.
 
 The ranks run in their own session (a terminal's Ctrl-C reaches only the launcher, which forwards
-it once), inherit the launcher's lock on the run dir (:func:`pipeline.locking.inherited`), and are
+it once), inherit the launcher's lock on the run dir (:func:`rnnpipe.pipeline.locking.inherited`), and are
 killed if the launcher dies (kill -9 included): none trains on as an orphan. They log at the
-launcher's level (RNNPIPE_LOG_LEVEL, :func:`launch.distributed.child_log_level`).
+launcher's level (RNNPIPE_LOG_LEVEL, :func:`rnnpipe.launch.distributed.child_log_level`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ def launch_local(config_file: str, nproc: int) -> int:
     0, or 75/130 when they checkpointed on a signal. One failing rank stops the others (they would
     wait for it forever). A signal this launcher gets is forwarded to every rank, also one that
     came while they were being started."""
-    from launch.distributed import LOG_LEVEL_ENV, child_log_level, free_port
-    from pipeline.errors import PipelineError
-    from pipeline.locking import inherited
-    from pipeline.train.signals import current, is_stop_status
+    from rnnpipe.launch.distributed import LOG_LEVEL_ENV, child_log_level, free_port
+    from rnnpipe.pipeline.errors import PipelineError
+    from rnnpipe.pipeline.locking import inherited
+    from rnnpipe.pipeline.train.signals import current, is_stop_status
 
     if nproc == 0:
         import torch
@@ -62,7 +62,9 @@ def launch_local(config_file: str, nproc: int) -> int:
                 "RNNPIPE_LAUNCHER_PID": str(os.getpid()),
                 **({LOG_LEVEL_ENV: level} if level else {}),
             }
-            cmd = [sys.executable, "-m", "launch.rank", config_file]
+            # -P: the working directory stays off sys.path (a folder there named like a package the
+            # rank imports, such as a checkout's kernels/, would shadow it)
+            cmd = [sys.executable, "-P", "-m", "rnnpipe.launch.rank", config_file]
             # The rank starts with the stop signals blocked (the mask survives exec) and unblocks
             # them once its own handler is in: one forwarded meanwhile waits, pending, not kills.
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP)

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
-from pipeline import fsio
-from pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
 
 FIGSIZE = (8.0, 4.5)  # inches
 DPI = 100  # so every PNG is 800 × 450 pixels

@@ -1,6 +1,6 @@
-"""The prepare stage: corpora → webdataset shards (:mod:`pipeline.data.prepare`) on an executor.
+"""The prepare stage: corpora → webdataset shards (:mod:`rnnpipe.pipeline.data.prepare`) on an executor.
 
-Stage protocol (:mod:`launch.stage`). Its fingerprint is the manifest's: the sha256 of the prepare
+Stage protocol (:mod:`rnnpipe.launch.stage`). Its fingerprint is the manifest's: the sha256 of the prepare
 config without where the dataset lives and how it is run. Complete: ``manifest.json`` records that
 fingerprint and every shard has its recorded size and sha256 (all re-hashed: a flipped byte keeps
 the size). An output holding a different dataset is refused unless ``overwrite=true``; one that
@@ -14,13 +14,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from launch.executors import ExecutorConfig, ExecutorKind, make_executor
-from launch.stage import Decision, SlurmContext, Submitted, Upstream, short
-from pipeline import fsio
-from pipeline.config import base_config, config_diff, describe_diff, to_dict, to_yaml
-from pipeline.config import fingerprint as config_fingerprint
-from pipeline.data.config import PrepareConfig
-from pipeline.errors import ConfigError
+from rnnpipe.launch.executors import ExecutorConfig, ExecutorKind, make_executor
+from rnnpipe.launch.stage import Decision, SlurmContext, Submitted, Upstream, short
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.config import base_config, config_diff, describe_diff, to_dict, to_yaml
+from rnnpipe.pipeline.config import fingerprint as config_fingerprint
+from rnnpipe.pipeline.data.config import PrepareConfig
+from rnnpipe.pipeline.errors import ConfigError
 
 NAME = "prepare"
 
@@ -40,7 +40,7 @@ def stage_config(job: PrepareJob) -> PrepareConfig:
 
 
 def _identity(values: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.data.manifest import dataset_fingerprint_keys
+    from rnnpipe.pipeline.data.manifest import dataset_fingerprint_keys
 
     return dataset_fingerprint_keys(values)
 
@@ -53,7 +53,7 @@ def fingerprint(job: PrepareJob) -> str:
 def _manifest(job: PrepareJob) -> dict[str, Any] | None:
     """The output's manifest, None without one; a damaged one of rnnpipe's with overwrite=true
     reads as one of another fingerprint (overwrite replaces it)."""
-    from pipeline.data.prepare import own_manifest
+    from rnnpipe.pipeline.data.prepare import own_manifest
 
     return own_manifest(fsio.absolute(job.output), job.overwrite)
 
@@ -61,8 +61,8 @@ def _manifest(job: PrepareJob) -> dict[str, Any] | None:
 def is_complete(job: PrepareJob) -> bool:
     """``job.output`` holds this config's dataset, whole: every shard and the tokenizer file have
     their recorded size and sha256 (each file hashed once per process while it is unchanged)."""
-    from pipeline.data.manifest import check_sizes
-    from pipeline.errors import PipelineError
+    from rnnpipe.pipeline.data.manifest import check_sizes
+    from rnnpipe.pipeline.errors import PipelineError
 
     try:
         manifest = _manifest(job)
@@ -76,7 +76,7 @@ def is_complete(job: PrepareJob) -> bool:
 def check(job: PrepareJob, upstream: Upstream | None = None) -> None:
     """Slurm values (for a submission); the inputs are checked by the stage's plan step itself."""
     if job.executor.kind is ExecutorKind.slurm:
-        from launch.slurm import check_partition
+        from rnnpipe.launch.slurm import check_partition
 
         check_partition(job.executor.slurm.partition, "prepare.executor.slurm.partition")
 
@@ -87,7 +87,7 @@ def plan(job: PrepareJob, upstream: Upstream | None = None) -> Decision:
     another dataset unless ``overwrite=true``, and one holding no dataset of rnnpipe's even then."""
     import json
 
-    from pipeline.data.manifest import check_sizes
+    from rnnpipe.pipeline.data.manifest import check_sizes
 
     root = fsio.absolute(job.output)
     fp = fingerprint(job)
@@ -113,7 +113,7 @@ def plan(job: PrepareJob, upstream: Upstream | None = None) -> Decision:
             if fsio.exists(fsio.join(work, "plan.json")):
                 return Decision(True, "continues an interrupted prepare", output=fp)
         else:
-            from pipeline.data.prepare import foreign_entries
+            from rnnpipe.pipeline.data.prepare import foreign_entries
 
             # Refused even with overwrite=true, which only ever removes a dataset rnnpipe wrote.
             foreign = foreign_entries(root, work)
@@ -142,7 +142,7 @@ def _local_inputs(job: PrepareJob) -> list[str]:
 
 def run(job: PrepareJob, decision: Decision | None = None) -> dict[str, Any]:
     """Prepare the dataset on ``job.executor`` and print a line per split; returns the manifest."""
-    from pipeline.data.prepare import prepare
+    from rnnpipe.pipeline.data.prepare import prepare
 
     stage = stage_config(job)
     root = fsio.absolute(stage.output)
@@ -161,7 +161,7 @@ def run(job: PrepareJob, decision: Decision | None = None) -> dict[str, Any]:
 def driver(job: PrepareJob) -> None:
     """The Slurm driver job: prepare with ``job.executor`` (slurm: it submits the arrays, running
     the same code snapshot as itself)."""
-    from launch.slurm import task_setup
+    from rnnpipe.launch.slurm import task_setup
 
     task_setup()
     run(job)
@@ -169,7 +169,7 @@ def driver(job: PrepareJob) -> None:
 
 def submit(job: PrepareJob, decision: Decision, ctx: SlurmContext) -> Submitted:
     """The driver, a one-CPU job with the pipeline's ``slurm`` resources (``ctx.small``)."""
-    from launch.executors import SlurmExecutor
+    from rnnpipe.launch.executors import SlurmExecutor
 
     executor = SlurmExecutor(ctx.small, ctx.folder, code=ctx.code)
     sjob = executor.submit_job(driver, job, name=NAME, dependency=ctx.after)

@@ -1,21 +1,21 @@
 """The pretrain stage: in this process, as N local processes, or as a Slurm job; then the export.
 
-Stage protocol (:mod:`launch.stage`). The fingerprint is the run's identity
-(:func:`pipeline.train.config.run_identity`: the config without its pacing and logging keys, the
+Stage protocol (:mod:`rnnpipe.launch.stage`). The fingerprint is the run's identity
+(:func:`rnnpipe.pipeline.train.config.run_identity`: the config without its pacing and logging keys, the
 dataset's content digest, the world size); the export records it. Complete: ``<run_dir>/export``
 holds the model of step ``train.steps`` made with this fingerprint. A run dir with checkpoints is
-resumed only when :func:`pipeline.train.checkpoint.check_resume` allows it (before any rank starts);
+resumed only when :func:`rnnpipe.pipeline.train.checkpoint.check_resume` allows it (before any rank starts);
 ``overwrite=true`` replaces a run that cannot be resumed.
 
 - inline: this process is one rank (or the only one): the process group comes from the
   environment (torchrun, Slurm's srun) or is a single process.
 - local: ``distributed.nproc`` processes on this machine (default: one per GPU, or 1 on CPU), each
-  running :mod:`launch.rank` on the run's ``config.yaml`` with RANK/WORLD_SIZE/MASTER_* set.
+  running :mod:`rnnpipe.launch.rank` on the run's ``config.yaml`` with RANK/WORLD_SIZE/MASTER_* set.
   Signals are forwarded; if one fails the others are stopped.
 - slurm: one submitit job of nodes × tasks_per_node tasks through srun, with --signal=USR2 ahead of
   the time limit; the command prints the job id and returns (``--wait`` to wait).
 
-``rnnpipe pretrain`` ends with a summary of the run read from its run dir (:mod:`launch.summary`).
+``rnnpipe pretrain`` ends with a summary of the run read from its run dir (:mod:`rnnpipe.launch.summary`).
 """
 
 from __future__ import annotations
@@ -29,20 +29,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launch import record, summary
-from launch.executors import ExecutorKind
-from launch.pretrain_job import (
+from rnnpipe.launch import record, summary
+from rnnpipe.launch.executors import ExecutorKind
+from rnnpipe.launch.pretrain_job import (
     PretrainJob,
     _is_rank0,
     export_dir,
     export_final,
     stage_config,
 )
-from launch.stage import Decision, SlurmContext, Submitted, Upstream, any_runs, short
-from pipeline import fsio
-from pipeline.config import to_dict, to_yaml
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, early
+from rnnpipe.launch.stage import Decision, SlurmContext, Submitted, Upstream, any_runs, short
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.config import to_dict, to_yaml
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, early
 
 log = logging.getLogger("rnnpipe")
 NAME = "pretrain"
@@ -79,16 +79,16 @@ def world_size(job: PretrainJob) -> int:
 
 
 def _dataset(job: PretrainJob) -> dict[str, Any]:
-    from pipeline.data.manifest import read_manifest
+    from rnnpipe.pipeline.data.manifest import read_manifest
 
     return read_manifest(job.data.path)
 
 
 def fingerprint(job: PretrainJob) -> str:
     """The run's fingerprint, as the export would record it (needs the dataset)."""
-    from pipeline.data.manifest import dataset_digest
-    from pipeline.models.backbone import backbone_digest
-    from pipeline.train.config import run_fingerprint
+    from rnnpipe.pipeline.data.manifest import dataset_digest
+    from rnnpipe.pipeline.models.backbone import backbone_digest
+    from rnnpipe.pipeline.train.config import run_fingerprint
 
     cfg = stage_config(job)
     return run_fingerprint(
@@ -98,10 +98,10 @@ def fingerprint(job: PretrainJob) -> str:
 
 def is_complete(job: PretrainJob) -> bool:
     """The export holds step ``train.steps`` of a run with this fingerprint."""
-    from pipeline.models.exported import export_meta
+    from rnnpipe.pipeline.models.exported import export_source
 
     try:
-        source = export_meta(export_dir(job)).get("source", {})
+        source = export_source(export_dir(job))
     except PipelineError:  # no export yet
         return False
     if source.get("step") != job.train.steps:
@@ -116,8 +116,8 @@ def check(job: PretrainJob, upstream: Upstream | None = None) -> None:
     """Preflight, before any rank starts or any job is submitted: the dataset exists and its
     manifest checks out (sizes and counts, not hashes) unless prepare runs first, the vocabulary
     fits the model, and the Slurm partition exists. Raises ConfigError (exit 2)."""
-    from pipeline.locking import holder
-    from pipeline.train.checkpoint import RUN_LOCK
+    from rnnpipe.pipeline.locking import holder
+    from rnnpipe.pipeline.train.checkpoint import RUN_LOCK
 
     if any(c in job.run_dir for c in "\n\r\0"):
         raise ConfigError(f"run_dir={job.run_dir!r} holds a control character")
@@ -129,7 +129,7 @@ def check(job: PretrainJob, upstream: Upstream | None = None) -> None:
     if _is_rank0() and "SLURM_JOB_ID" not in os.environ:  # (a job's own tasks are that submission)
         record.refuse_if_busy(os.path.join(job.run_dir, "slurm"))  # submitted, not started yet
     if not any_runs(upstream):
-        from pipeline.data.manifest import check_sizes
+        from rnnpipe.pipeline.data.manifest import check_sizes
 
         problems = check_sizes(job.data.path)
         if problems:
@@ -146,15 +146,15 @@ def check(job: PretrainJob, upstream: Upstream | None = None) -> None:
             )
         _check_eval_streams(job, _dataset(job))
         if job.train.init_from:  # its model and tokenizer must be this run's
-            from pipeline.train import init_from
+            from rnnpipe.pipeline.train import init_from
 
             init_from.check(stage_config(job), vocab, _dataset(job)["tokenizer"])
         if job.model.kind.value == "huggingface":  # what the ranks would refuse, before any waits
-            from pipeline.models.backbone import check_backbone
+            from rnnpipe.pipeline.models.backbone import check_backbone
 
             check_backbone(job.model, vocab, _dataset(job)["tokenizer"], job.data.path)
     if job.executor.kind is ExecutorKind.slurm:
-        from launch.slurm import check_partition
+        from rnnpipe.launch.slurm import check_partition
 
         check_partition(job.executor.slurm.partition, "pretrain.executor.slurm.partition")
 
@@ -182,9 +182,9 @@ def _check_eval_streams(job: PretrainJob, manifest: dict[str, Any]) -> None:
 
 def plan(job: PretrainJob, upstream: Upstream | None = None) -> Decision:
     """Run or skip; resume, start, or refuse (ConfigError listing the keys) before any work."""
-    from pipeline.data.manifest import dataset_digest
-    from pipeline.train import checkpoint
-    from pipeline.train.config import run_fingerprint
+    from rnnpipe.pipeline.data.manifest import dataset_digest
+    from rnnpipe.pipeline.train import checkpoint
+    from rnnpipe.pipeline.train.config import run_fingerprint
 
     run_dir = Path(job.run_dir)
     if not any_runs(upstream) and is_complete(job):
@@ -208,7 +208,7 @@ def plan(job: PretrainJob, upstream: Upstream | None = None) -> Decision:
             f"{checkpoint.read_header(latest)['step']}); starting over would mix two runs. Ways out: "
             "a new run_dir, or overwrite=true (pretrain.overwrite=true in a pipeline) to replace it"
         )
-    from pipeline.models.backbone import backbone_digest
+    from rnnpipe.pipeline.models.backbone import backbone_digest
 
     header = checkpoint.read_header(target)
     prep = (upstream or {}).get("prepare")
@@ -290,9 +290,9 @@ def slurm_executor(job: PretrainJob, folder: str, dependency: str = "", code: An
     the snapshot the job runs (default: one taken now)."""
     import submitit
 
-    from launch.distributed import LOG_LEVEL_ENV
-    from launch.executors import SlurmExecutor
-    from launch.slurm import with_dependency
+    from rnnpipe.launch.distributed import LOG_LEVEL_ENV
+    from rnnpipe.launch.executors import SlurmExecutor
+    from rnnpipe.launch.slurm import with_dependency
 
     d = job.distributed
     # The resources every rnnpipe Slurm job takes from executor.slurm, then what makes this one a
@@ -324,7 +324,7 @@ def slurm_executor(job: PretrainJob, folder: str, dependency: str = "", code: An
 def _submit_job(job: PretrainJob, folder: str, after: str, code: Any, export: bool) -> Any:
     import submitit
 
-    from launch.rank import slurm_task
+    from rnnpipe.launch.rank import slurm_task
 
     ex = slurm_executor(job, os.path.join(folder, "%j"), after, code)
     with submitit.helpers.clean_env():
@@ -347,12 +347,12 @@ def submit(job: PretrainJob, decision: Decision, ctx: SlurmContext) -> Submitted
 def _launch(job: PretrainJob, config_file: str, export: bool) -> int:
     """Run the stage on this machine with ``job.executor`` (inline or local)."""
     if job.executor.kind is ExecutorKind.inline:  # one rank: of torchrun, srun (pretrain.sbatch) or alone
-        from launch.rank import run_rank, start_rank
+        from rnnpipe.launch.rank import run_rank, start_rank
 
         code = run_rank(stage_config(job), start_rank())
         rank0 = _is_rank0()
     else:
-        from launch.local import launch_local
+        from rnnpipe.launch.local import launch_local
 
         code = launch_local(config_file, job.distributed.nproc)
         rank0 = True
@@ -363,7 +363,7 @@ def _launch(job: PretrainJob, config_file: str, export: bool) -> int:
 
 def run(job: PretrainJob, decision: Decision) -> None:
     """The pipeline's pretrain stage on this machine: train, then export."""
-    from launch.distributed import quiet_deepspeed
+    from rnnpipe.launch.distributed import quiet_deepspeed
 
     quiet_deepspeed()  # (the export loads DeepSpeed in this process; inline, so does the training)
     with _run_lock(job):
@@ -383,8 +383,8 @@ def _run_lock(job: PretrainJob) -> contextlib.AbstractContextManager[None]:
     """The run dir's lock for this launch, held from the plan to the end of the local launch (or
     the Slurm submission), so that a second launch fails before it writes anything; the ranks
     started here inherit it. A rank other than 0 of an inline launch holds nothing."""
-    from pipeline.locking import exclusive
-    from pipeline.train.checkpoint import RUN_LOCK
+    from rnnpipe.pipeline.locking import exclusive
+    from rnnpipe.pipeline.train.checkpoint import RUN_LOCK
 
     if job.executor.kind is ExecutorKind.inline and not _is_rank0():
         return contextlib.nullcontext()
@@ -395,7 +395,7 @@ def command(job: PretrainJob, wait: bool = False, export: bool = False) -> int:
     """``rnnpipe pretrain``: preflight and the resume check (exit 2 before any rank starts), then
     ``config.yaml`` and the launch, and a summary of the run. Returns the exit status (0; 75 or 130
     after a signal)."""
-    from launch.distributed import quiet_deepspeed
+    from rnnpipe.launch.distributed import quiet_deepspeed
 
     quiet_deepspeed()  # (the export loads DeepSpeed in this process; inline, so does the training)
     prepared(job)
@@ -429,7 +429,7 @@ def command(job: PretrainJob, wait: bool = False, export: bool = False) -> int:
                     print(f"rnnpipe: {summary.stopped_message(job.run_dir, code)}", file=sys.stderr)
                 print(_summary(job, code, export, wall_s=time.time() - started, start_step=start_step))
             return code
-        from launch.snapshot import take
+        from rnnpipe.launch.snapshot import take
 
         stop = early()
         stop.restore()  # nothing trains here: Ctrl-C stops the submission (or --wait) as usual
@@ -456,6 +456,6 @@ def command(job: PretrainJob, wait: bool = False, export: bool = False) -> int:
 
 
 def _summary(job: PretrainJob, code: int, export: bool, **kw: Any) -> str:
-    """The launch's closing summary (:func:`launch.summary.summary`)."""
+    """The launch's closing summary (:func:`rnnpipe.launch.summary.summary`)."""
     out = export_dir(stage_config(job)) if export and code == 0 else None
     return summary.summary(job.run_dir, code, job.train.steps, export=out, **kw)

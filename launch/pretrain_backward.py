@@ -6,7 +6,7 @@ predicts the previous token) in ``<run_dir>/pretrain-backward``, and the finetun
 export as ``pretrained_backward`` (``head.features=elmo`` reads both directions). The two runs share
 their config and dataset, not their weights: ELMo's shared embedding and softmax are not tied here.
 
-The stage protocol (:mod:`launch.stage`) is the pretrain stage's, with its own name, so the record,
+The stage protocol (:mod:`rnnpipe.launch.stage`) is the pretrain stage's, with its own name, so the record,
 the Slurm folder and ``--dry-run`` show it apart. Its plan looks only at the prepare stage's
 decision: a forward run that resumes for more steps does not make the backward one start again.
 """
@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from launch import pretrain
-from launch.pretrain_job import PretrainJob
-from launch.stage import Decision, SlurmContext, Submitted, Upstream
+from rnnpipe.launch import pretrain
+from rnnpipe.launch.pretrain_job import PretrainJob
+from rnnpipe.launch.stage import Decision, SlurmContext, Submitted, Upstream
 
 NAME = "pretrain-backward"
 Job = PretrainJob  # the stage protocol's config class (launch.stage)

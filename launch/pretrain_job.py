@@ -1,5 +1,5 @@
-"""What a pretrain launch is, below both the launcher (:mod:`launch.pretrain`) and the ranks
-(:mod:`launch.rank`): the job's config (the run config plus executor and process layout), the
+"""What a pretrain launch is, below both the launcher (:mod:`rnnpipe.launch.pretrain`) and the ranks
+(:mod:`rnnpipe.launch.rank`): the job's config (the run config plus executor and process layout), the
 run config a rank trains with, and the export at the end. Importing it loads nothing heavy.
 """
 
@@ -9,9 +9,9 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from launch.executors import ExecutorConfig
-from pipeline.config import base_config, check_range
-from pipeline.train.config import PretrainConfig
+from rnnpipe.launch.executors import ExecutorConfig
+from rnnpipe.pipeline.config import base_config, check_range
+from rnnpipe.pipeline.train.config import PretrainConfig
 
 log = logging.getLogger("rnnpipe")
 
@@ -59,7 +59,7 @@ def _is_rank0() -> bool:
 
 def export_final(cfg: PretrainConfig) -> str:
     """Export the finished run's last checkpoint to :func:`export_dir`."""
-    from pipeline.train.export import export
+    from rnnpipe.pipeline.train.export import export
 
     out = export_dir(cfg)
     export(cfg.run_dir, out)

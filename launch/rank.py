@@ -2,11 +2,11 @@
 thing, under every launcher), :func:`slurm_task` (one task of the Slurm job), and the entry point of
 a local launch's ranks, ``python -m launch.rank RUN_DIR/config.yaml``.
 
-:func:`launch.local.launch_local` starts one per process with RANK/WORLD_SIZE/MASTER_* set. The
+:func:`rnnpipe.launch.local.launch_local` starts one per process with RANK/WORLD_SIZE/MASTER_* set. The
 stop flag goes in before anything heavy loads, so a signal during start-up is kept; and the rank
 is killed if its launcher dies (kill -9 included), so it never trains on as an orphan. Its log
 lines come at the launcher's level (RNNPIPE_LOG_LEVEL), DeepSpeed's messages below them
-(:func:`launch.distributed.setup_logging`).
+(:func:`rnnpipe.launch.distributed.setup_logging`).
 
 Nothing heavy is imported at the top: submitit unpickles :func:`slurm_task` by importing this module.
 """
@@ -21,15 +21,15 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline.train.config import PretrainConfig
-    from pipeline.train.signals import StopFlag
+    from rnnpipe.pipeline.train.config import PretrainConfig
+    from rnnpipe.pipeline.train.signals import StopFlag
 
 
 def run_rank(cfg: PretrainConfig, stop: StopFlag | None = None) -> int:
     """This process's part of the run; returns the exit status (0; 75 or 130 after a signal)."""
-    from launch import distributed
-    from pipeline.train.loop import train
-    from pipeline.train.signals import ignore_late_warnings
+    from rnnpipe.launch import distributed
+    from rnnpipe.pipeline.train.loop import train
+    from rnnpipe.pipeline.train.signals import ignore_late_warnings
 
     distributed.init()
     result = train(cfg, stop)
@@ -44,12 +44,12 @@ def start_rank() -> StopFlag:
     """What a rank does first: the stop flag, installed before torch and DeepSpeed load so that a
     signal arriving meanwhile is kept (and not taken by submitit's own handler, which would end the
     job as failed); then, under Slurm, the node-local caches, threads and logging."""
-    from pipeline.train.signals import early
+    from rnnpipe.pipeline.train.signals import early
 
     stop = early()  # the entry point may have installed it already
     if "SLURM_JOB_ID" in os.environ:
-        from launch.distributed import setup_logging
-        from launch.slurm import task_setup
+        from rnnpipe.launch.distributed import setup_logging
+        from rnnpipe.launch.slurm import task_setup
 
         setup_logging()  # first: at the submitter's RNNPIPE_LOG_LEVEL (task_setup's is then a no-op)
         task_setup()
@@ -60,10 +60,10 @@ def slurm_task(cfg: PretrainConfig, export: bool = False) -> int:
     """One task of the Slurm job (run by submitit through srun on every node). Rank 0 holds the
     run dir's lock over the training and the export (the loop re-enters it); a refused rank 0
     fails the job step, and srun stops the other tasks."""
-    from launch.pretrain_job import export_final
-    from pipeline.locking import exclusive
-    from pipeline.train.checkpoint import RUN_LOCK
-    from pipeline.train.signals import EXIT_PREEMPTED
+    from rnnpipe.launch.pretrain_job import export_final
+    from rnnpipe.pipeline.locking import exclusive
+    from rnnpipe.pipeline.train.checkpoint import RUN_LOCK
+    from rnnpipe.pipeline.train.signals import EXIT_PREEMPTED
 
     stop = start_rank()
     rank0 = os.environ.get("SLURM_PROCID") == "0"
@@ -80,22 +80,22 @@ def slurm_task(cfg: PretrainConfig, export: bool = False) -> int:
 def main(argv: list[str]) -> int:
     """Run the rank of the config file ``argv[0]``; returns its exit status (0; 75 or 130 after a
     signal, with a checkpoint)."""
-    from pipeline.train.signals import STOP_SIGNALS, early
+    from rnnpipe.pipeline.train.signals import STOP_SIGNALS, early
 
     stop = early()
     # The launcher starts ranks with these blocked (so that one forwarded before this point waits):
     # with the handler in, let them in; a pending one arrives now and sets the flag.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    from pipeline.locking import die_with_parent
+    from rnnpipe.pipeline.locking import die_with_parent
 
     # SIGKILL: a launcher killed with -9 means the whole launch is to stop now (its lock on the
     # run dir, held by rank 0, goes with it); a graceful stop goes through the launcher's signals.
     launcher = os.environ.get("RNNPIPE_LAUNCHER_PID")
     die_with_parent(signal.SIGKILL, parent=int(launcher) if launcher else None)
-    from launch.distributed import setup_logging
-    from launch.pretrain_job import PretrainJob, stage_config
-    from pipeline.config import load_config
-    from pipeline.errors import PipelineError
+    from rnnpipe.launch.distributed import setup_logging
+    from rnnpipe.launch.pretrain_job import PretrainJob, stage_config
+    from rnnpipe.pipeline.config import load_config
+    from rnnpipe.pipeline.errors import PipelineError
 
     setup_logging()  # at the launcher's level (RNNPIPE_LOG_LEVEL); DeepSpeed's messages below it
     try:
@@ -106,6 +106,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from launch.distributed import exit_now
+    from rnnpipe.launch.distributed import exit_now
 
     exit_now(main(sys.argv[1:]))

@@ -14,9 +14,9 @@ import json
 import time
 from typing import Any
 
-from pipeline import fsio
-from pipeline.errors import PipelineError
-from pipeline.locking import exclusive
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.errors import PipelineError
+from rnnpipe.pipeline.locking import exclusive
 
 STATE_FILE = "pipeline.json"
 LOCK_FILE = ".rnnpipe.lock"
@@ -68,7 +68,7 @@ def recently_submitted(entry: dict[str, Any]) -> bool:
 
 def active_jobs(state: dict[str, Any]) -> list[str]:
     """'stage (job N, STATE)' for the recorded Slurm jobs that have not ended."""
-    from launch.slurm import job_states, of_job
+    from rnnpipe.launch.slurm import job_states, of_job
 
     if state.get("executor") != "slurm":
         return []
@@ -100,5 +100,5 @@ def refuse_if_busy(run_dir: str) -> None:
 def lock(run_dir: str) -> contextlib.AbstractContextManager[None]:
     """Hold the run dir for this process: a second ``rnnpipe run`` (or plan) on the same run dir
     fails at once, naming the holder, instead of interleaving with this one. An advisory lock on
-    ``.rnnpipe.lock`` (released by the kernel if this process dies; :mod:`pipeline.locking`)."""
+    ``.rnnpipe.lock`` (released by the kernel if this process dies; :mod:`rnnpipe.pipeline.locking`)."""
     return exclusive(run_dir, LOCK_FILE, "rnnpipe run")

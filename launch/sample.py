@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import check_range
-from pipeline.data.tokenizers import SentencePieceTokenizer, Tokenizer, tokenizer_from_manifest
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.models.lm import LanguageModel
+from rnnpipe.pipeline.config import check_range
+from rnnpipe.pipeline.data.tokenizers import SentencePieceTokenizer, Tokenizer, tokenizer_from_manifest
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.models.lm import LanguageModel
 
 log = logging.getLogger("rnnpipe")
 
@@ -92,14 +92,14 @@ def load(source: str | Path, device: torch.device) -> tuple[LanguageModel, Token
     directory or a run dir's latest complete checkpoint; PipelineError for anything else."""
     path = Path(source)
     if (path / "config.json").is_file():
-        from pipeline.models.pretrained import load_pretrained, load_pretrained_tokenizer
+        from rnnpipe.pipeline.models.pretrained import load_pretrained, load_pretrained_tokenizer
 
         return load_pretrained(path, device), load_pretrained_tokenizer(path), f"export {path}"
     if (path / "checkpoints").is_dir():
-        from pipeline.train.export import consolidate
+        from rnnpipe.pipeline.train.export import consolidate
 
         c = consolidate(path)
-        from pipeline.models.pretrained import model_from_state
+        from rnnpipe.pipeline.models.pretrained import model_from_state
 
         tok = tokenizer_from_manifest({"tokenizer": c.tokenizer}, lambda rel: c.tokenizer_files[rel])
         backbone = (c.header.get("hf_backbone") or {}).get("config")
@@ -182,8 +182,8 @@ def _sample(args: argparse.Namespace) -> int:
     text = read_prompt(args)
     model, tok, what = load(args.source, device)
     ids = prompt_ids(tok, text)
-    from launch.plot import run_label
-    from pipeline.config import to_dict
+    from rnnpipe.launch.plot import run_label
+    from rnnpipe.pipeline.config import to_dict
 
     log.info(
         "sampling from %s: %s, %s parameters; %s tokenizer, vocabulary %d; on %s",

@@ -1,20 +1,20 @@
 """``rnnpipe plan PIPELINE``: the pipeline for ``slurm/pipeline.sh`` (plain sbatch), as bash
 assignments: each stage's resolved config file, whether it runs, its sbatch options, and the code
-snapshot its jobs run — derived from the same configs and the same plan (:func:`launch.workflow.decide`)
-as ``rnnpipe run --executor slurm``.
+snapshot its jobs run — derived from the same configs and the same plan
+(:func:`rnnpipe.launch.workflow.decide`) as ``rnnpipe run --executor slurm``.
 """
 
 from __future__ import annotations
 
 import time
 
-from launch import record
-from launch.pretrain import clear_run, tasks_per_node, write_config
-from launch.slurm import sbatch_flags, shell_array, shell_var
-from launch.snapshot import take
-from launch.workflow import Pipeline, decide, write_stage_files
-from pipeline import fsio
-from pipeline.errors import ConfigError
+from rnnpipe.launch import record
+from rnnpipe.launch.pretrain import clear_run, tasks_per_node, write_config
+from rnnpipe.launch.slurm import sbatch_flags, shell_array, shell_var
+from rnnpipe.launch.snapshot import take
+from rnnpipe.launch.workflow import Pipeline, decide, write_stage_files
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.errors import ConfigError
 
 FINETUNE_SIGNAL_S = 90  # fine-tune array tasks: USR2 this long before the limit (submitit's default)
 
@@ -22,7 +22,7 @@ FINETUNE_SIGNAL_S = 90  # fine-tune array tasks: USR2 this long before the limit
 def shell_plan(p: Pipeline) -> str:
     """Bash assignments for ``slurm/pipeline.sh``: each stage's config file, whether it runs (its
     ``*_DONE`` is 1 when it is skipped), its sbatch options, and ``CODE``, the snapshot of the code
-    the jobs run (its ``rnnpipe`` and ``slurm/``). Every value is shell-quoted: the script
+    the jobs run (its ``bin/rnnpipe`` and ``rnnpipe/slurm/``). Every value is shell-quoted: the script
     evaluates this text. Like ``run``, it checks and plans every stage first and starts a new
     record of the run (refused while the last submission's jobs are going); the script adds its
     job ids."""
@@ -84,8 +84,8 @@ def shell_plan(p: Pipeline) -> str:
     if "finetune" in steps:
         ft = p.jobs["finetune"].executor.slurm
         fine = steps["finetune"].decision
-        from launch.finetune import grid
-        from pipeline.finetune.sweep import job_label
+        from rnnpipe.launch.finetune import grid
+        from rnnpipe.pipeline.finetune.sweep import job_label
 
         names = [job_label(j) for j in grid(p.jobs["finetune"])]
         lines += [

@@ -1,8 +1,8 @@
 """Slurm glue shared by the launchers: job states from sacct, sbatch flags from a config, and the
 node-local caches every task sets up first.
 
-Nothing here submits work; :mod:`launch.executors`, :mod:`launch.pretrain` and
-:mod:`launch.workflow` do, through submitit, and ``slurm/*.sbatch`` through plain sbatch.
+Nothing here submits work; :mod:`rnnpipe.launch.executors`, :mod:`rnnpipe.launch.pretrain` and
+:mod:`rnnpipe.launch.workflow` do, through submitit, and ``slurm/*.sbatch`` through plain sbatch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
 
 # Job states after which nothing more happens to a job (sacct's names; "CANCELLED by 0" → CANCELLED).
 ENDED = {
@@ -82,7 +82,7 @@ def threads_per_task(environ: Any = None) -> None:
 def task_setup() -> None:
     """What every task of an rnnpipe Slurm job does first: node-local caches, one thread per CPU,
     and log lines (the job's log file is where its user looks)."""
-    from launch.distributed import setup_logging  # (it loads nothing heavy)
+    from rnnpipe.launch.distributed import setup_logging  # (it loads nothing heavy)
 
     node_local_caches()
     threads_per_task()
@@ -140,7 +140,7 @@ def sbatch_flags(
     requeue: bool = False,
     output: str = "",
 ) -> list[str]:
-    """sbatch options for a :class:`launch.executors.SlurmConfig`: the same resources that the
+    """sbatch options for a :class:`rnnpipe.launch.executors.SlurmConfig`: the same resources that the
     submitit launchers ask for, for ``slurm/*.sbatch``."""
     flags = [
         f"--nodes={nodes}",

@@ -1,24 +1,27 @@
-"""The code a Slurm submission runs: a snapshot of rnnpipe's packages, taken when it is submitted.
+"""The code a Slurm submission runs: a snapshot of the rnnpipe package, taken when it is submitted.
 
 A queued job starts hours later; with an editable install it would run whatever the working tree
-holds by then. So every submission copies ``launch/``, ``pipeline/`` and ``kernels/`` (and
-``slurm/common.sh``) into ``<submission folder>/code-<digest>/`` and its jobs import from there
-(lingua's stool copies the code into the dump dir the same way):
+holds by then. So every submission copies the package (its code, the shipped ``configs/`` and
+``slurm/``) into ``<submission folder>/code-<digest>/rnnpipe/``, laid out as a wheel installs it,
+and its jobs import from there (lingua's stool copies the code into the dump dir the same way):
 
 - submitit jobs start ``python <snapshot>/submitit_job.py -u -m submitit.core._submit FOLDER``:
   the script's own directory, the snapshot, comes first on ``sys.path`` (ahead of the job's working
-  directory, which ``python -m`` would put first);
-- the plain sbatch scripts run ``<snapshot>/rnnpipe``, the CLI from the snapshot.
+  directory, which ``python -m`` would put first). It holds one package, ``rnnpipe``: no generic
+  name (``kernels``, ``pipeline``) ever reaches ``sys.path``;
+- the plain sbatch scripts run ``<snapshot>/bin/rnnpipe``, the CLI from the snapshot, and source
+  ``<snapshot>/rnnpipe/slurm/common.sh``.
 
-``SNAPSHOT.json`` beside the packages records the digest (sha256 over every copied file's path and
-bytes) and the git commit it was taken from; :func:`pipeline.provenance.code_version` reports it
-from inside a job. A job that submits more jobs (the prepare driver's arrays) passes its own
-snapshot on.
+``SNAPSHOT.json`` beside the package records the digest (sha256 over every copied file's path and
+bytes) and the git commit it was taken from; :func:`rnnpipe.pipeline.provenance.code_version`
+reports it from inside a job. A job that submits more jobs (the prepare driver's arrays) passes its
+own snapshot on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shlex
@@ -28,12 +31,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import __version__
-from pipeline.provenance import PACKAGES, SNAPSHOT_MARKER, code_root, git_state
+import rnnpipe
+from rnnpipe import __version__
+from rnnpipe.launch.shipped import shipped_dir
+from rnnpipe.pipeline.provenance import SNAPSHOT_MARKER, code_root, git_state
 
 SUBMITIT_ENTRY = "submitit_job.py"
-CLI_ENTRY = "rnnpipe"
-EXTRA_FILES = ("slurm/common.sh",)
+CLI_ENTRY = "bin/rnnpipe"
 
 _SUBMITIT_SCRIPT = '''\
 """Run submitit's job entry point with this snapshot's packages first on sys.path (rnnpipe)."""
@@ -43,7 +47,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if os.environ.get("RNNPIPE_EARLY_STOP") == "1":  # a training job: keep a signal that comes early
-    from pipeline.train.signals import early
+    from rnnpipe.pipeline.train.signals import early
 
     early()
 args = sys.argv[1:]
@@ -63,8 +67,8 @@ _CLI_SCRIPT = '''\
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
-from launch.cli import main
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+from rnnpipe.launch.cli import main
 
 sys.exit(main())
 '''
@@ -86,22 +90,35 @@ class Snapshot:
         return os.path.join(self.path, CLI_ENTRY)
 
 
-def _files(root: Path) -> list[str]:
-    """The files to copy, relative to ``root``, sorted."""
+def _sources() -> dict[str, Path]:
+    """Where each part of the running package lives: its path in a snapshot -> the folder it is
+    copied from (one folder in a wheel or a snapshot; the checkout's top-level folders in a checkout)."""
+    parts = {"rnnpipe": Path(rnnpipe.__file__).resolve().parent}
+    for sub in ("pipeline", "kernels", "launch"):
+        module = importlib.import_module(f"rnnpipe.{sub}")
+        parts[f"rnnpipe/{sub}"] = Path(module.__file__).resolve().parent
+    for sub in ("configs", "slurm"):
+        parts[f"rnnpipe/{sub}"] = shipped_dir(sub)
+    return parts
+
+
+def _files() -> list[tuple[str, Path]]:
+    """The files to copy: (path in the snapshot, source file), sorted by the former. The package's
+    own folder gives its top-level modules only: its subpackages are listed on their own."""
     out = []
-    for package in PACKAGES:
-        for path in sorted((root / package).rglob("*")):
+    for dest, src in _sources().items():
+        paths = src.glob("*") if dest == "rnnpipe" else src.rglob("*")
+        for path in paths:
             if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
-                out.append(str(path.relative_to(root)))
-    out += [f for f in EXTRA_FILES if (root / f).is_file()]
+                out.append((f"{dest}/{path.relative_to(src)}", path))
     return sorted(out)
 
 
-def digest_of(root: Path) -> str:
-    """sha256 over every file of the code at ``root`` (path and bytes)."""
+def digest_of(files: list[tuple[str, Path]]) -> str:
+    """sha256 over every file of the code (its path in the snapshot and its bytes)."""
     h = hashlib.sha256()
-    for rel in _files(root):
-        h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
+    for rel, path in files:
+        h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -121,17 +138,19 @@ def take(folder: str) -> Snapshot:
     if running is not None:
         return running
     root = code_root()
-    digest = digest_of(root)
+    files = _files()
+    digest = digest_of(files)
     dest = Path(folder) / f"code-{digest[:12]}"
     if (dest / SNAPSHOT_MARKER).exists():
         return Snapshot(str(dest), digest)
     tmp = dest.with_name(dest.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for rel in _files(root):
+    for rel, src in files:
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / rel, tmp / rel)
+        shutil.copy2(src, tmp / rel)
     (tmp / SUBMITIT_ENTRY).write_text(_SUBMITIT_SCRIPT)
     cli = tmp / CLI_ENTRY
+    cli.parent.mkdir(parents=True, exist_ok=True)
     cli.write_text(_CLI_SCRIPT.format(python=sys.executable))
     cli.chmod(0o755)
     marker = {

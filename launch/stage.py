@@ -1,5 +1,5 @@
 """The stage protocol. Each stage of the pipeline is one module of ``launch/`` with the same small
-interface, so that the pipeline is a loop over one list of them (:data:`launch.workflow.STAGES`):
+interface, so that the pipeline is a loop over one list of them (:data:`rnnpipe.launch.workflow.STAGES`):
 
     NAME                                    "prepare" | "pretrain" | "finetune" | "collect"
     Job                                     the stage's job: its resolved config, inputs as paths

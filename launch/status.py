@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from launch.record import read_state, recently_submitted
-from launch.slurm import JobState, job_states, log_tail, of_job
+from rnnpipe.launch.record import read_state, recently_submitted
+from rnnpipe.launch.slurm import JobState, job_states, log_tail, of_job
 
 TAIL_LINES = 20
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from rnnpipe.pipeline.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 
 @dataclass
@@ -77,8 +77,8 @@ def _finite(value: Any) -> bool:
 
 def checkpoint_step(run_dir: str | Path) -> int:
     """The step of the run dir's latest complete checkpoint (0 without one): where a launch starts."""
-    from pipeline.errors import PipelineError
-    from pipeline.train.checkpoint import find_latest, read_header
+    from rnnpipe.pipeline.errors import PipelineError
+    from rnnpipe.pipeline.train.checkpoint import find_latest, read_header
 
     latest = find_latest(Path(run_dir))
     if latest is None:
@@ -91,7 +91,7 @@ def checkpoint_step(run_dir: str | Path) -> int:
 
 def duration(seconds: float) -> str:
     """``3h05m``, ``4m02s``, ``12.3s``."""
-    from pipeline.train.metrics import duration as minutes  # (the console's ETA format)
+    from rnnpipe.pipeline.train.metrics import duration as minutes  # (the console's ETA format)
 
     return f"{seconds:.1f}s" if seconds < 60 else minutes(seconds)
 
@@ -163,7 +163,7 @@ def summary(
 def stopped_message(run_dir: str | Path, code: int) -> str:
     """What a launch that stopped on a signal (exit status ``code``) tells the user: the checkpoint
     to continue from, and only if there is one."""
-    from pipeline.train.checkpoint import find_latest
+    from rnnpipe.pipeline.train.checkpoint import find_latest
 
     latest = find_latest(Path(run_dir))
     if latest is None:

@@ -13,7 +13,7 @@ with overrides, and one run dir that the pipeline lays out itself:
     <run_dir>/finetune/          the sweep: jobs/, results.md, results.csv, results.json
     <run_dir>/slurm/<time>/      one folder per submission: the code snapshot, submitit's scripts and logs
 
-The pipeline is a loop over :data:`STAGES`, modules with one interface (:mod:`launch.stage`).
+The pipeline is a loop over :data:`STAGES`, modules with one interface (:mod:`rnnpipe.launch.stage`).
 Before anything runs or is submitted every stage is checked and planned: a stage runs when its
 output does not record the fingerprint it would have now, and so does every stage after one that
 runs. ``--dry-run`` prints that plan and stops, like ``make -n``. ``--executor local`` runs the
@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from launch import collect, finetune, prepare, pretrain, pretrain_backward, record
-from launch.executors import ExecutorKind, SlurmConfig
-from launch.stage import Decision, SlurmContext
-from pipeline import fsio
-from pipeline.config import load_config, to_yaml
-from pipeline.errors import ConfigError, PipelineError
+from rnnpipe.launch import collect, finetune, prepare, pretrain, pretrain_backward, record
+from rnnpipe.launch.executors import ExecutorKind, SlurmConfig
+from rnnpipe.launch.stage import Decision, SlurmContext
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.config import load_config, to_yaml
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
 
 # The stages, in order: each a module with the protocol of launch.stage.
 STAGES: tuple[ModuleType, ...] = (prepare, pretrain, pretrain_backward, finetune, collect)
@@ -182,7 +182,7 @@ def decide(p: Pipeline) -> list[Step]:
     """Check and plan every stage, in order, before any work: a stage after one that runs runs too
     (its inputs will change). Raises ConfigError naming the stage, key or path (exit 2)."""
     if p.cfg.executor is ExecutorKind.slurm:  # the prepare driver's and the collect job's
-        from launch.slurm import check_partition
+        from rnnpipe.launch.slurm import check_partition
 
         check_partition(p.cfg.slurm.partition, "slurm.partition")
     steps = []
@@ -275,7 +275,7 @@ def run_local(p: Pipeline) -> int:
 def submit_slurm(p: Pipeline, wait: bool) -> int:
     """Submit the stages to run, chained with afterok, all running one code snapshot; with
     ``wait``, wait for them."""
-    from launch.snapshot import take
+    from rnnpipe.launch.snapshot import take
 
     decide(p)  # every refusal comes before any work, and before the run dir is touched
     with record.lock(p.run_dir):
@@ -324,7 +324,7 @@ def submit_slurm(p: Pipeline, wait: bool) -> int:
 
 def wait_for(run_dir: str, poll_s: float) -> int:
     """Wait until every recorded job has ended; print the status; 0 when all completed."""
-    from launch.status import show
+    from rnnpipe.launch.status import show
 
     while record.active_jobs(record.read_state(run_dir)):
         time.sleep(poll_s)

@@ -28,7 +28,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from pipeline.errors import ConfigError
+from rnnpipe.pipeline.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -27,8 +27,8 @@ import sys
 import time
 from collections.abc import Iterator
 
-from pipeline import fsio
-from pipeline.errors import PipelineError
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.errors import PipelineError
 
 _PR_SET_PDEATHSIG = 1
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # "no locks here", not "taken"

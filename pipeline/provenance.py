@@ -24,17 +24,19 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__
+import rnnpipe
+from rnnpipe import __version__
 
-# The packages rnnpipe runs from: the code a run's results depend on.
-PACKAGES = ("launch", "pipeline", "kernels")
+# The folders of a checkout that hold the code a run's results depend on (the rnnpipe package).
+PACKAGES = ("rnnpipe", "launch", "pipeline", "kernels")
 # Written into a code snapshot (launch.snapshot) beside the packages.
 SNAPSHOT_MARKER = "SNAPSHOT.json"
 
 
 def code_root() -> Path:
-    """The directory holding this code's packages (a checkout, a snapshot, or site-packages)."""
-    return Path(__file__).resolve().parent.parent
+    """The directory holding the ``rnnpipe`` package: a checkout (whose top-level folders it maps),
+    a Slurm submission's snapshot, or site-packages."""
+    return Path(rnnpipe.__file__).resolve().parent.parent
 
 
 def git_state(root: Path) -> dict[str, Any] | None:

@@ -8,8 +8,10 @@
 #
 # Stages already complete are skipped; a failed stage cancels those after it
 # (--kill-on-invalid-dep). Logs: RUN_DIR/logs/. RNNPIPE: the rnnpipe command (default: on PATH).
-# The jobs run the snapshot of the code that `rnnpipe plan` took ($CODE/rnnpipe, $CODE/slurm), not
-# the working tree: edits made after this script returns do not reach jobs still in the queue.
+# The jobs run the snapshot of the code that `rnnpipe plan` took ($CODE/bin/rnnpipe and
+# $CODE/rnnpipe/slurm), not the working tree: edits made after this script returns do not reach
+# jobs still in the queue. With rnnpipe installed from a wheel, the script is in the package:
+#   bash "$(rnnpipe configs --slurm-dir)/pipeline.sh" quickstart
 set -euo pipefail
 SLURM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export RNNPIPE=${RNNPIPE:-rnnpipe} RNNPIPE_SLURM_DIR=$SLURM_DIR
@@ -25,7 +27,7 @@ submit() {  # submit STAGE SETUP LOG [sbatch options...] SCRIPT [args...]: sets 
   local dep=()
   if [ -n "$after" ]; then dep=(--dependency="afterok:$after" --kill-on-invalid-dep=yes); fi
   local id
-  id=$(RNNPIPE_SETUP=$setup RNNPIPE="$CODE/rnnpipe" RNNPIPE_SLURM_DIR="$CODE/slurm" \
+  id=$(RNNPIPE_SETUP=$setup RNNPIPE="$CODE/bin/rnnpipe" RNNPIPE_SLURM_DIR="$CODE/rnnpipe/slurm" \
     sbatch --parsable "${dep[@]}" "$@")
   id=${id%%;*}
   "$RNNPIPE" status "$RUN_DIR" --record "$stage" "$id" "$log" --after "${after:+afterok:$after}" \

@@ -11,10 +11,10 @@ import sys
 
 import torch
 
-from launch import distributed
-from launch.pretrain import PretrainJob, stage_config
-from pipeline.config import load_config
-from pipeline.train.loop import train
+from rnnpipe.launch import distributed
+from rnnpipe.launch.pretrain import PretrainJob, stage_config
+from rnnpipe.pipeline.config import load_config
+from rnnpipe.pipeline.train.loop import train
 
 
 def fixed_tokens(vocab: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import triton_rnn, triton_scan
+from rnnpipe.kernels import triton_rnn, triton_scan
 
 FP32_ALWAYS = {"SUM_P", "SUM_H", "DVF", "DVR"}  # buffers the launchers always allocate in float32
 

@@ -17,7 +17,7 @@ STEPS, VOCAB, LR = 4, 32, 0.5
 
 
 def build(mixer: str):
-    from pipeline.models import LanguageModel, MixerKind, ModelConfig
+    from rnnpipe.pipeline.models import LanguageModel, MixerKind, ModelConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig(mixer=MixerKind(mixer), n_layers=2, d_model=16, mlp_ratio=2.0)
@@ -53,13 +53,13 @@ def main(mixer: str, out: str) -> None:
     with deepspeed.zero.GatheredParameters(params):
         if rank == 0:
             torch.save({n: p.detach().clone() for n, p in engine.module.named_parameters()}, out)
-    from launch.distributed import shutdown
+    from rnnpipe.launch.distributed import shutdown
 
     shutdown()
 
 
 if __name__ == "__main__":
-    from launch.distributed import exit_now
+    from rnnpipe.launch.distributed import exit_now
 
     main(sys.argv[1], sys.argv[2])
     exit_now(0)

@@ -14,18 +14,24 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from harness import CLI, REPO, prepare, rnnpipe
 
-from pipeline.config import to_dict
-from pipeline.errors import ConfigError
-from pipeline.train.config import resume_changes, run_fingerprint, run_view
-from pipeline.train.data import IGNORE, ReversedReader, ShuffleBatches, SplitReader, StreamBatches, open_split
-from tests.conftest import REPO, prepare, rnnpipe
+from rnnpipe.pipeline.config import to_dict
+from rnnpipe.pipeline.errors import ConfigError
+from rnnpipe.pipeline.train.config import resume_changes, run_fingerprint, run_view
+from rnnpipe.pipeline.train.data import (
+    IGNORE,
+    ReversedReader,
+    ShuffleBatches,
+    SplitReader,
+    StreamBatches,
+    open_split,
+)
 
 CONFIG = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"
 T = 16  # segment length of the data tests
@@ -138,8 +144,8 @@ def test_shuffle_windows_lie_inside_the_reversed_samples(data):
 
 
 def _values(*overrides: str) -> dict:
-    from launch.pretrain_job import PretrainJob, stage_config
-    from pipeline.config import load_config
+    from rnnpipe.launch.pretrain_job import PretrainJob, stage_config
+    from rnnpipe.pipeline.config import load_config
 
     return to_dict(stage_config(load_config(PretrainJob, str(CONFIG), list(overrides))))
 
@@ -194,7 +200,7 @@ def runs(data, tmp_path_factory) -> dict[str, Path]:
     procs = {}
     for direction in ("forward", "backward"):
         args = [f"run_dir={root / direction}", f"data.path={data}", f"data.direction={direction}", *TINY]
-        cmd = [sys.executable, "-m", "launch", "-q", "pretrain", str(CONFIG), *args]
+        cmd = [*CLI, "-q", "pretrain", str(CONFIG), *args]
         procs[direction] = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     for p in procs.values():
         err = p.communicate(timeout=600)[1]
@@ -208,11 +214,11 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 def test_a_backward_run_learns_and_its_export_says_backward(runs, data, tmp_path):
-    from pipeline.models import load_pretrained
-    from pipeline.models.exported import backward_export, export_direction
-    from pipeline.train.dynamic_eval import evaluate_export
-    from pipeline.train.evaluate import evaluate
-    from pipeline.train.export import export
+    from rnnpipe.pipeline.models import load_pretrained
+    from rnnpipe.pipeline.models.exported import backward_export, export_direction
+    from rnnpipe.pipeline.train.dynamic_eval import evaluate_export
+    from rnnpipe.pipeline.train.evaluate import evaluate
+    from rnnpipe.pipeline.train.export import export
 
     losses = _losses(runs["backward"])
     assert len(losses) == 30
@@ -222,9 +228,10 @@ def test_a_backward_run_learns_and_its_export_says_backward(runs, data, tmp_path
 
     bwd = export(runs["backward"], tmp_path / "bwd")
     meta = json.loads((bwd / "config.json").read_text())
+    meta["source"] = json.loads((bwd / "rnnpipe.json").read_text())["source"]  # the header's
     assert meta["source"]["direction"] == "backward" and export_direction(bwd) == "backward"
     assert export_direction(export(runs["forward"], tmp_path / "fwd")) == "forward"
-    del meta["source"]["direction"]  # an export from before the key
+    del meta["source"]["direction"]  # an export from before the key (and the header)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
     assert export_direction(tmp_path / "old") == "forward"
@@ -247,7 +254,7 @@ def test_a_backward_run_learns_and_its_export_says_backward(runs, data, tmp_path
 
 
 def _static():
-    from pipeline.train.config import EvalConfig
+    from rnnpipe.pipeline.train.config import EvalConfig
 
     return EvalConfig(dynamic=False)
 
@@ -255,10 +262,10 @@ def _static():
 def test_the_export_keeps_both_directions_and_refuses_a_mismatched_pair(runs, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from pipeline.models import load_pretrained
-    from pipeline.models.exported import backward_export, export_direction
-    from pipeline.models.pretrained import model_from_state
-    from pipeline.train.export import consolidate, export
+    from rnnpipe.pipeline.models import load_pretrained
+    from rnnpipe.pipeline.models.exported import backward_export, export_direction
+    from rnnpipe.pipeline.models.pretrained import model_from_state
+    from rnnpipe.pipeline.train.export import consolidate, export
 
     fwd, bwd = runs["forward"], runs["backward"]
     plain = export(fwd, tmp_path / "plain")
@@ -268,9 +275,11 @@ def test_the_export_keeps_both_directions_and_refuses_a_mismatched_pair(runs, tm
     # but for when it was made).
     assert {p.name for p in out.iterdir()} == {p.name for p in plain.iterdir()} | {"backward"}
     assert (out / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
-    a, b = (json.loads((d / "config.json").read_text()) for d in (out, plain))
+    a, b = (
+        {n: json.loads((d / n).read_text()) for n in ("config.json", "rnnpipe.json")} for d in (out, plain)
+    )
     for m in (a, b):
-        del m["source"]["exported_by"], m["source"]["weights_mtime_ns"]
+        del m["rnnpipe.json"]["source"]["exported_by"], m["rnnpipe.json"]["source"]["weights_mtime_ns"]
     assert a == b and export_direction(out) == "forward"
     # DIR/backward: a complete export of the backward run's latest checkpoint.
     assert backward_export(out) == str(out / "backward") and export_direction(out / "backward") == "backward"

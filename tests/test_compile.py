@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from harness import CLI, REPO, prepare_enwik8_head
 from safetensors.torch import load_file
-
-from tests.conftest import REPO, prepare_enwik8_head
 
 pytest.importorskip("deepspeed")
 CONFIG = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"
@@ -48,7 +46,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def pretrain(run_dir: Path, data: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launch", "pretrain", str(CONFIG), f"run_dir={run_dir}", f"data.path={data}"]
+    cmd = [*CLI, "pretrain", str(CONFIG), f"run_dir={run_dir}", f"data.path={data}"]
     env = {**os.environ, "RNNPIPE_PROGRESS": "0", "RNNPIPE_TEST_COMPILE_BACKEND": "aot_eager"}
     return subprocess.run([*cmd, *TINY, *overrides], capture_output=True, text=True, env=env, timeout=600)
 

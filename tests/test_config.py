@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from harness import REPO, prepare
 
-from launch.prepare import PrepareJob
-from pipeline.config import load_config, to_yaml
-from pipeline.data.config import SourceKind, TokenizerKind
-from pipeline.errors import ConfigError
-from tests.conftest import REPO, prepare
+from rnnpipe.launch.prepare import PrepareJob
+from rnnpipe.pipeline.config import load_config, to_yaml
+from rnnpipe.pipeline.data.config import SourceKind, TokenizerKind
+from rnnpipe.pipeline.errors import ConfigError
 
 CONFIG = REPO / "configs" / "prepare" / "wikipedia.yaml"
 
@@ -116,11 +116,11 @@ def test_print_config_shows_overrides(capsys):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    from launch.finetune import FinetuneJob
-    from launch.pretrain import PretrainJob
+    from rnnpipe.launch.finetune import FinetuneJob
+    from rnnpipe.launch.pretrain import PretrainJob
 
     if path.parent.name == "pipeline":
-        from launch.workflow import load
+        from rnnpipe.launch.workflow import load
 
         p = load(str(path), [])  # every stage file it names loads too
         assert p.jobs["prepare"].output.startswith(p.run_dir)

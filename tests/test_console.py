@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from harness import REPO, prepare
 
-from launch import distributed
-from launch.summary import read_run, summary
-from pipeline.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
-from tests.conftest import REPO, prepare
+from rnnpipe.launch import distributed
+from rnnpipe.launch.summary import read_run, summary
+from rnnpipe.pipeline.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 TEXT = REPO / "configs" / "prepare" / "tinyshakespeare.yaml"
 
@@ -150,8 +150,8 @@ class _Tokens:
     ("n", "world", "streams", "seq", "cap"), [(1000, 3, 2, 7, 0), (97, 2, 3, 40, 0), (5000, 2, 4, 16, 1234)]
 )
 def test_the_batch_count_is_what_eval_batches_yields(n, world, streams, seq, cap):
-    from pipeline.train.data import eval_batches
-    from pipeline.train.evaluate import eval_batch_count
+    from rnnpipe.pipeline.train.data import eval_batches
+    from rnnpipe.pipeline.train.evaluate import eval_batch_count
 
     for rank in range(world):
         yielded = sum(1 for _ in eval_batches(_Tokens(n), rank, world, streams, seq, cap))  # type: ignore[arg-type]
@@ -171,11 +171,11 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 def test_evaluation_logs_its_progress_and_the_results_do_not_change(tiny_dataset, caplog, request):
-    from pipeline.models import LanguageModel
-    from pipeline.models.config import MixerKind
-    from pipeline.train.config import ModelConfig
-    from pipeline.train.data import SplitReader
-    from pipeline.train.evaluate import eval_batch_count, evaluate
+    from rnnpipe.pipeline.models import LanguageModel
+    from rnnpipe.pipeline.models.config import MixerKind
+    from rnnpipe.pipeline.train.config import ModelConfig
+    from rnnpipe.pipeline.train.data import SplitReader
+    from rnnpipe.pipeline.train.evaluate import eval_batch_count, evaluate
 
     reader = SplitReader(str(tiny_dataset), "valid")
     torch.manual_seed(0)
@@ -277,7 +277,7 @@ def test_deepspeed_prints_and_warnings_follow_the_level(ds_logger, monkeypatch, 
         for module in (
             "deepspeed.runtime.engine",
             "torch.distributed.distributed_c10d",
-            "pipeline.train.loop",
+            "rnnpipe.pipeline.train.loop",
         ):
             warnings.warn_explicit("internal", UserWarning, "x.py", 1, module=module, registry={})
     assert [str(w.message) for w in caught] == ["internal"]  # only the one raised from rnnpipe's code
@@ -291,8 +291,8 @@ def test_log_level_from_the_environment(value, level):
 
 
 def test_ranks_and_slurm_tasks_log_at_the_launchers_level(monkeypatch, tmp_path):
-    from launch import pretrain
-    from pipeline.config import load_config
+    from rnnpipe.launch import pretrain
+    from rnnpipe.pipeline.config import load_config
 
     root = logging.getLogger()
     monkeypatch.setattr(root, "level", logging.WARNING)  # rnnpipe -q (pytest's handlers are on root)

@@ -19,8 +19,7 @@ import subprocess
 
 import pytest
 import yaml
-
-from tests.conftest import DATA, REPO, data_file
+from harness import DATA, REPO, data_file
 
 FULL = os.environ.get("RNNPIPE_DEMO_FULL") == "1"
 # The smaller demo: 400 pretraining steps (1.6 M tokens) and 100 fine-tuning steps. SST-2 is left
@@ -69,7 +68,7 @@ def test_make_demo_shows_pretrained_above_scratch_on_every_task(tmp_path):
     ]
     assert len(rows) == 2 * len(TASKS), stdout  # each task × {pretrained, scratch}
     steps = yaml.safe_load((out / "stages" / "pretrain.yaml").read_text())["train"]["steps"]  # as run
-    assert json.loads((out / "pretrain" / "export" / "config.json").read_text())["source"]["step"] == steps
+    assert json.loads((out / "pretrain" / "export" / "rnnpipe.json").read_text())["source"]["step"] == steps
     # the comparison the collect stage wrote, task by task, and as it printed it
     sweep = out / "finetune"
     compared = json.loads((sweep / "comparison.json").read_text())
@@ -121,7 +120,7 @@ def _result(task: str, init: str, seed: int, kind: str, dev: dict, test: dict | 
 
 
 def test_the_comparison_picks_one_figure_per_task_and_signs_the_gain():
-    from launch.collect import comparison, comparison_markdown
+    from rnnpipe.launch.collect import comparison, comparison_markdown
 
     results = [
         # classification without test labels: dev accuracy, higher is better

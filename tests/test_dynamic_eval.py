@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import REPO, prepare, rnnpipe
 
-from pipeline.config import to_dict
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.models import LanguageModel, ModelConfig
-from pipeline.models.mixers import detach_state
-from pipeline.train.config import EvalConfig, resume_changes, run_fingerprint, run_view
-from pipeline.train.dynamic_eval import (
+from rnnpipe.pipeline.config import to_dict
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.models import LanguageModel, ModelConfig
+from rnnpipe.pipeline.models.mixers import detach_state
+from rnnpipe.pipeline.train.config import EvalConfig, resume_changes, run_fingerprint, run_view
+from rnnpipe.pipeline.train.dynamic_eval import (
     DynamicUpdate,
     dynamic_results,
     evaluate_dynamic,
@@ -26,8 +27,7 @@ from pipeline.train.dynamic_eval import (
     gradient_mean_square,
     working_copy,
 )
-from pipeline.train.evaluate import evaluate
-from tests.conftest import REPO, prepare, rnnpipe
+from rnnpipe.pipeline.train.evaluate import evaluate
 
 CPU = torch.device("cpu")
 V, T, L = 64, 32, 512  # vocabulary, segment length, one copy of the repeated text (L = 16 segments)
@@ -215,8 +215,8 @@ def test_two_ranks_adapt_as_one_rank_reading_both_streams(lm, tmp_path):
 
 
 def _pretrain_values(*overrides: str) -> dict:
-    from launch.pretrain_job import PretrainJob, stage_config
-    from pipeline.config import load_config
+    from rnnpipe.launch.pretrain_job import PretrainJob, stage_config
+    from rnnpipe.pipeline.config import load_config
 
     job = load_config(PretrainJob, str(REPO / "configs/pretrain/tiny-lrn.yaml"), overrides)
     return to_dict(stage_config(job))
@@ -245,9 +245,9 @@ def test_eval_keys_change_neither_the_fingerprint_nor_the_resume_check():
 def exported(tmp_path_factory) -> tuple[Path, Path]:
     """(an export of a byte-level LM trained briefly, the dataset it was trained on, whose test split
     is one passage twice)."""
-    from pipeline.data.manifest import read_manifest
-    from pipeline.models.pretrained import save_pretrained
-    from pipeline.train.data import SplitReader
+    from rnnpipe.pipeline.data.manifest import read_manifest
+    from rnnpipe.pipeline.models.pretrained import save_pretrained
+    from rnnpipe.pipeline.train.data import SplitReader
 
     root = tmp_path_factory.mktemp("dyn")
     words = str.split("the river stone winter garden of and to in a is that for it as was with be by on")
@@ -303,9 +303,9 @@ def test_an_export_evaluated_on_its_dataset_and_from_the_command_line(exported, 
 
 
 def test_the_loops_helper_reports_beside_the_static_figures(exported, caplog):
-    from pipeline.models.pretrained import load_pretrained
-    from pipeline.train.config import PretrainConfig
-    from pipeline.train.data import SplitReader
+    from rnnpipe.pipeline.models.pretrained import load_pretrained
+    from rnnpipe.pipeline.train.config import PretrainConfig
+    from rnnpipe.pipeline.train.data import SplitReader
 
     export, data = exported
     model = load_pretrained(export)

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
-from pipeline.train import elastic
-from pipeline.train.checkpoint import load_state, save_state
-from pipeline.train.data import StreamBatches
-from pipeline.train.state import TrainState, rng_state, set_rng_state
+from rnnpipe.pipeline.errors import PipelineError
+from rnnpipe.pipeline.train import elastic
+from rnnpipe.pipeline.train.checkpoint import load_state, save_state
+from rnnpipe.pipeline.train.data import StreamBatches
+from rnnpipe.pipeline.train.state import TrainState, rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ["lrn", "gru", "lstm", "attention"]  # batch-first, [1, B, D], ([1, B, D], [1, B, D]), KV cache
@@ -302,9 +302,9 @@ def _engine(stage: int, world: int, overrides: dict[str, Any]) -> Any:
     """A tiny GRU LM (odd sizes: ZeRO pads its partitions) with rnnpipe's optimizer set-up."""
     import deepspeed
 
-    from pipeline.models import LanguageModel
-    from pipeline.models.config import MixerKind, ModelConfig
-    from pipeline.train.config import (
+    from rnnpipe.pipeline.models import LanguageModel
+    from rnnpipe.pipeline.models.config import MixerKind, ModelConfig
+    from rnnpipe.pipeline.train.config import (
         DataConfig,
         OptimConfig,
         PretrainConfig,
@@ -406,7 +406,7 @@ def worker(mode: str, stage: int, root: Path) -> None:
 
 
 def _run(mode: str, stage: int, root: Path, world: int) -> None:
-    from launch.distributed import free_port
+    from rnnpipe.launch.distributed import free_port
 
     port = free_port()
     procs = [
@@ -425,7 +425,6 @@ def _run(mode: str, stage: int, root: Path, world: int) -> None:
                 "MASTER_PORT": str(port),
                 "OMP_NUM_THREADS": "1",
                 "DS_ACCELERATOR": "cpu",
-                "PYTHONPATH": str(REPO),
             },
         )
         for r in range(world)

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launch.cli import main
-from pipeline.config import fingerprint, load_config, to_dict
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.finetune import tasks
-from pipeline.finetune.collect import backbone_label
-from pipeline.finetune.config import (
+from rnnpipe.launch.cli import main
+from rnnpipe.pipeline.config import fingerprint, load_config, to_dict
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.finetune import tasks
+from rnnpipe.pipeline.finetune.collect import backbone_label
+from rnnpipe.pipeline.finetune.config import (
     Features,
     FinetuneOptim,
     HeadConfig,
@@ -27,11 +27,17 @@ from pipeline.finetune.config import (
     TaskConfig,
     TaskKind,
 )
-from pipeline.finetune.identity import job_identity
-from pipeline.finetune.model import FinetuneModel, ScalarMix, elmo_layers, parameter_groups, reverse_padded
-from pipeline.finetune.sweep import SweepConfig, expand
-from pipeline.models import LanguageModel, MixerKind, ModelConfig
-from pipeline.models.pretrained import save_pretrained
+from rnnpipe.pipeline.finetune.identity import job_identity
+from rnnpipe.pipeline.finetune.model import (
+    FinetuneModel,
+    ScalarMix,
+    elmo_layers,
+    parameter_groups,
+    reverse_padded,
+)
+from rnnpipe.pipeline.finetune.sweep import SweepConfig, expand
+from rnnpipe.pipeline.models import LanguageModel, MixerKind, ModelConfig
+from rnnpipe.pipeline.models.pretrained import save_pretrained
 
 BYTES = {"kind": "bytes", "vocab_size": 256}
 
@@ -218,8 +224,8 @@ def test_elmo_jobs_train_classification_and_tagging_end_to_end(tmp_path, exports
 def test_a_crashed_elmo_job_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
     tmp_path, exports, monkeypatch
 ):
-    from pipeline.finetune import job as job_module
-    from pipeline.finetune.job import run_job
+    from rnnpipe.pipeline.finetune import job as job_module
+    from rnnpipe.pipeline.finetune.job import run_job
 
     def jobs(root: Path) -> JobConfig:
         root.mkdir()
@@ -250,7 +256,7 @@ def test_a_crashed_elmo_job_resumes_from_its_checkpoint_and_ends_as_an_uninterru
 
 
 def test_freezing_keeps_both_lms_and_scratch_starts_both_afresh(tmp_path, exports):
-    from pipeline.finetune.job import TaskData, build_model
+    from rnnpipe.pipeline.finetune.job import TaskData, build_model
 
     cfg = sweep_file(tmp_path, exports, {"task": ["cls"]}, {"max_steps": 4, "save_model": True})
     assert main(["-q", "finetune", str(cfg), "--executor", "inline", "job.optim.freeze_steps=-1"]) == 0
@@ -292,7 +298,7 @@ def test_elmo_needs_a_backward_lm_of_the_same_tokenizer_and_depth(tmp_path):
         expand(sweep, str(forward))
     sweep.grid = {"task": ["cls"]}
     # another tokenizer
-    from tests.test_finetune_embeddings import word_export
+    from test_finetune_embeddings import word_export
 
     sweep.pretrained_backward = str(word_export(tmp_path / "word", 0, "backward"))
     with pytest.raises(
@@ -303,7 +309,7 @@ def test_elmo_needs_a_backward_lm_of_the_same_tokenizer_and_depth(tmp_path):
     with pytest.raises(ConfigError, match=r"is an export of a forward LM"):
         expand(sweep, str(forward))
     # another depth: refused when the job builds its model
-    from pipeline.finetune.job import TaskData, build_model
+    from rnnpipe.pipeline.finetune.job import TaskData, build_model
 
     sweep.pretrained_backward = str(export(tmp_path / "deep", 1, "backward", n_layers=3))
     job = expand(sweep, str(forward))[0]
@@ -382,7 +388,7 @@ def test_only_elmo_jobs_have_the_backward_lm_in_their_identity(tmp_path, exports
     elmo = _job(tmp_path, "classification", Features.elmo, pretrained_backward=backward)
     identity = job_identity(elmo, BACKBONE)
     assert identity["head.features"] == "elmo" and "head.bidirectional" not in identity
-    meta = json.loads((exports / "backward" / "config.json").read_text())
+    meta = json.loads((exports / "backward" / "rnnpipe.json").read_text())  # the export's header
     assert identity["backward.sha256"] == meta["source"]["weights_sha256"]
     assert "pretrained_backward" not in identity
     elmo.pretrained_backward = ""

@@ -9,8 +9,7 @@ import threading
 import zipfile
 
 import pytest
-
-from tests.conftest import REPO, prepare, rnnpipe
+from harness import REPO, prepare, rnnpipe
 
 TEXT = REPO / "configs" / "prepare" / "tinyshakespeare.yaml"
 ENWIK8 = REPO / "configs" / "prepare" / "enwik8-head.yaml"

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import REPO, prepare, rnnpipe
 
-from pipeline.config import to_dict
-from pipeline.models import LanguageModel, MixerKind, ModelConfig
-from pipeline.train.config import PretrainConfig
-from pipeline.train.evaluate import evaluate, window_batch_count, window_batches
-from pipeline.train.report import final_evaluation, window_results
-from tests.conftest import REPO, prepare, rnnpipe
+from rnnpipe.pipeline.config import to_dict
+from rnnpipe.pipeline.models import LanguageModel, MixerKind, ModelConfig
+from rnnpipe.pipeline.train.config import PretrainConfig
+from rnnpipe.pipeline.train.evaluate import evaluate, window_batch_count, window_batches
+from rnnpipe.pipeline.train.report import final_evaluation, window_results
 
 CPU = torch.device("cpu")
 V = 16
@@ -103,7 +103,7 @@ def test_window_zero_is_the_carried_evaluation_and_a_whole_split_window_equals_i
 
 
 class Recorder:
-    """The :class:`pipeline.train.metrics.Metrics` calls the final evaluation makes."""
+    """The :class:`rnnpipe.pipeline.train.metrics.Metrics` calls the final evaluation makes."""
 
     def __init__(self) -> None:
         self.scalar: dict[str, float] = {}
@@ -122,8 +122,8 @@ class Recorder:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[Path, Path, LanguageModel]:
     """(an export of a small byte-level LM, the dataset it names, the model)."""
-    from pipeline.data.manifest import read_manifest
-    from pipeline.models.pretrained import save_pretrained
+    from rnnpipe.pipeline.data.manifest import read_manifest
+    from rnnpipe.pipeline.models.pretrained import save_pretrained
 
     root = tmp_path_factory.mktemp("win")
     rng = np.random.default_rng(0)
@@ -146,7 +146,7 @@ def exported(tmp_path_factory) -> tuple[Path, Path, LanguageModel]:
 
 
 def test_the_final_evaluation_reports_it_beside_the_carried_figures(exported):
-    from pipeline.train.data import SplitReader
+    from rnnpipe.pipeline.train.data import SplitReader
 
     _, data, model = exported
     cfg = PretrainConfig(run_dir="r")
@@ -177,7 +177,7 @@ def test_the_final_evaluation_reports_it_beside_the_carried_figures(exported):
 
 def test_the_command_line_prints_and_writes_it(exported, tmp_path, capsys):
     export, data, model = exported
-    from pipeline.train.data import SplitReader
+    from rnnpipe.pipeline.train.data import SplitReader
 
     argv = [export, "--seq-len", "32", "--split", "valid", "--device", "cpu", "eval.dynamic=false"]
     assert rnnpipe("evaluate", *argv, "eval.window=16", "--json", tmp_path / "r.json") == 0

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from helpers_tasks import die_on_two, square_or_fail
 
-from launch.executors import (
+from rnnpipe.launch.executors import (
     ExecutorConfig,
     ExecutorKind,
     InlineExecutor,
@@ -14,8 +15,7 @@ from launch.executors import (
     TasksFailed,
     make_executor,
 )
-from pipeline.errors import PipelineError
-from tests.helpers_tasks import die_on_two, square_or_fail
+from rnnpipe.pipeline.errors import PipelineError
 
 
 @pytest.mark.parametrize("make", [InlineExecutor, lambda: LocalExecutor(2)])
@@ -90,7 +90,7 @@ def test_make_executor_follows_config(tmp_path):
 def test_an_array_task_runs_all_its_items_then_fails_naming_the_failed_ones(capsys):
     """On Slurm a failed item makes its array task exit non-zero (sacct: FAILED, afterok unmet);
     the submitting side still names each failed item with its own error."""
-    from launch.executors import ChunkFailed, _chunk_failures, _run_chunk
+    from rnnpipe.launch.executors import ChunkFailed, _chunk_failures, _run_chunk
 
     assert _run_chunk(square_or_fail, [2, 4]) == [4, 16]
     with pytest.raises(ChunkFailed) as e:

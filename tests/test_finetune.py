@@ -8,26 +8,30 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from harness import CLI, REPO, data_file
 
-from launch.cli import main
-from pipeline.config import to_dict
-from pipeline.data.tokenizers import ByteTokenizer, CharTokenizer, SentencePieceTokenizer, train_sentencepiece
-from pipeline.errors import PipelineError
-from pipeline.finetune import tasks
-from pipeline.finetune.collect import collect, table
-from pipeline.finetune.config import Features, FinetuneOptim, HeadConfig, Pooling, TaskKind
-from pipeline.finetune.conlleval import conlleval
-from pipeline.finetune.model import FinetuneModel, parameter_groups, reverse_padded
-from pipeline.models import LanguageModel, MixerKind, ModelConfig
-from pipeline.models.pretrained import save_pretrained
-from tests.conftest import REPO, data_file
+from rnnpipe.launch.cli import main
+from rnnpipe.pipeline.config import to_dict
+from rnnpipe.pipeline.data.tokenizers import (
+    ByteTokenizer,
+    CharTokenizer,
+    SentencePieceTokenizer,
+    train_sentencepiece,
+)
+from rnnpipe.pipeline.errors import PipelineError
+from rnnpipe.pipeline.finetune import tasks
+from rnnpipe.pipeline.finetune.collect import collect, table
+from rnnpipe.pipeline.finetune.config import Features, FinetuneOptim, HeadConfig, Pooling, TaskKind
+from rnnpipe.pipeline.finetune.conlleval import conlleval
+from rnnpipe.pipeline.finetune.model import FinetuneModel, parameter_groups, reverse_padded
+from rnnpipe.pipeline.models import LanguageModel, MixerKind, ModelConfig
+from rnnpipe.pipeline.models.pretrained import save_pretrained
 
 # ------------------------------------------------------------------------------ readers, real files
 
@@ -160,11 +164,11 @@ def _tiny_lm(seed: int = 0, mixer: MixerKind = MixerKind.lrn) -> LanguageModel:
 def test_an_export_whose_weights_were_swapped_is_not_taken_for_the_one_recorded(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from pipeline.models.exported import backbone_identity
+    from rnnpipe.pipeline.models.exported import backbone_identity
 
     export = make_export(tmp_path / "model")
     recorded = backbone_identity(str(export))
-    assert recorded["sha256"] == json.loads((export / "config.json").read_text())["source"]["weights_sha256"]
+    assert recorded["sha256"] == json.loads((export / "rnnpipe.json").read_text())["source"]["weights_sha256"]
     weights = load_file(str(export / "model.safetensors"))
     weights["embed.weight"] = weights["embed.weight"] + 1.0
     save_file(weights, str(export / "model.safetensors"))  # same size, other bytes
@@ -351,9 +355,7 @@ def test_frozen_backbone_keeps_pretrained_weights(tmp_path):
 
 
 def _run_cli(args: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "launch", "-q", *args], cwd=REPO, env={**os.environ, **(env or {})}
-    )
+    return subprocess.Popen([*CLI, "-q", *args], cwd=REPO, env={**os.environ, **(env or {})})
 
 
 def test_a_killed_job_resumes_and_ends_as_an_uninterrupted_one(tmp_path):
@@ -441,9 +443,9 @@ def test_collect_aggregates_mean_and_std_over_seeds_of_one_backbone(tmp_path, ca
 
 @pytest.mark.parametrize("name,jobs", [("demo", 6), ("cpu-results", 18), ("glue-conll-ptb", 84)])
 def test_shipped_sweeps_load_and_expand(name, jobs):
-    from launch.finetune import FinetuneJob, stage_config
-    from pipeline.config import load_config
-    from pipeline.finetune.sweep import expand
+    from rnnpipe.launch.finetune import FinetuneJob, stage_config
+    from rnnpipe.pipeline.config import load_config
+    from rnnpipe.pipeline.finetune.sweep import expand
 
     job = load_config(FinetuneJob, str(REPO / "configs" / "finetune" / f"{name}.yaml"))
     expanded = expand(stage_config(job), "/models/x")

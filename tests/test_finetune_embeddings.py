@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from launch.cli import main
-from pipeline.config import load_config, to_dict
-from pipeline.data.word_tokenizer import fit_word_tokenizer
-from pipeline.errors import ConfigError
-from pipeline.finetune.config import Init, TaskKind
-from pipeline.finetune.identity import job_identity
-from pipeline.finetune.job import TaskData, build_model
-from pipeline.finetune.sweep import SweepConfig, expand
-from pipeline.models import LanguageModel, MixerKind, ModelConfig
-from pipeline.models.pretrained import load_pretrained, save_pretrained
+from rnnpipe.launch.cli import main
+from rnnpipe.pipeline.config import load_config, to_dict
+from rnnpipe.pipeline.data.word_tokenizer import fit_word_tokenizer
+from rnnpipe.pipeline.errors import ConfigError
+from rnnpipe.pipeline.finetune.config import Init, TaskKind
+from rnnpipe.pipeline.finetune.identity import job_identity
+from rnnpipe.pipeline.finetune.job import TaskData, build_model
+from rnnpipe.pipeline.finetune.sweep import SweepConfig, expand
+from rnnpipe.pipeline.models import LanguageModel, MixerKind, ModelConfig
+from rnnpipe.pipeline.models.pretrained import load_pretrained, save_pretrained
 
 D = 16
 WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "rug", "good", "bad", "Park"]
@@ -92,7 +92,7 @@ DATA = TaskData(TaskKind.classification, ["0", "1"], [], [], None)
 
 @pytest.mark.parametrize("init", [Init.pretrained, Init.scratch])
 def test_the_found_rows_are_the_files_vectors_before_training(tmp_path, init):
-    from pipeline.models.pretrained import load_pretrained_tokenizer
+    from rnnpipe.pipeline.models.pretrained import load_pretrained_tokenizer
 
     export = word_export(tmp_path / "model", 0)
     vecs = glove(tmp_path / "glove.txt")
@@ -114,7 +114,7 @@ def test_the_found_rows_are_the_files_vectors_before_training(tmp_path, init):
 
 
 def test_elmo_puts_the_vectors_in_both_lms(tmp_path):
-    from pipeline.models.pretrained import load_pretrained_tokenizer
+    from rnnpipe.pipeline.models.pretrained import load_pretrained_tokenizer
 
     export = word_export(tmp_path / "model", 0)
     word_export(export / "backward", 1, "backward")
@@ -159,8 +159,8 @@ def test_frozen_rows_stay_through_finetuning_and_the_coverage_is_in_result_json(
 
 
 def test_embeddings_errors_and_identity(tmp_path):
-    from pipeline.data.tokenizers import ByteTokenizer
-    from pipeline.models.pretrained import load_pretrained_tokenizer
+    from rnnpipe.pipeline.data.tokenizers import ByteTokenizer
+    from rnnpipe.pipeline.models.pretrained import load_pretrained_tokenizer
 
     export = word_export(tmp_path / "model", 0)
     glove(tmp_path / "glove8.txt", 8)

@@ -13,23 +13,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from harness import data_file
 from scipy import stats
 from sklearn import metrics as sk
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as FastTokenizer
 
-from launch.cli import main
-from pipeline.config import to_dict
-from pipeline.data.hf_tokenizer import HuggingFaceTokenizer
-from pipeline.data.tokenizers import ByteTokenizer, CharTokenizer, SentencePieceTokenizer, train_sentencepiece
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.finetune import glue, metrics, tasks
-from pipeline.finetune.collect import collect, glue_table
-from pipeline.finetune.config import Features, HeadConfig, Pooling, TaskConfig, TaskKind
-from pipeline.finetune.model import FinetuneModel
-from pipeline.models import LanguageModel, MixerKind, ModelConfig
-from pipeline.models.pretrained import save_pretrained
-from tests.conftest import data_file
+from rnnpipe.launch.cli import main
+from rnnpipe.pipeline.config import to_dict
+from rnnpipe.pipeline.data.hf_tokenizer import HuggingFaceTokenizer
+from rnnpipe.pipeline.data.tokenizers import (
+    ByteTokenizer,
+    CharTokenizer,
+    SentencePieceTokenizer,
+    train_sentencepiece,
+)
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.finetune import glue, metrics, tasks
+from rnnpipe.pipeline.finetune.collect import collect, glue_table
+from rnnpipe.pipeline.finetune.config import Features, HeadConfig, Pooling, TaskConfig, TaskKind
+from rnnpipe.pipeline.finetune.model import FinetuneModel
+from rnnpipe.pipeline.models import LanguageModel, MixerKind, ModelConfig
+from rnnpipe.pipeline.models.pretrained import save_pretrained
 
 # ------------------------------------------------------------------------------ readers, real files
 
@@ -106,7 +111,7 @@ def test_glue_readers_name_the_file_and_line_of_bad_input(tmp_path):
 
 
 def test_a_pair_task_of_ones_own_reads_the_columns_it_names(tmp_path):
-    from pipeline.finetune.job import task_metrics
+    from rnnpipe.pipeline.finetune.job import task_metrics
 
     train, dev = tmp_path / "train.tsv", tmp_path / "dev.tsv"
     train.write_text("question\tpassage\tanswer\nis it?\tit is.\tyes\nor not?\tno.\tno\n")
@@ -240,7 +245,7 @@ def _sentencepiece() -> SentencePieceTokenizer:
 
 def _word(eod: bool):
     """A word vocabulary of the text's words (``tokenizer.kind=word``), with an ``<eod>`` or not."""
-    word = pytest.importorskip("pipeline.data.word_tokenizer")
+    word = pytest.importorskip("rnnpipe.pipeline.data.word_tokenizer")
     return word.WordTokenizer(sorted(set(" ".join(PAIR).split())), eod=eod)
 
 
@@ -443,8 +448,8 @@ def test_a_tiny_glue_job_runs_and_reports_the_tasks_metrics(tmp_path, capsys, ta
 def test_the_new_task_keys_at_their_defaults_leave_existing_results_complete():
     """text_pair_column and glue were added after results were recorded: at their defaults they
     are not part of a job's identity, so an SST-2 result made before them is still complete."""
-    from pipeline.finetune.config import JobConfig
-    from pipeline.finetune.identity import ADDED_KEYS, job_identity
+    from rnnpipe.pipeline.finetune.config import JobConfig
+    from rnnpipe.pipeline.finetune.identity import ADDED_KEYS, job_identity
 
     backbone = {"sha256": "0" * 64, "step": 1, "model": {}, "tokenizer": {}}
     identity = job_identity(JobConfig(out_dir="o", pretrained="p"), backbone)

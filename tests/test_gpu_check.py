@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import DATA, REPO
+from harness import DATA, REPO, benchmark
 
 SECTIONS = ("kernels", "speed", "lm", "twin")
 pytest.importorskip("triton", reason="Triton is not installed (it is Linux-only)")
@@ -88,7 +87,7 @@ def test_speed_peers_and_training_numbers(dry_run):
 
 def test_needs_the_flag_on_the_command_line(tmp_path):
     """--dry-run sets TRITON_INTERPRET before imports: main() refuses it from elsewhere."""
-    from benchmarks import gpu_check
+    gpu_check = benchmark("gpu_check")
 
     assert not gpu_check.DRY_RUN  # pytest's command line has no --dry-run
     with pytest.raises(SystemExit) as e:

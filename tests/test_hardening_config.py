@@ -4,18 +4,17 @@ values, and ``data.verify`` outside the run's identity."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
+from harness import CLI, REPO
 
-from launch.finetune import FinetuneJob
-from launch.prepare import PrepareJob
-from launch.pretrain import PretrainJob
-from launch.workflow import PipelineConfig
-from pipeline.config import load_config, to_dict
-from pipeline.errors import ConfigError
-from pipeline.train.config import deepspeed_config, resume_changes, run_fingerprint, run_view
-from tests.conftest import REPO
+from rnnpipe.launch.finetune import FinetuneJob
+from rnnpipe.launch.prepare import PrepareJob
+from rnnpipe.launch.pretrain import PretrainJob
+from rnnpipe.launch.workflow import PipelineConfig
+from rnnpipe.pipeline.config import load_config, to_dict
+from rnnpipe.pipeline.errors import ConfigError
+from rnnpipe.pipeline.train.config import deepspeed_config, resume_changes, run_fingerprint, run_view
 
 PRETRAIN = str(REPO / "configs" / "pretrain" / "tiny-lrn.yaml")
 PREPARE = str(REPO / "configs" / "prepare" / "tinyshakespeare.yaml")
@@ -159,9 +158,7 @@ def test_cli_exits_2_with_one_line_naming_the_key(tmp_path, args, names):
     bad = tmp_path / "bad.yaml"
     bad.write_text("output: x\nsource: {paths: [a]\n")
     argv = [str(bad) if a == "BAD_YAML" else a for a in args]
-    done = subprocess.run(
-        [sys.executable, "-m", "launch", *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path
-    )
+    done = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rnnpipe: config error: "), done.stderr

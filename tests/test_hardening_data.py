@@ -11,22 +11,21 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from harness import CLI, REPO, prepare, rnnpipe
 
-from launch import prepare as prepare_stage
-from pipeline.config import load_config
-from pipeline.data.manifest import inside, read_manifest
-from pipeline.data.prepare import LOCK
-from pipeline.data.tokenizers import tokenizer_from_manifest
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.train.data import SplitReader
-from tests.conftest import REPO, prepare, rnnpipe
+from rnnpipe.launch import prepare as prepare_stage
+from rnnpipe.pipeline.config import load_config
+from rnnpipe.pipeline.data.manifest import inside, read_manifest
+from rnnpipe.pipeline.data.prepare import LOCK
+from rnnpipe.pipeline.data.tokenizers import tokenizer_from_manifest
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.train.data import SplitReader
 
 TEXT = REPO / "configs" / "prepare" / "tinyshakespeare.yaml"
 WIKI = REPO / "configs" / "prepare" / "wikipedia.yaml"
@@ -88,7 +87,7 @@ def edit_manifest(root: Path, change) -> None:
 
 
 def prepare_cmd(corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "launch", "prepare", str(TEXT), f"output={out}", *overrides(corpus), *extra]
+    return [*CLI, "prepare", str(TEXT), f"output={out}", *overrides(corpus), *extra]
 
 
 # --- 1. the training reader checks every shard against the manifest ------------------------------

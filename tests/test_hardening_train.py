@@ -12,7 +12,6 @@ import resource
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,10 +19,10 @@ import psutil
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import CLI, REPO, prepare_enwik8_head
 
-from pipeline.errors import PipelineError
-from pipeline.train import checkpoint, divergence
-from tests.conftest import REPO, prepare_enwik8_head
+from rnnpipe.pipeline.errors import PipelineError
+from rnnpipe.pipeline.train import checkpoint, divergence
 
 pytest.importorskip("deepspeed")
 CONFIG = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"
@@ -49,9 +48,7 @@ def dataset(tmp_path_factory) -> Path:
 
 def cmd(run_dir: Path, data: Path, *overrides: str, executor: str = "inline") -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "launch",
+        *CLI,
         "pretrain",
         str(CONFIG),
         f"run_dir={run_dir}",
@@ -263,7 +260,7 @@ class _Payload:
 
 
 def test_crafted_pickles_in_rnnpipe_files_are_refused_without_running(tmp_path):
-    from pipeline.train.export import export
+    from rnnpipe.pipeline.train.export import export
 
     marker = tmp_path / "ran"
     state = tmp_path / "rank00000.pt"
@@ -280,8 +277,8 @@ def test_crafted_pickles_in_rnnpipe_files_are_refused_without_running(tmp_path):
 
 
 def test_a_slurm_submission_not_started_yet_keeps_a_second_launch_out(tmp_path, dataset, monkeypatch):
-    from launch import pretrain, record, slurm
-    from pipeline.config import load_config
+    from rnnpipe.launch import pretrain, record, slurm
+    from rnnpipe.pipeline.config import load_config
 
     run_dir = tmp_path / "run"
     record.record(str(run_dir / "slurm"), "pretrain", {"job_id": "4242", "submitted_at": time.time()})
@@ -366,8 +363,8 @@ def test_a_non_finite_gradient_norm_skips_the_update_like_a_non_finite_loss(tmp_
 
 
 def test_init_from_starts_a_new_run_from_the_exported_weights(tmp_path, dataset):
-    from pipeline.models.pretrained import load_pretrained
-    from pipeline.train.data import SplitReader, StreamBatches
+    from rnnpipe.pipeline.models.pretrained import load_pretrained
+    from rnnpipe.pipeline.train.data import SplitReader, StreamBatches
 
     first = tmp_path / "first"
     done = subprocess.run(

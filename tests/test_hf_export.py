@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import REPO, prepare
 
-from pipeline.config import to_dict
-from pipeline.data.manifest import load_tokenizer, read_manifest
-from pipeline.models.config import MixerKind, ModelConfig
-from pipeline.models.lm import LanguageModel
-from pipeline.models.pretrained import load_pretrained, load_pretrained_tokenizer, save_pretrained
-from tests.conftest import REPO, prepare
+from rnnpipe.pipeline.config import to_dict
+from rnnpipe.pipeline.data.manifest import load_tokenizer, read_manifest
+from rnnpipe.pipeline.models.config import MixerKind, ModelConfig
+from rnnpipe.pipeline.models.lm import LanguageModel
+from rnnpipe.pipeline.models.pretrained import load_pretrained, load_pretrained_tokenizer, save_pretrained
 
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 
@@ -127,7 +127,7 @@ def _offline(monkeypatch, tmp_path):
 
 
 def _text(dataset: Path, split: str = "test", limit: int = 3000) -> str:
-    from tests.conftest import read_split
+    from harness import read_split
 
     tokens, _ = read_split(dataset, split)
     return load_tokenizer(str(dataset)).decode(tokens[:limit]).decode("utf-8", errors="ignore")
@@ -283,8 +283,8 @@ def test_lm_eval_loglikelihood_equals_rnnpipe(datasets, tmp_path):
 def test_lm_eval_rolling_equals_rnnpipes_evaluation(datasets, tmp_path):
     """lm-eval's loglikelihood_rolling of a split's text (prefixed by its first token) is the
     negative of the nats rnnpipe's evaluation sums over that split with the state carried."""
-    from pipeline.train.data import SplitReader
-    from pipeline.train.evaluate import evaluate
+    from rnnpipe.pipeline.train.data import SplitReader
+    from rnnpipe.pipeline.train.evaluate import evaluate
 
     dataset = datasets["char"]
     export = tmp_path / "e"
@@ -292,7 +292,7 @@ def test_lm_eval_rolling_equals_rnnpipes_evaluation(datasets, tmp_path):
     ours, tok = load_pretrained(export), load_pretrained_tokenizer(export)
     reader = SplitReader(str(dataset), "test")
     result = evaluate(ours, reader, rank=0, world=1, streams=1, seq_len=256, device=torch.device("cpu"))
-    from tests.conftest import read_split
+    from harness import read_split
 
     tokens, _ = read_split(dataset, "test")
     first, rest = int(tokens[0]), tokens[1:].tolist()
@@ -419,7 +419,7 @@ def test_a_sentencepiece_model_with_another_normalizer_exports_without_a_wrong_t
 
     import sentencepiece as spm
 
-    from pipeline.data.tokenizers import SentencePieceTokenizer
+    from rnnpipe.pipeline.data.tokenizers import SentencePieceTokenizer
 
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(

@@ -12,25 +12,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from harness import REPO, prepare, read_split, rnnpipe
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as FastTokenizer
 
-from pipeline.config import config_from_dict, to_dict
-from pipeline.data import hf_tokenizer
-from pipeline.data import prepare as prepare_module
-from pipeline.data.config import PrepareConfig, TokenizerConfig, TokenizerKind
-from pipeline.data.hf_tokenizer import HuggingFaceTokenizer, check_hf_path, load_hf_tokenizer
-from pipeline.data.manifest import dataset_fingerprint_keys, load_tokenizer
-from pipeline.data.tokenizers import (
+from rnnpipe.pipeline.config import config_from_dict, to_dict
+from rnnpipe.pipeline.data import hf_tokenizer
+from rnnpipe.pipeline.data import prepare as prepare_module
+from rnnpipe.pipeline.data.config import PrepareConfig, TokenizerConfig, TokenizerKind
+from rnnpipe.pipeline.data.hf_tokenizer import HuggingFaceTokenizer, check_hf_path, load_hf_tokenizer
+from rnnpipe.pipeline.data.manifest import dataset_fingerprint_keys, load_tokenizer
+from rnnpipe.pipeline.data.tokenizers import (
     CharTokenizer,
     RoundTripError,
     SentencePieceTokenizer,
     tokenizer_from_manifest,
     train_sentencepiece,
 )
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.models.hf.tokenizer_files import tokenizer_files
-from tests.conftest import REPO, prepare, read_split, rnnpipe
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.models.hf.tokenizer_files import tokenizer_files
 
 ENWIK8 = REPO / "configs" / "prepare" / "enwik8-head.yaml"
 TEXT = REPO / "configs" / "prepare" / "tinyshakespeare.yaml"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference as R
+from rnnpipe import kernels
+from rnnpipe.kernels import reference as R
 
 SHAPES = [(2, 1, 5), (3, 17, 7), (1, 64, 3), (2, 37, 11)]  # T = 1, prime T, T a square, ...
 

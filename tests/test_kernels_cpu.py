@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import cpu_native, cpu_rnn, cpu_scan, ops
-from kernels import reference as R
+from rnnpipe import kernels
+from rnnpipe.kernels import cpu_native, cpu_rnn, cpu_scan, ops
+from rnnpipe.kernels import reference as R
 
 TS = [1, 2, 5, 16, 17, 31, 64, 97]  # T = 1, under the chunk, sequential, primes, a square
 TOL = {torch.float64: {"rtol": 1e-11, "atol": 1e-11}, torch.float32: {"rtol": 2e-5, "atol": 2e-5}}
@@ -153,7 +153,7 @@ def test_the_mixers_projection_takes_the_packed_op(monkeypatch, name):
     """nn.Linear on [B, T, D] computes on a flattened view, so its output is itself a view: the
     mixers' ``proj(x).chunk(n, -1)`` still reaches the packed op, with the plain op's values and
     gradients."""
-    from pipeline.models.mixers import LRN, OLRN
+    from rnnpipe.pipeline.models.mixers import LRN, OLRN
 
     calls = []
     packed = ops.lrn_packed_op

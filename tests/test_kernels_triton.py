@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference as R
+from rnnpipe import kernels
+from rnnpipe.kernels import reference as R
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (it is Linux-only)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,7 +53,7 @@ def test_linear_scan(monkeypatch, dtype, shape, with_h0):
 @pytest.mark.parametrize("chunks", [2, 3, 7])
 def test_linear_scan_chunked_in_time(chunks):
     """Long T with small B·D runs chunks of time in parallel: the same numbers."""
-    from kernels import triton_scan
+    from rnnpipe.kernels import triton_scan
 
     B, T, D = 2, 29, 6
     a, b, h0 = (
@@ -107,10 +107,10 @@ def test_every_kernel_variant_compiles_for_gpus(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from harness import REPO
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(REPO))
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     run = subprocess.run(
         [sys.executable, str(REPO / "tests" / "helpers_triton_compile.py"), "80", "90"],
         env=env,

@@ -12,15 +12,15 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from harness import REPO, data_file
 
-from launch.pretrain import PretrainJob, stage_config
-from pipeline.config import load_config, to_dict
-from pipeline.errors import ConfigError
-from pipeline.finetune.collect import collect, hparams_metrics, markdown, table
-from pipeline.finetune.config import TaskKind
-from pipeline.train.config import resume_changes, run_fingerprint, run_view
-from pipeline.train.metrics import PRETRAIN_HPARAMS, PRETRAIN_TAGS, WANDB_ID, Metrics
-from tests.conftest import REPO, data_file
+from rnnpipe.launch.pretrain import PretrainJob, stage_config
+from rnnpipe.pipeline.config import load_config, to_dict
+from rnnpipe.pipeline.errors import ConfigError
+from rnnpipe.pipeline.finetune.collect import collect, hparams_metrics, markdown, table
+from rnnpipe.pipeline.finetune.config import TaskKind
+from rnnpipe.pipeline.train.config import resume_changes, run_fingerprint, run_view
+from rnnpipe.pipeline.train.metrics import PRETRAIN_HPARAMS, PRETRAIN_TAGS, WANDB_ID, Metrics
 
 PRETRAIN = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"
 
@@ -263,7 +263,7 @@ def offline(monkeypatch, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_wandb_offline_gets_the_scalars_text_config_and_results(offline, tmp_path):
-    from pipeline.train.config import WandbConfig
+    from rnnpipe.pipeline.train.config import WandbConfig
 
     run_dir = tmp_path / "tiny-run"
     cfg = WandbConfig(project="rnnpipe-test", group="g", tags=["t1"], mode="online")  # $WANDB_MODE wins
@@ -295,7 +295,7 @@ def test_wandb_offline_gets_the_scalars_text_config_and_results(offline, tmp_pat
 
 @pytest.mark.timeout(60)
 def test_a_resumed_run_continues_its_wandb_run_and_a_fresh_one_starts_another(offline, tmp_path):
-    from pipeline.train.config import WandbConfig
+    from rnnpipe.pipeline.train.config import WandbConfig
 
     cfg = WandbConfig(project="rnnpipe-test", mode="offline")
     Metrics(tmp_path, True, 0, 20, wandb=cfg).close()
@@ -372,10 +372,10 @@ def test_docs_pretrain_lists_exactly_the_tags_the_loop_may_log():
 def test_the_loop_logs_only_declared_tags(tmp_path):
     """Metrics refuses an undeclared tag on every rank; the loop's literal tags are declared, and
     its evaluation tags (split/metric, built from evaluate's result) too."""
-    from pipeline.finetune.tasks import ArrayReader, LMText
-    from pipeline.models import LanguageModel, ModelConfig
-    from pipeline.train.evaluate import evaluate
-    from pipeline.train.report import report
+    from rnnpipe.pipeline.finetune.tasks import ArrayReader, LMText
+    from rnnpipe.pipeline.models import LanguageModel, ModelConfig
+    from rnnpipe.pipeline.train.evaluate import evaluate
+    from rnnpipe.pipeline.train.report import report
 
     for enabled in (True, False):
         m = Metrics(tmp_path, enabled, 0, 1, jsonl=False)
@@ -402,7 +402,7 @@ def test_the_loop_logs_only_declared_tags(tmp_path):
 
 
 def test_docs_finetune_lists_exactly_what_a_job_logs_and_the_view_shows(tmp_path):
-    from pipeline.finetune.job import METRICS, tensorboard_tags
+    from rnnpipe.pipeline.finetune.job import METRICS, tensorboard_tags
 
     doc = _documented("finetune.md", "A job", "tasks")
     for kind in TaskKind:
@@ -419,10 +419,10 @@ def test_docs_finetune_lists_exactly_what_a_job_logs_and_the_view_shows(tmp_path
 @pytest.mark.timeout(120)
 def _tiny_tagging_job(tmp_path, **extra):
     """A real (tiny) CoNLL job on a random 1-layer backbone; returns its result."""
-    from pipeline.finetune.config import JobConfig, TaskConfig
-    from pipeline.finetune.job import run_job
-    from pipeline.models import LanguageModel, ModelConfig
-    from pipeline.models.pretrained import save_pretrained
+    from rnnpipe.pipeline.finetune.config import JobConfig, TaskConfig
+    from rnnpipe.pipeline.finetune.job import run_job
+    from rnnpipe.pipeline.models import LanguageModel, ModelConfig
+    from rnnpipe.pipeline.models.pretrained import save_pretrained
 
     conll = data_file("conll2003")
     torch.manual_seed(0)
@@ -457,7 +457,7 @@ def test_a_tiny_tagging_job_logs_exactly_its_declared_tags(tmp_path):
     """A real (tiny) CoNLL job: its event file holds exactly tensorboard_tags(tagging)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from pipeline.finetune.job import tensorboard_tags
+    from rnnpipe.pipeline.finetune.job import tensorboard_tags
 
     result = _tiny_tagging_job(tmp_path)
     ea = EventAccumulator(str(tmp_path / "sweep" / "jobs" / "job" / "tensorboard"))
@@ -468,8 +468,8 @@ def test_a_tiny_tagging_job_logs_exactly_its_declared_tags(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_a_finetune_job_logs_to_wandb_as_one_run_of_its_sweeps_group(offline, tmp_path):
-    from pipeline.finetune.job import tensorboard_tags
-    from pipeline.train.config import WandbConfig
+    from rnnpipe.pipeline.finetune.job import tensorboard_tags
+    from rnnpipe.pipeline.train.config import WandbConfig
 
     result = _tiny_tagging_job(tmp_path, wandb=WandbConfig(project="rnnpipe-test", mode="offline"))
     job_dir = tmp_path / "sweep" / "jobs" / "job"

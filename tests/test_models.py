@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.models.config import MixerKind, ModelConfig, NormKind
-from pipeline.models.flops import flops_per_token, model_params
-from pipeline.models.lm import LanguageModel, make_mixer
+from rnnpipe.pipeline.models.config import MixerKind, ModelConfig, NormKind
+from rnnpipe.pipeline.models.flops import flops_per_token, model_params
+from rnnpipe.pipeline.models.lm import LanguageModel, make_mixer
 
 D = 8
 σ = torch.sigmoid

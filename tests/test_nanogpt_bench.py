@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
+from harness import REPO, benchmark
 
-from benchmarks.nanogpt import BEGIN, END, SPEED_BEGIN, SPEED_END, missing, write_nanogpt_data, write_tables
-from tests.conftest import REPO
+nanogpt = benchmark("nanogpt")
+BEGIN, END, SPEED_BEGIN, SPEED_END = nanogpt.BEGIN, nanogpt.END, nanogpt.SPEED_BEGIN, nanogpt.SPEED_END
+missing, write_nanogpt_data, write_tables = nanogpt.missing, nanogpt.write_nanogpt_data, nanogpt.write_tables
 
 
 def test_without_a_checkout_it_skips_with_the_reason(tmp_path):

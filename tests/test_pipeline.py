@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import DATA, REPO, data_file, rnnpipe
 
-from launch import workflow
-from pipeline.errors import ConfigError
-from tests.conftest import DATA, REPO, data_file, rnnpipe
+from rnnpipe.launch import workflow
+from rnnpipe.pipeline.errors import ConfigError
 
 QUICKSTART = REPO / "configs" / "pipeline" / "quickstart.yaml"
 
@@ -30,18 +30,19 @@ def _launch_imports() -> dict[str, set[str]]:
     for path in sorted((REPO / "launch").glob("*.py")):
         deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "launch":
-                deps |= {f"launch.{a.name}" for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("launch."):
+            if isinstance(node, ast.ImportFrom) and node.module == "rnnpipe.launch":
+                deps |= {f"rnnpipe.launch.{a.name}" for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rnnpipe.launch."):
                 deps.add(node.module)
             elif isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names if a.name.startswith("launch.")}
-        graph[f"launch.{path.stem}"] = deps - {f"launch.{path.stem}"}
+                deps |= {a.name for a in node.names if a.name.startswith("rnnpipe.launch.")}
+        graph[f"rnnpipe.launch.{path.stem}"] = deps - {f"rnnpipe.launch.{path.stem}"}
     return graph
 
 
-def test_launch_has_no_import_cycle_and_each_module_imports_alone():
+def test_launch_has_no_import_cycle_and_each_module_imports_alone(tmp_path):
     graph = _launch_imports()
+    assert len(graph) > 20 and all(deps <= set(graph) for deps in graph.values())
     state: dict[str, int] = {}
 
     def visit(m: str, path: list[str]) -> None:
@@ -56,11 +57,15 @@ def test_launch_has_no_import_cycle_and_each_module_imports_alone():
 
     for m in graph:
         visit(m, [])
-    assert "launch.cli" not in set().union(*(d for m, d in graph.items() if m != "launch.__main__"))
-    for m in graph:
-        if m == "launch.__main__":
-            continue
-        done = subprocess.run([sys.executable, "-c", f"import {m}"], capture_output=True, text=True, cwd=REPO)
+    imported = set().union(*(d for m, d in graph.items() if m != "rnnpipe.launch.__main__"))
+    assert "rnnpipe.launch.cli" not in imported
+    modules = [m for m in graph if m != "rnnpipe.launch.__main__"]
+    # one Python per module (each alone), from a directory that is not the checkout
+    script = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n    print(m)"
+    for m in modules:
+        done = subprocess.run(
+            [sys.executable, "-P", "-c", script, m], capture_output=True, text=True, cwd=tmp_path
+        )
         assert done.returncode == 0, (m, done.stderr[-2000:])
 
 
@@ -170,11 +175,14 @@ def test_plan_quotes_every_value_taken_from_a_config(tmp_path):
     assert f"run_dir: {tmp_path / 'run' / 'pretrain'}" in stage and "nproc: 2" in stage
     # the jobs run a snapshot of the code: its rnnpipe command runs, from the snapshot
     code = Path(v["CODE"])
-    assert code.parent.parent == tmp_path / "run" / "slurm" and (code / "launch" / "cli.py").exists()
+    assert code.parent.parent == tmp_path / "run" / "slurm"
+    assert (code / "rnnpipe" / "launch" / "cli.py").exists()
+    assert (code / "rnnpipe" / "slurm" / "common.sh").exists()
+    assert sorted(p.name for p in code.iterdir()) == ["SNAPSHOT.json", "bin", "rnnpipe", "submitit_job.py"]
     marker = json.loads((code / "SNAPSHOT.json").read_text())
     assert code.name == f"code-{marker['digest'][:12]}"
     where = subprocess.run(
-        [str(code / "rnnpipe"), "--version"], capture_output=True, text=True, cwd=tmp_path, timeout=60
+        [str(code / "bin" / "rnnpipe"), "--version"], capture_output=True, text=True, cwd=tmp_path, timeout=60
     )
     assert where.returncode == 0 and "rnnpipe" in where.stdout, where.stderr
 
@@ -185,9 +193,9 @@ def _sbatch_lines(text: str) -> set[str]:
 
 def test_sbatch_options_are_what_the_submitit_launcher_submits(tmp_path, monkeypatch):
     """slurm/pipeline.sh and `rnnpipe run --executor slurm` ask Slurm for the same resources."""
-    from launch import pretrain
-    from launch.executors import SlurmExecutor
-    from launch.slurm import sbatch_flags
+    from rnnpipe.launch import pretrain
+    from rnnpipe.launch.executors import SlurmExecutor
+    from rnnpipe.launch.slurm import sbatch_flags
 
     monkeypatch.setattr("shutil.which", lambda name, *a, **k: f"/usr/bin/{name}")  # no Slurm needed
     p = workflow.load(

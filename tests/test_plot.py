@@ -7,9 +7,9 @@ import struct
 from pathlib import Path
 
 import pytest
+from harness import benchmark, rnnpipe
 
-from launch import plot
-from tests.conftest import rnnpipe
+from rnnpipe.launch import plot
 
 pytest.importorskip("matplotlib")
 
@@ -118,7 +118,8 @@ def test_out_must_be_png(tmp_path, capsys):
 
 
 def test_chart_helpers_write_pngs_from_a_small_table(tmp_path):
-    from benchmarks.charts import bar_chart, line_chart
+    charts = benchmark("charts")
+    bar_chart, line_chart = charts.bar_chart, charts.line_chart
 
     speeds = {"lrn": [(512, 7000.0), (128, 7200.0)], "mingru": [(128, 8000.0), (512, 8700.0)]}
     out = line_chart(
@@ -139,8 +140,8 @@ def test_chart_helpers_write_pngs_from_a_small_table(tmp_path):
 
 
 def test_benchmarks_draw_their_tables(tmp_path):
-    from benchmarks.kernels import plot_kernels
-    from benchmarks.pretrain import plot_speed
+    plot_kernels = benchmark("kernel_speed").plot_kernels
+    plot_speed = benchmark("pretrain").plot_speed
 
     records = [{"op": "device copy", "shape": None, "dtype": "float32", "ms": None, "gbs": 5.4}]
     for shape in ((8, 64, 32), (1, 512, 16)):

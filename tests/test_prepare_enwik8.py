@@ -10,16 +10,16 @@ import subprocess
 import numpy as np
 import pytest
 import webdataset as wds
+from harness import REPO, prepare, read_split, rnnpipe
 
-from pipeline.data.sources import ENWIK8_SHA256
-from tests.conftest import REPO, prepare, read_split, rnnpipe
+from rnnpipe.pipeline.data.sources import ENWIK8_SHA256
 
 CONFIG = REPO / "configs" / "prepare" / "enwik8-head.yaml"
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from tests.conftest import data_file
+    from harness import data_file
 
     src = data_file("enwik8-head/enwik8-head.txt")
     out = tmp_path_factory.mktemp("enwik8") / "data"

@@ -6,9 +6,9 @@ import gzip
 import json
 
 import numpy as np
+from harness import REPO, prepare, read_split, rnnpipe
 
-from pipeline.data.manifest import load_tokenizer
-from tests.conftest import REPO, prepare, read_split, rnnpipe
+from rnnpipe.pipeline.data.manifest import load_tokenizer
 
 SHAKESPEARE = REPO / "configs" / "prepare" / "tinyshakespeare.yaml"
 

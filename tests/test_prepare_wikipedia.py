@@ -9,12 +9,12 @@ import re
 
 import numpy as np
 import pytest
+from harness import REPO, data_file, prepare, read_split
 
-from pipeline.data.manifest import load_tokenizer
-from pipeline.data.sources import split_of
-from pipeline.data.wikipedia import inspect_dump, iter_pages, link_drop_prefixes
-from pipeline.data.wikitext import wikitext_to_text
-from tests.conftest import REPO, data_file, prepare, read_split
+from rnnpipe.pipeline.data.manifest import load_tokenizer
+from rnnpipe.pipeline.data.sources import split_of
+from rnnpipe.pipeline.data.wikipedia import inspect_dump, iter_pages, link_drop_prefixes
+from rnnpipe.pipeline.data.wikitext import wikitext_to_text
 
 CONFIG = REPO / "configs" / "prepare" / "wikipedia.yaml"
 DUMP = "wikipedia-xml/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"

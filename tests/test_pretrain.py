@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from harness import CLI, REPO, data_file, prepare
 
-from launch.distributed import detect, first_host
-from pipeline.errors import PipelineError
-from pipeline.train.config import PretrainConfig, deepspeed_config
-from pipeline.train.data import IGNORE, ShuffleBatches, SplitReader, StreamBatches
-from tests.conftest import REPO, data_file, prepare
+from rnnpipe.launch.distributed import detect, first_host
+from rnnpipe.pipeline.errors import PipelineError
+from rnnpipe.pipeline.train.config import PretrainConfig, deepspeed_config
+from rnnpipe.pipeline.train.data import IGNORE, ShuffleBatches, SplitReader, StreamBatches
 
 pytest.importorskip("deepspeed")
 CONFIG = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"
@@ -56,9 +56,7 @@ def dataset(tmp_path_factory):
 
 def pretrain_cmd(run_dir: Path, data: Path, *overrides: str, nproc: int = 2) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "launch",
+        *CLI,
         "pretrain",
         str(CONFIG),
         f"run_dir={run_dir}",
@@ -192,9 +190,10 @@ def test_shuffle_mode_refuses_more_ranks_times_workers_than_shards(dataset):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_ranks_train_and_export_matches_the_training_model(stage, dataset, tmp_path, monkeypatch):
-    from launch.distributed import free_port
-    from pipeline.models import load_pretrained
-    from tests.helpers_pretrain import fixed_tokens
+    from helpers_pretrain import fixed_tokens
+
+    from rnnpipe.launch.distributed import free_port
+    from rnnpipe.pipeline.models import load_pretrained
 
     run_dir = tmp_path / "run"
     overrides = [
@@ -225,7 +224,6 @@ def test_two_ranks_train_and_export_matches_the_training_model(stage, dataset, t
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": port,
                 "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": str(REPO),
             },
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -246,14 +244,15 @@ def test_two_ranks_train_and_export_matches_the_training_model(stage, dataset, t
     assert len(norms) == 6 and all(0 < n < 100 for n in norms)
 
     export = tmp_path / "export"
-    done = run([sys.executable, "-m", "launch", "export", str(run_dir), str(export)])
+    done = run([*CLI, "export", str(run_dir), str(export)])
     assert done.returncode == 0, done.stderr[-3000:]
     model = load_pretrained(export)
     with torch.no_grad():
         logits, _ = model(fixed_tokens(model.vocab_size))
     torch.testing.assert_close(logits, torch.load(tmp_path / "logits.pt"), rtol=1e-5, atol=1e-5)
     meta = json.loads((export / "config.json").read_text())
-    assert meta["source"]["step"] == 30 and meta["vocab_size"] == 256
+    assert meta["vocab_size"] == 256
+    assert json.loads((export / "rnnpipe.json").read_text())["source"]["step"] == 30  # the header
     # the same directory in transformers (no network), with the training model's logits
     from transformers import AutoModelForCausalLM
 
@@ -451,10 +450,10 @@ def test_nonfinite_losses_are_skipped_and_repeated_ones_stop_the_run(dataset, tm
 
 @pytest.mark.parametrize("name", ["enwik8-50m", "wiki-350m", "wiki-1.3b"])
 def test_shipped_scale_configs_fit_80gb_gpus(name):
-    from launch.pretrain import PretrainJob
-    from pipeline.config import load_config
-    from pipeline.models import LanguageModel
-    from pipeline.train.memory import estimate_memory
+    from rnnpipe.launch.pretrain import PretrainJob
+    from rnnpipe.pipeline.config import load_config
+    from rnnpipe.pipeline.models import LanguageModel
+    from rnnpipe.pipeline.train.memory import estimate_memory
 
     job = load_config(PretrainJob, str(REPO / "configs" / "pretrain" / f"{name}.yaml"))
     vocab = 256 if "enwik8" in name else 32768

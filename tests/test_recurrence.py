@@ -12,17 +12,17 @@ pytest.importorskip("transformers")
 
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from pipeline.config import config_from_dict
-from pipeline.errors import ConfigError
-from pipeline.models.config import (
+from rnnpipe.pipeline.config import config_from_dict
+from rnnpipe.pipeline.errors import ConfigError
+from rnnpipe.pipeline.models.config import (
     FreezeKind,
     ModelConfig,
     ModelKind,
     RecurrenceConfig,
     RecurrenceKind,
 )
-from pipeline.models.recurrence import AddedRecurrenceLM
-from pipeline.train.config import PretrainConfig
+from rnnpipe.pipeline.models.recurrence import AddedRecurrenceLM
+from rnnpipe.pipeline.train.config import PretrainConfig
 
 V = 61
 S = 8  # segment length
@@ -199,7 +199,7 @@ def test_kv_memory_positions_stay_within_the_backbone():
 
 def test_state_kinds_give_each_entry_its_batch_dimension():
     """The elastic remap splits every state entry along its batch dimension (GRU's is 1)."""
-    from pipeline.train.remap import _split_hidden
+    from rnnpipe.pipeline.train.remap import _split_hidden
 
     m = model("recurrent_summary", {"memory": 2, "cell": "gru"}).eval()
     x = tokens(S + 3)
@@ -255,8 +255,8 @@ def test_a_saved_backbone_loads_in_train_mode_and_its_tokenizer_is_checked(tmp_p
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from pipeline.models.backbone import check_backbone, load_backbone
-    from pipeline.models.config import HFBackboneConfig
+    from rnnpipe.pipeline.models.backbone import check_backbone, load_backbone
+    from rnnpipe.pipeline.models.config import HFBackboneConfig
 
     backbone().save_pretrained(tmp_path)
     hf = HFBackboneConfig(path=str(tmp_path))

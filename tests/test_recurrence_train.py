@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.conftest import REPO, data_file, prepare, rnnpipe
+from harness import CLI, REPO, data_file, prepare, rnnpipe
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
@@ -104,7 +103,7 @@ def save_gpt2(path: Path, seed: int) -> Path:
 
 def start_ranks(config: Path, logits: Path, **env: str) -> list[subprocess.Popen]:
     """The two ranks of a run (tests/helpers_pretrain.py: it also saves the trained model's logits)."""
-    from launch.distributed import free_port
+    from rnnpipe.launch.distributed import free_port
 
     port = str(free_port())
     return [
@@ -119,7 +118,6 @@ def start_ranks(config: Path, logits: Path, **env: str) -> list[subprocess.Popen
                 "MASTER_PORT": port,
                 "OMP_NUM_THREADS": "1",
                 "DS_ACCELERATOR": "cpu",
-                "PYTHONPATH": str(REPO),
                 "RNNPIPE_PROGRESS": "0",
                 **env,
             },
@@ -145,9 +143,10 @@ VARIANTS = {
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_learn_resume_exactly_after_kill_9_and_export_the_training_model(stage, dataset, tmp_path):
-    from pipeline.models import load_pretrained
-    from pipeline.train.export import export
-    from tests.helpers_pretrain import fixed_tokens
+    from helpers_pretrain import fixed_tokens
+
+    from rnnpipe.pipeline.models import load_pretrained
+    from rnnpipe.pipeline.train.export import export
 
     over = {"model": {"recurrence": VARIANTS[stage]}, "train": {"zero_stage": stage}}
     ref, cut = tmp_path / "ref", tmp_path / "cut"
@@ -188,7 +187,8 @@ def test_two_ranks_learn_resume_exactly_after_kill_9_and_export_the_training_mod
 
     out = export(cut, tmp_path / "export")
     meta = json.loads((out / "config.json").read_text())
-    assert meta["source"]["step"] == 16 and meta["model"]["kind"] == "huggingface"
+    source = json.loads((out / "rnnpipe.json").read_text())["source"]  # the export's header
+    assert source["step"] == 16 and meta["model"]["kind"] == "huggingface"
     assert meta["model"]["recurrence"]["kind"] == VARIANTS[stage]["kind"]
     assert meta["hf_backbone"]["n_layer"] == 2 and meta["hf_backbone"]["n_embd"] == 32
     model = load_pretrained(out)
@@ -212,7 +212,7 @@ def frozen(tmp_path_factory, dataset) -> dict[str, Path]:
     over = {"model": model, "train": {"steps": 8, "sample_tokens": 0}}
     config = write_config(root / "frozen.yaml", root / "run", dataset, **over)
     done = subprocess.run(
-        [sys.executable, "-m", "launch", "pretrain", str(config), "--export"],
+        [*CLI, "pretrain", str(config), "--export"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -225,9 +225,9 @@ def frozen(tmp_path_factory, dataset) -> dict[str, Path]:
 def test_a_frozen_backbone_keeps_its_weights_and_the_recurrence_trains(frozen):
     from safetensors.torch import load_file
 
-    from launch.pretrain_job import PretrainJob, stage_config
-    from pipeline.config import load_config
-    from pipeline.models.backbone import build_model
+    from rnnpipe.launch.pretrain_job import PretrainJob, stage_config
+    from rnnpipe.pipeline.config import load_config
+    from rnnpipe.pipeline.models.backbone import build_model
 
     exported = load_file(str(frozen["export"] / "model.safetensors"))
     initial = load_file(str(frozen["backbone"] / "model.safetensors"))
@@ -251,7 +251,7 @@ def test_a_frozen_backbone_keeps_its_weights_and_the_recurrence_trains(frozen):
 
 
 def test_finetuning_takes_a_huggingface_kind_export(frozen, tmp_path, capsys):
-    from launch.cli import main
+    from rnnpipe.launch.cli import main
 
     sst2 = data_file("sst2")
     sweep = {
@@ -282,7 +282,7 @@ def test_finetuning_takes_a_huggingface_kind_export(frozen, tmp_path, capsys):
     for init in ("pretrained", "scratch"):
         r = json.loads((tmp_path / "sweep" / "jobs" / f"sst2-{init}" / "result.json").read_text())
         assert r["steps"] == 3 and 0 <= r["dev"][r["metric"]] <= 100, r
-    sha = json.loads((frozen["export"] / "config.json").read_text())["source"]["weights_sha256"]
+    sha = json.loads((frozen["export"] / "rnnpipe.json").read_text())["source"]["weights_sha256"]
     assert r["backbone"]["sha256"] == sha
     # the pretraining's model.freeze=backbone is not the fine-tuning's: its backbone trains too
     from safetensors.torch import load_file
@@ -295,11 +295,11 @@ def test_finetuning_takes_a_huggingface_kind_export(frozen, tmp_path, capsys):
 
 
 def test_the_identity_follows_the_backbones_content(frozen, tmp_path, capsys):
-    from launch.pretrain import PretrainJob, is_complete, plan
-    from pipeline.config import load_config
-    from pipeline.errors import ConfigError
-    from pipeline.models.backbone import backbone_source
-    from pipeline.models.config import HFBackboneConfig
+    from rnnpipe.launch.pretrain import PretrainJob, is_complete, plan
+    from rnnpipe.pipeline.config import load_config
+    from rnnpipe.pipeline.errors import ConfigError
+    from rnnpipe.pipeline.models.backbone import backbone_source
+    from rnnpipe.pipeline.models.config import HFBackboneConfig
 
     def job(*overrides: str) -> PretrainJob:
         return load_config(PretrainJob, str(frozen["config"]), list(overrides))
@@ -333,7 +333,7 @@ def test_the_identity_follows_the_backbones_content(frozen, tmp_path, capsys):
     # an export as the backbone: its weights' sha256 (recorded, or computed again once changed)
     export = tmp_path / "export"
     shutil.copytree(frozen["export"], export)
-    recorded = json.loads((export / "config.json").read_text())["source"]["weights_sha256"]
+    recorded = json.loads((export / "rnnpipe.json").read_text())["source"]["weights_sha256"]
     source = HFBackboneConfig(path=str(export))
     assert backbone_source(source)["sha256"] == recorded
     from safetensors.torch import load_file, save_file
@@ -347,11 +347,11 @@ def test_the_identity_follows_the_backbones_content(frozen, tmp_path, capsys):
 def test_a_frozen_backbone_with_memory_tokens_needs_windows_that_start_from_the_memory(tmp_path):
     """RMT's one parameter is its first memory: stream mode carries the memory, cut from the graph,
     from one step to the next, so no later step's loss would reach a trainable parameter."""
-    from pipeline.config import load_config
-    from pipeline.errors import ConfigError
-    from pipeline.models.backbone import build_model
-    from pipeline.models.mixers import detach_state
-    from pipeline.train.config import PretrainConfig
+    from rnnpipe.pipeline.config import load_config
+    from rnnpipe.pipeline.errors import ConfigError
+    from rnnpipe.pipeline.models.backbone import build_model
+    from rnnpipe.pipeline.models.mixers import detach_state
+    from rnnpipe.pipeline.train.config import PretrainConfig
 
     args = [
         f"run_dir={tmp_path / 'run'}",
@@ -387,7 +387,7 @@ def test_prepare_and_pretrain_gpt2_recurrence_from_the_command_line(enwik8_head,
     tokenizer's."""
     transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
     model_dir = tmp_path / "tiny-gpt2"
-    from tests.test_hf_tokenizer import ENWIK8, EOS, _byte_level
+    from test_hf_tokenizer import ENWIK8, EOS, _byte_level
 
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=_byte_level(), eos_token=EOS)
     tok.save_pretrained(model_dir)

@@ -11,13 +11,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import DATA, REPO, data_file
+from harness import CLI, DATA, REPO, data_file
 
 QUICKSTART = REPO / "configs" / "pipeline" / "quickstart.yaml"
 TINY_PIPELINE = [
@@ -53,7 +51,7 @@ JOBS = ["sst2-pretrained-seed0", "sst2-scratch-seed0", "ptb-pretrained-seed0", "
 
 def rnnpipe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "launch", *map(str, args)],
+        [*CLI, *map(str, args)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -92,7 +90,7 @@ def result(run_dir: Path, job: str) -> dict:
 
 
 def export_sha(run_dir: Path) -> str:
-    return json.loads((run_dir / "pretrain" / "export" / "config.json").read_text())["source"][
+    return json.loads((run_dir / "pretrain" / "export" / "rnnpipe.json").read_text())["source"][
         "weights_sha256"
     ]
 
@@ -297,7 +295,7 @@ def test_every_output_records_its_code_and_versions(finished):
     assert pre["world_size"] == 1 and len(pre["hosts"]) == 1 and pre["versions"]["deepspeed"]
     marker = json.loads((finished / "pretrain" / "checkpoints" / "step00000010" / "COMPLETE").read_text())
     assert marker["provenance"]["code"] == pre["code"] and len(marker["fingerprint"]) == 64
-    export = json.loads((finished / "pretrain" / "export" / "config.json").read_text())["source"]
+    export = json.loads((finished / "pretrain" / "export" / "rnnpipe.json").read_text())["source"]
     assert export["fingerprint"] == marker["fingerprint"] and export["provenance"]["code"] == pre["code"]
     r = result(finished, "ptb-pretrained-seed0")
     assert r["provenance"]["code"] == pre["code"] and r["provenance"]["versions"]["torch"]
@@ -338,8 +336,8 @@ def test_a_pipeline_chains_the_backward_lm_and_fine_tunes_elmo_on_both(tmp_path)
     out = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith("== ")}
     assert "pretrain-backward:" in out and out["pretrain-backward:"].startswith("== pretrain-backward: run")
     assert plan["pretrain"].split()[1] == "run"
-    fwd = json.loads((run_dir / "pretrain" / "export" / "config.json").read_text())["source"]
-    bwd = json.loads((run_dir / "pretrain-backward" / "export" / "config.json").read_text())["source"]
+    fwd = json.loads((run_dir / "pretrain" / "export" / "rnnpipe.json").read_text())["source"]
+    bwd = json.loads((run_dir / "pretrain-backward" / "export" / "rnnpipe.json").read_text())["source"]
     assert (fwd.get("direction", "forward"), bwd["direction"]) == ("forward", "backward")
     assert fwd["fingerprint"] != bwd["fingerprint"]
     res = result(run_dir, "sst2-pretrained-seed0")

@@ -7,13 +7,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import REPO, prepare, rnnpipe
+from harness import CLI, REPO, prepare, rnnpipe
 
 CONFIG = REPO / "configs" / "prepare" / "enwik8-head.yaml"
 # Many small units and shards, so that a kill lands in the middle of a stage.
@@ -29,9 +27,7 @@ def shard_hashes(root: Path) -> dict[str, str]:
 
 def prepare_cmd(src: Path, out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "launch",
+        *CLI,
         "prepare",
         str(CONFIG),
         f"output={out}",
@@ -126,7 +122,7 @@ def test_kill_after_fitting_reuses_the_tokenizer(tmp_path, shakespeare):
     ]
     env = {**os.environ, "RNNPIPE_PROGRESS": "0"}
     ref, out = tmp_path / "ref", tmp_path / "out"
-    base = [sys.executable, "-m", "launch", "prepare", str(config)]
+    base = [*CLI, "prepare", str(config)]
     subprocess.run(
         [*base, f"output={ref}", *args, "--executor", "inline"], check=True, env=env, capture_output=True
     )

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import CLI, REPO
 
-from launch.cli import main
-from launch.sample import TextStream, load
-from pipeline.config import to_dict
-from pipeline.data.tokenizers import (
+from rnnpipe.launch.cli import main
+from rnnpipe.launch.sample import TextStream, load
+from rnnpipe.pipeline.config import to_dict
+from rnnpipe.pipeline.data.tokenizers import (
     CHAR_VOCAB_FILE,
     SPM_MODEL_FILE,
     ByteTokenizer,
@@ -24,10 +25,9 @@ from pipeline.data.tokenizers import (
     Tokenizer,
     train_sentencepiece,
 )
-from pipeline.models.config import ModelConfig
-from pipeline.models.lm import LanguageModel
-from pipeline.models.pretrained import load_pretrained, load_pretrained_tokenizer, save_pretrained
-from tests.conftest import REPO
+from rnnpipe.pipeline.models.config import ModelConfig
+from rnnpipe.pipeline.models.lm import LanguageModel
+from rnnpipe.pipeline.models.pretrained import load_pretrained, load_pretrained_tokenizer, save_pretrained
 
 TEXT = "the king queen of and to be or not lord night day sword crown café naïve 漢字"  # 1-3 byte chars
 WORDS = TEXT.split()
@@ -235,9 +235,7 @@ def test_a_run_dir_samples_like_its_export(tmp_path, capsys):
     env = {**os.environ, "RNNPIPE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 
     def rnnpipe(*args: str) -> None:
-        done = subprocess.run(
-            [sys.executable, "-m", "launch", *args], capture_output=True, text=True, env=env
-        )
+        done = subprocess.run([*CLI, *args], capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
 
     data, run, export = tmp_path / "data", tmp_path / "run", tmp_path / "export"

@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import DATA, REPO, data_file
-from tests.test_finetune import sweep_yaml
+from harness import CLI, DATA, REPO, data_file
+from test_finetune import sweep_yaml
 
 
 def _cluster_nodes() -> int:
@@ -41,7 +40,7 @@ def slurm():
 
 def rnnpipe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "launch", "-q", *args],
+        [*CLI, "-q", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -302,9 +301,7 @@ def test_a_requeued_pretrain_job_resumes_and_ends_as_an_uninterrupted_run(slurm,
         env = {**os.environ, "RNNPIPE_PROGRESS": "0", "RNNPIPE_TEST_STEP_DELAY": delay}
         done = subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "launch",
+                *CLI,
                 "-q",
                 *common,
                 f"run_dir={run_dir}",
@@ -327,9 +324,7 @@ def test_a_requeued_pretrain_job_resumes_and_ends_as_an_uninterrupted_run(slurm,
     b = submit(timed, "1.0", "executor.slurm.time_min=1", "distributed.signal_grace_s=10")
     reference = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "launch",
+            *CLI,
             "-q",
             *common,
             f"run_dir={tmp_path / 'ref'}",
@@ -421,13 +416,15 @@ def test_a_submission_that_fails_half_way_leaves_no_job_behind(slurm, tmp_path):
 def test_a_queued_job_runs_the_code_it_was_submitted_with(slurm, tmp_path):
     """Submitted, then the working tree is edited before the job starts: the job runs the code as
     it was at submission (its snapshot), and records that snapshot."""
-    checkout = tmp_path / "checkout"  # a working tree of our own to edit
-    for package in ("launch", "pipeline", "kernels"):
-        shutil.copytree(REPO / package, checkout / package, ignore=shutil.ignore_patterns("__pycache__"))
+    checkout = tmp_path / "checkout"  # a copy of the package of our own to edit, laid out as installed
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "rnnpipe", checkout / "rnnpipe", ignore=ignore)
+    for folder in ("launch", "pipeline", "kernels", "configs", "slurm"):
+        shutil.copytree(REPO / folder, checkout / "rnnpipe" / folder, ignore=ignore)
     env = {**os.environ, "PYTHONPATH": str(checkout), "RNNPIPE_PROGRESS": "0"}
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "launch", "-q", *args]
+        cmd = [*CLI, "-q", *args]
         return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
 
     src = data_file("enwik8-head/enwik8-head.txt")
@@ -465,9 +462,9 @@ def test_a_queued_job_runs_the_code_it_was_submitted_with(slurm, tmp_path):
     digest = json.loads((snapshot / "SNAPSHOT.json").read_text())["digest"]
     assert snapshot.name == f"code-{digest[:12]}"
     # the edit: another version, and a loop that fails on import
-    init = checkout / "pipeline" / "__init__.py"
+    init = checkout / "rnnpipe" / "__init__.py"
     init.write_text(init.read_text().replace('__version__ = "', '__version__ = "edited-'))
-    with (checkout / "pipeline" / "train" / "loop.py").open("a") as f:
+    with (checkout / "rnnpipe" / "pipeline" / "train" / "loop.py").open("a") as f:
         f.write('\nraise RuntimeError("the edited working tree ran")\n')
     subprocess.run(["scontrol", "release", job_id], check=True)
     deadline = time.time() + 600

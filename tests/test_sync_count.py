@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.conftest import REPO, prepare_enwik8_head
+from harness import REPO, prepare_enwik8_head
 
 pytest.importorskip("deepspeed")
 CONFIG = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"
@@ -84,7 +83,7 @@ def counts(tmp_path_factory) -> dict[str, Any]:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
         env.pop(key, None)
     done = subprocess.run(
-        [sys.executable, "-m", "tests.test_sync_count", str(data), str(root), str(out)],
+        [sys.executable, str(REPO / "tests" / "test_sync_count.py"), str(data), str(root), str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -193,11 +192,11 @@ def _cycles(events: list[Any]) -> list[dict[str, int]]:
 def _main(data: str, root: str, out: str) -> None:
     import torch
 
-    from launch import distributed
-    from launch.pretrain import PretrainJob, stage_config
-    from pipeline.config import load_config
-    from pipeline.train.config import deepspeed_config
-    from pipeline.train.loop import train
+    from rnnpipe.launch import distributed
+    from rnnpipe.launch.pretrain import PretrainJob, stage_config
+    from rnnpipe.pipeline.config import load_config
+    from rnnpipe.pipeline.train.config import deepspeed_config
+    from rnnpipe.pipeline.train.loop import train
 
     port = distributed.free_port()
     os.environ.update(
@@ -238,6 +237,6 @@ def _main(data: str, root: str, out: str) -> None:
 
 if __name__ == "__main__":
     _main(*sys.argv[1:4])
-    from launch import distributed
+    from rnnpipe.launch import distributed
 
     distributed.exit_now(0)

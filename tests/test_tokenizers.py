@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.tokenizers import (
+from rnnpipe.pipeline.data.tokenizers import (
     ByteTokenizer,
     CharTokenizer,
     SentencePieceTokenizer,
     train_sentencepiece,
 )
-from pipeline.errors import PipelineError
+from rnnpipe.pipeline.errors import PipelineError
 
 SAMPLES = ["plain ascii", "  leading and trailing  ", "naïve café ☃ 漢字 😀", "tabs\tand\nnewlines\n\n", ""]
 

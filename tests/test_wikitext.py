@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.data.wikitext import wikitext_to_text
+from rnnpipe.pipeline.data.wikitext import wikitext_to_text
 
 
 def test_prose_links_and_headings_are_kept():

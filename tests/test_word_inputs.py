@@ -6,25 +6,24 @@ import gzip
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from harness import CLI, REPO, data_file, prepare, read_split
 from tokenizers import Tokenizer as FastTokenizer
 
-from pipeline.config import config_from_dict, to_dict
-from pipeline.data.config import PrepareConfig
-from pipeline.data.manifest import dataset_fingerprint_keys, load_tokenizer, read_manifest
-from pipeline.data.tokenizers import load_tokenizer_file
-from pipeline.data.word_tokenizer import WORD_VOCAB_FILE, WordTokenizer, canonical, fit_word_tokenizer
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.models.config import EmbeddingFreeze, EmbeddingsConfig, ModelConfig
-from pipeline.models.embeddings import initialize, read_vectors
-from pipeline.models.hf.tokenizer_files import tokenizer_files
-from pipeline.models.lm import LanguageModel
-from tests.conftest import REPO, data_file, prepare, read_split
+from rnnpipe.pipeline.config import config_from_dict, to_dict
+from rnnpipe.pipeline.data.config import PrepareConfig
+from rnnpipe.pipeline.data.manifest import dataset_fingerprint_keys, load_tokenizer, read_manifest
+from rnnpipe.pipeline.data.tokenizers import load_tokenizer_file
+from rnnpipe.pipeline.data.word_tokenizer import WORD_VOCAB_FILE, WordTokenizer, canonical, fit_word_tokenizer
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.models.config import EmbeddingFreeze, EmbeddingsConfig, ModelConfig
+from rnnpipe.pipeline.models.embeddings import initialize, read_vectors
+from rnnpipe.pipeline.models.hf.tokenizer_files import tokenizer_files
+from rnnpipe.pipeline.models.lm import LanguageModel
 
 PTB = REPO / "configs" / "prepare" / "ptb-word.yaml"
 TEXT = "the cat sat on the mat\nthe dog sat\n a  cat\r\n saw the Dog \n"
@@ -164,7 +163,7 @@ def test_ptb_gets_mikolovs_10k_vocabulary_saved_and_reloaded(ptb):
 def test_the_ptb_lm_task_on_a_word_backbone_scores_every_word_once(ptb):
     """Fine-tuning's lm task with PTB's own vocabulary: one target per word and per <eos>, so its
     per-word perplexity is exp(nats per token), the literature's (82,430 test words)."""
-    from pipeline.finetune.tasks import encode_lm
+    from rnnpipe.pipeline.finetune.tasks import encode_lm
 
     tok = load_tokenizer(str(ptb))
     lines = ptb_text("test").splitlines()
@@ -275,7 +274,7 @@ def test_embeddings_keys_validate_and_stay_out_of_huggingface_models():
 
 
 def test_default_embeddings_keys_leave_run_fingerprints_unchanged():
-    from pipeline.train.config import PretrainConfig, run_identity
+    from rnnpipe.pipeline.train.config import PretrainConfig, run_identity
 
     values = to_dict(PretrainConfig(run_dir="r"))
     values["data"]["path"] = "d"
@@ -296,13 +295,13 @@ def test_pretraining_from_glove_records_coverage_and_keeps_frozen_rows(tmp_path)
     assert prepare(PTB, data, *overrides, "shards.sample_tokens=512") == 0
     vecs = vectors_file(tmp_path / "glove.txt")
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch", "pretrain", str(REPO / "configs/pretrain/tiny-lrn.yaml")]
+    cmd = [*CLI, "pretrain", str(REPO / "configs/pretrain/tiny-lrn.yaml")]
     cmd += [f"run_dir={run_dir}", f"data.path={data}", "distributed.nproc=1", "executor.kind=local"]
     cmd += ["model.n_layers=1", f"model.d_model={D}", "model.tie_embeddings=false", "data.seq_len=16"]
     cmd += ["data.batch_size=2", "train.eval_max_tokens=200", "train.sample_tokens=0"]
     cmd += [f"model.embeddings.init={tmp_path}/glove.txt", "model.embeddings.freeze=found"]
-    from pipeline.train.checkpoint import find_latest, read_header
-    from pipeline.train.export import consolidate
+    from rnnpipe.pipeline.train.checkpoint import find_latest, read_header
+    from rnnpipe.pipeline.train.export import consolidate
 
     tok = load_tokenizer(str(data))
     start = None

@@ -13,9 +13,8 @@ import sys
 
 import pytest
 import torch
-
-from tests.conftest import REPO
-from tests.helpers_zero3 import LR, STEPS, build, loss_of
+from harness import REPO
+from helpers_zero3 import LR, STEPS, build, loss_of
 
 pytest.importorskip("deepspeed")
 
@@ -40,7 +39,6 @@ def test_zero3_two_ranks_match_single_process(mixer, tmp_path):
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
             "WORLD_SIZE": "2",
-            "PYTHONPATH": str(REPO),
         }
         procs.append(
             subprocess.Popen(

@@ -7,8 +7,8 @@ from enum import Enum
 
 from omegaconf import MISSING
 
-from pipeline.config import check_range, config_key
-from pipeline.errors import ConfigError
+from rnnpipe.pipeline.config import check_range, config_key
+from rnnpipe.pipeline.errors import ConfigError
 
 
 class SourceKind(Enum):

@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer as FastTokenizer
 
-from pipeline.data.tokenizer_base import RoundTripError, Tokenizer, _utf8_lengths
-from pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.data.tokenizer_base import RoundTripError, Tokenizer, _utf8_lengths
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger(__name__)
 

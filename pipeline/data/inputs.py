@@ -16,11 +16,11 @@ import zlib
 
 import fsspec
 
-from pipeline import fsio
-from pipeline.data.config import PrepareConfig, SourceKind, TextFormat
-from pipeline.data.sources import InputFile
-from pipeline.data.wikipedia import corrupt_stream
-from pipeline.errors import PipelineError
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.data.config import PrepareConfig, SourceKind, TextFormat
+from rnnpipe.pipeline.data.sources import InputFile
+from rnnpipe.pipeline.data.wikipedia import corrupt_stream
+from rnnpipe.pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import fsio
-from pipeline.data.shards import check_shard, iter_shard
-from pipeline.data.tokenizers import Tokenizer, tokenizer_from_manifest
-from pipeline.errors import PipelineError
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.data.shards import check_shard, iter_shard
+from rnnpipe.pipeline.data.tokenizers import Tokenizer, tokenizer_from_manifest
+from rnnpipe.pipeline.errors import PipelineError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -3,7 +3,7 @@
     plan ─▶ [extract ─▶ fit tokenizer ─▶] encode ─▶ pack ─▶ manifest.json
 
 (``tokenizer.kind=huggingface`` loads its pretrained tokenizer before the plan instead of fitting
-one, :mod:`pipeline.data.hf_tokenizer`.)
+one, :mod:`rnnpipe.pipeline.data.hf_tokenizer`.)
 
 Each arrow is a map over independent tasks on the given executor (a job array on Slurm). The
 manifest is written last: a dataset without one is incomplete, whatever else is there. Re-running
@@ -11,7 +11,7 @@ on the same output skips finished units and shards (a shard is finished when its
 so it rewrites exactly the missing or damaged ones; the result is byte-identical however often it
 was interrupted, and for a given config does not depend on the executor or number of workers.
 
-A run holds an exclusive lock on its output (``.rnnpipe-prepare.lock``, :mod:`pipeline.locking`):
+A run holds an exclusive lock on its output (``.rnnpipe-prepare.lock``, :mod:`rnnpipe.pipeline.locking`):
 a second prepare on it fails at once, naming the holder. ``.work/state.json`` is the first file a
 run writes, so a ``.work`` without it holds nothing but what a kill left half-written.
 
@@ -28,14 +28,15 @@ import os
 import time
 from typing import Any, Protocol
 
-from pipeline import __version__, fsio
-from pipeline.config import fingerprint, to_dict
-from pipeline.data.config import PrepareConfig, SourceKind, TokenizerKind
-from pipeline.data.hf_tokenizer import HF_TOKENIZER_FILE, check_hf_path, load_hf_tokenizer
-from pipeline.data.inputs import materialize, resolve_inputs
-from pipeline.data.manifest import MANIFEST, check_sizes, dataset_fingerprint_keys, read_manifest
-from pipeline.data.shards import shard_path
-from pipeline.data.sources import (
+from rnnpipe import __version__
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.config import fingerprint, to_dict
+from rnnpipe.pipeline.data.config import PrepareConfig, SourceKind, TokenizerKind
+from rnnpipe.pipeline.data.hf_tokenizer import HF_TOKENIZER_FILE, check_hf_path, load_hf_tokenizer
+from rnnpipe.pipeline.data.inputs import materialize, resolve_inputs
+from rnnpipe.pipeline.data.manifest import MANIFEST, check_sizes, dataset_fingerprint_keys, read_manifest
+from rnnpipe.pipeline.data.shards import shard_path
+from rnnpipe.pipeline.data.sources import (
     ENWIK8_SHA256,
     ENWIK8_SIZE,
     InspectTask,
@@ -44,7 +45,7 @@ from pipeline.data.sources import (
     inspect_input,
     make_units,
 )
-from pipeline.data.tasks import (
+from rnnpipe.pipeline.data.tasks import (
     EncodeTask,
     FitTask,
     PackTask,
@@ -57,10 +58,10 @@ from pipeline.data.tasks import (
     make_tokenizer,
     pack_shard,
 )
-from pipeline.data.tokenizers import load_tokenizer_file
-from pipeline.errors import PipelineError
-from pipeline.locking import exclusive
-from pipeline.provenance import provenance
+from rnnpipe.pipeline.data.tokenizers import load_tokenizer_file
+from rnnpipe.pipeline.errors import PipelineError
+from rnnpipe.pipeline.locking import exclusive
+from rnnpipe.pipeline.provenance import provenance
 
 log = logging.getLogger(__name__)
 PROVENANCE = "provenance.json"

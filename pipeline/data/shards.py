@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import fsio
+from rnnpipe.pipeline import fsio
 
 TAR_MTIME = 946684800  # 2000-01-01: a fixed mtime makes shards reproducible
 KEY_DIGITS = 9

@@ -17,11 +17,11 @@ from typing import Any
 
 import fsspec
 
-from pipeline import fsio
-from pipeline.data.config import DocumentUnit, PrepareConfig, SourceKind, SplitMode, TokenizerKind
-from pipeline.data.wikipedia import DumpInfo, inspect_dump, iter_pages, link_drop_prefixes
-from pipeline.data.wikitext import wikitext_to_text
-from pipeline.errors import PipelineError
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.data.config import DocumentUnit, PrepareConfig, SourceKind, SplitMode, TokenizerKind
+from rnnpipe.pipeline.data.wikipedia import DumpInfo, inspect_dump, iter_pages, link_drop_prefixes
+from rnnpipe.pipeline.data.wikitext import wikitext_to_text
+from rnnpipe.pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 - extract: read a unit's documents and store their text per split (only when a tokenizer must
   be fitted first: char, word or sentencepiece without ``tokenizer.model``);
 - fit: build the char or word vocabulary or train sentencepiece on a sample of the training split
-  (a pretrained ``huggingface`` tokenizer is loaded by the driver instead, :mod:`pipeline.data.hf_tokenizer`);
+  (a pretrained ``huggingface`` tokenizer is loaded by the driver instead,
+  :mod:`rnnpipe.pipeline.data.hf_tokenizer`);
 - encode: tokenize a unit per split (from the extracted text, or straight from the source);
 - pack: cut a split's token stream into samples and write one shard.
 
@@ -22,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import fsio
-from pipeline.data.config import PrepareConfig, TokenizerKind
-from pipeline.data.shards import sample_key, shard_path, write_shard
-from pipeline.data.sources import Piece, Plan, iter_unit_pieces
-from pipeline.data.tokenizers import (
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.data.config import PrepareConfig, TokenizerKind
+from rnnpipe.pipeline.data.shards import sample_key, shard_path, write_shard
+from rnnpipe.pipeline.data.sources import Piece, Plan, iter_unit_pieces
+from rnnpipe.pipeline.data.tokenizers import (
     ByteTokenizer,
     CharTokenizer,
     RoundTripError,
@@ -34,8 +35,8 @@ from pipeline.data.tokenizers import (
     Tokenizer,
     train_sentencepiece,
 )
-from pipeline.data.word_tokenizer import WordTokenizer, fit_word_tokenizer
-from pipeline.errors import PipelineError
+from rnnpipe.pipeline.data.word_tokenizer import WordTokenizer, fit_word_tokenizer
+from rnnpipe.pipeline.errors import PipelineError
 
 Report = Callable[[int], None]
 DOC_START, DOC_END = 1, 2
@@ -252,7 +253,7 @@ def make_tokenizer(
         return ByteTokenizer()
     ((name, data),) = files.items()
     if kind is TokenizerKind.huggingface:
-        from pipeline.data.hf_tokenizer import HuggingFaceTokenizer
+        from rnnpipe.pipeline.data.hf_tokenizer import HuggingFaceTokenizer
 
         return HuggingFaceTokenizer(data, eos_token)
     if kind is TokenizerKind.word:

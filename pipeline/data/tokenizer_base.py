@@ -1,6 +1,6 @@
 """The tokenizer interface every kind implements (bytes, char, sentencepiece in
-:mod:`pipeline.data.tokenizers`; Hugging Face in :mod:`pipeline.data.hf_tokenizer`; word in
-:mod:`pipeline.data.word_tokenizer`), in a module of its own so that none imports another for it."""
+:mod:`rnnpipe.pipeline.data.tokenizers`; Hugging Face in :mod:`rnnpipe.pipeline.data.hf_tokenizer`; word in
+:mod:`rnnpipe.pipeline.data.word_tokenizer`), in a module of its own so that none imports another for it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from rnnpipe.pipeline.errors import PipelineError
 
 
 class RoundTripError(PipelineError):

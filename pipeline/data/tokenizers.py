@@ -1,6 +1,6 @@
 """Tokenizers: bytes, char and sentencepiece, with exact byte counts per token (pretrained
-Hugging Face tokenizers, ``kind=huggingface``, are in :mod:`pipeline.data.hf_tokenizer`, the
-word vocabulary, ``kind=word``, in :mod:`pipeline.data.word_tokenizer`).
+Hugging Face tokenizers, ``kind=huggingface``, are in :mod:`rnnpipe.pipeline.data.hf_tokenizer`, the
+word vocabulary, ``kind=word``, in :mod:`rnnpipe.pipeline.data.word_tokenizer`).
 
 ``encode`` returns the token ids (1-D int64, what a model reads); ``encode_with_lengths`` also
 returns, per token, the number of UTF-8 bytes of text it stands for (0 for the end-of-document
@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
-from pipeline.data.tokenizer_base import RoundTripError as RoundTripError  # (re-exported)
-from pipeline.data.tokenizer_base import Tokenizer, _utf8_lengths
-from pipeline.data.word_tokenizer import WORD_VOCAB_FILE as WORD_VOCAB_FILE  # (re-exported)
-from pipeline.data.word_tokenizer import WordTokenizer
-from pipeline.errors import PipelineError
+from rnnpipe.pipeline.data.tokenizer_base import RoundTripError as RoundTripError  # (re-exported)
+from rnnpipe.pipeline.data.tokenizer_base import Tokenizer, _utf8_lengths
+from rnnpipe.pipeline.data.word_tokenizer import WORD_VOCAB_FILE as WORD_VOCAB_FILE  # (re-exported)
+from rnnpipe.pipeline.data.word_tokenizer import WordTokenizer
+from rnnpipe.pipeline.errors import PipelineError
 
 SPM_MODEL_FILE = "tokenizer/spm.model"
 CHAR_VOCAB_FILE = "tokenizer/char_vocab.json"
@@ -209,7 +209,7 @@ def tokenizer_from_manifest(manifest: dict[str, Any], read_file: Callable[[str],
     manifest describes (no absolute path, no ``..``): :class:`PipelineError` otherwise, before
     ``read_file`` sees it."""
     # manifest.py imports this module: its path rule is imported here, when it is needed.
-    from pipeline.data.manifest import path_problem
+    from rnnpipe.pipeline.data.manifest import path_problem
 
     t = manifest.get("tokenizer")
     if not isinstance(t, dict) or not isinstance(t.get("kind"), str):
@@ -236,7 +236,7 @@ def tokenizer_from_manifest(manifest: dict[str, Any], read_file: Callable[[str],
 def _hf_from_manifest(t: dict[str, Any], data: bytes) -> Tokenizer:
     """A ``huggingface`` tokenizer from its stored ``tokenizer.json`` and the entry's eos token,
     checked against the entry's vocabulary size and end-of-document id."""
-    from pipeline.data.hf_tokenizer import HuggingFaceTokenizer
+    from rnnpipe.pipeline.data.hf_tokenizer import HuggingFaceTokenizer
 
     eos = t.get("eos_token")
     if eos is not None and not isinstance(eos, str):

@@ -30,7 +30,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.errors import PipelineError
+from rnnpipe.pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

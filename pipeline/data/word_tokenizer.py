@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.tokenizer_base import Tokenizer
-from pipeline.errors import PipelineError
+from rnnpipe.pipeline.data.tokenizer_base import Tokenizer
+from rnnpipe.pipeline.errors import PipelineError
 
 WORD_VOCAB_FILE = "tokenizer/word_vocab.json"
 UNK, EOS, EOD = "<unk>", "<eos>", "<eod>"

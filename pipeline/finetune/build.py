@@ -8,18 +8,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipeline import fsio
-from pipeline.errors import ConfigError
-from pipeline.finetune.config import Features, Init, JobConfig, TaskKind
-from pipeline.finetune.model import FinetuneModel, set_dropout
-from pipeline.models import backbone as models
-from pipeline.models import embeddings
-from pipeline.models.config import EmbeddingFreeze
-from pipeline.models.lm import LanguageModel
-from pipeline.models.pretrained import load_pretrained
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.errors import ConfigError
+from rnnpipe.pipeline.finetune.config import Features, Init, JobConfig, TaskKind
+from rnnpipe.pipeline.finetune.model import FinetuneModel, set_dropout
+from rnnpipe.pipeline.models import backbone as models
+from rnnpipe.pipeline.models import embeddings
+from rnnpipe.pipeline.models.config import EmbeddingFreeze
+from rnnpipe.pipeline.models.lm import LanguageModel
+from rnnpipe.pipeline.models.pretrained import load_pretrained
 
 if TYPE_CHECKING:
-    from pipeline.finetune.job import TaskData
+    from rnnpipe.pipeline.finetune.job import TaskData
 
 
 def _fresh(lm: torch.nn.Module) -> torch.nn.Module:
@@ -60,7 +60,7 @@ def build_model(
     """The pretrained backbone (or the same architecture from scratch, seeded) plus the head, and
     for elmo the backward LM (pretrained, or from scratch too); then ``embeddings.init``'s vectors
     in every backbone's embedding (``tok``: the backbone's tokenizer). Returns the model and what
-    the vectors file gave (:func:`pipeline.models.embeddings.initialize`'s record, or None)."""
+    the vectors file gave (:func:`rnnpipe.pipeline.models.embeddings.initialize`'s record, or None)."""
     torch.manual_seed(cfg.seed)
     pretrained = load_pretrained(cfg.pretrained)
     # scratch: the same architecture, fresh weights (a huggingface-kind backbone: from its config)

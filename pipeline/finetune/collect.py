@@ -28,10 +28,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline import fsio
-from pipeline.config import fingerprint
-from pipeline.errors import PipelineError
-from pipeline.provenance import describe_code, provenance
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.config import fingerprint
+from rnnpipe.pipeline.errors import PipelineError
+from rnnpipe.pipeline.provenance import describe_code, provenance
 
 RESULT = "result.json"
 GLUE_TASK_COUNT = 9  # CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI
@@ -229,8 +229,8 @@ def hparams_metrics(res: dict[str, Any]) -> dict[str, float]:
 
 def _hparams_view(root: str, results: list[dict[str, Any]]) -> None:
     """``DIR/tensorboard-hparams/<job>``: one hparams session per job (see
-    :func:`pipeline.train.metrics.write_session`), rebuilt from the results every time."""
-    from pipeline.train.metrics import write_session
+    :func:`rnnpipe.pipeline.train.metrics.write_session`), rebuilt from the results every time."""
+    from rnnpipe.pipeline.train.metrics import write_session
 
     base = fsio.join(fsio.absolute(root), "tensorboard-hparams")
     if fsio.exists(base):

@@ -2,7 +2,7 @@
 
 A sweep file names its tasks once (``tasks: {sst2: {...}, conll: {...}}``), sets the job defaults
 (``job:``) and a grid of values for any ``job`` key (``grid: {task: [sst2, conll], seed: [0, 1]}``);
-:mod:`pipeline.finetune.sweep` expands it into :class:`JobConfig` s.
+:mod:`rnnpipe.pipeline.finetune.sweep` expands it into :class:`JobConfig` s.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from pipeline.config import check_range, config_key
-from pipeline.errors import ConfigError
-from pipeline.models.config import EmbeddingsConfig
-from pipeline.train.config import WandbConfig
+from rnnpipe.pipeline.config import check_range, config_key
+from rnnpipe.pipeline.errors import ConfigError
+from rnnpipe.pipeline.models.config import EmbeddingsConfig
+from rnnpipe.pipeline.train.config import WandbConfig
 
 
 class TaskKind(Enum):
@@ -86,7 +86,7 @@ class TaskConfig:
 
     def _check_glue(self) -> None:
         """``glue``: a known task, of its kind, its columns left to it."""
-        from pipeline.finetune.glue import GLUE_TASKS
+        from rnnpipe.pipeline.finetune.glue import GLUE_TASKS
 
         if self.glue not in GLUE_TASKS:
             raise ConfigError(

@@ -1,7 +1,7 @@
 """Sentence and sentence-pair tasks: GLUE's files, any GLUE-style TSV, their metrics and scores.
 
 A ``classification`` or ``regression`` task reads one text column, or two (a sentence pair, joined
-by the tokenizer's :class:`~pipeline.finetune.tasks.Separator`), and a label column. ``glue: NAME``
+by the tokenizer's :class:`~rnnpipe.pipeline.finetune.tasks.Separator`), and a label column. ``glue: NAME``
 reads GLUE's own file of that task as it is distributed (CoLA without a header, MRPC's header with
 a byte-order mark, ...) and scores it as GLUE does:
 
@@ -14,7 +14,7 @@ a byte-order mark, ...) and scores it as GLUE does:
 | stsb | regression | sentence1, sentence2 | score (0-5) | pearson, spearman, mse | mean_pearson_spearman |
 
 A job's main metric (early stopping, the collect table) is the task's GLUE score; the collect
-table's GLUE score averages them over the GLUE tasks run (:mod:`pipeline.finetune.collect`).
+table's GLUE score averages them over the GLUE tasks run (:mod:`rnnpipe.pipeline.finetune.collect`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.tokenizer_base import Tokenizer
-from pipeline.errors import PipelineError
-from pipeline.finetune import metrics, tasks
-from pipeline.finetune.config import TaskConfig, TaskKind
+from rnnpipe.pipeline.data.tokenizer_base import Tokenizer
+from rnnpipe.pipeline.errors import PipelineError
+from rnnpipe.pipeline.finetune import metrics, tasks
+from rnnpipe.pipeline.finetune.config import TaskConfig, TaskKind
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ import json
 import os
 from typing import Any
 
-from pipeline import fsio
-from pipeline.config import config_diff, describe_diff, fingerprint, flatten, to_dict
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.finetune.config import JobConfig
-from pipeline.models.exported import backbone_identity
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.config import config_diff, describe_diff, fingerprint, flatten, to_dict
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.finetune.config import JobConfig
+from rnnpipe.pipeline.models.exported import backbone_identity
 
 RESULT, CHECKPOINT = "result.json", "checkpoint.pt"
 # wandb: where metrics go, not what; pretrained(_backward): paths, their content is backbone.*/backward.*

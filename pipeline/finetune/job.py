@@ -6,10 +6,10 @@ evaluate on dev every ``eval_every`` steps, keep the best weights, stop after ``
 evaluations without improvement, and score the best weights on dev and test.
 
 Resumable: every evaluation writes ``checkpoint.pt`` (weights, optimiser, schedule, best weights and
-the job's :class:`~pipeline.train.state.FinetuneState`: counters, data position, LM state, RNG
+the job's :class:`~rnnpipe.pipeline.train.state.FinetuneState`: counters, data position, LM state, RNG
 states) atomically; a job started again (a requeue, a re-run) continues from it and ends with the
 same result as an uninterrupted run. ``result.json`` is written last and records what the result
-was made from (:mod:`pipeline.finetune.identity`: the backbone's sha256, the task files' sha256,
+was made from (:mod:`rnnpipe.pipeline.finetune.identity`: the backbone's sha256, the task files' sha256,
 the config) with its fingerprint; the checkpoint is then removed. A result or checkpoint with
 another fingerprint is stale: the job runs again from the start.
 RNNPIPE_TEST_STEP_DELAY (seconds slept after each step) exists for tests that kill a job mid-way.
@@ -34,32 +34,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import fsio
-from pipeline.config import fingerprint, flatten, to_dict
-from pipeline.errors import PipelineError
-from pipeline.finetune import glue, tasks
-from pipeline.finetune.build import build_model, scalar_mix
-from pipeline.finetune.config import JobConfig, TaskConfig, TaskKind
-from pipeline.finetune.conlleval import conlleval
-from pipeline.finetune.identity import CHECKPOINT, RESULT, job_identity, read_result, stale_reason
-from pipeline.finetune.model import FinetuneModel, parameter_groups
-from pipeline.models.exported import CONFIG, WEIGHTS
-from pipeline.models.mixers import detach_state
-from pipeline.models.pretrained import load_pretrained_tokenizer
-from pipeline.provenance import provenance
-from pipeline.train.checkpoint import load_state, save_state
-from pipeline.train.data import IGNORE, StreamBatches
-from pipeline.train.evaluate import evaluate as evaluate_stream
-from pipeline.train.metrics import Metrics, Tags
-from pipeline.train.signals import StopFlag
-from pipeline.train.state import FinetuneState
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.config import fingerprint, flatten, to_dict
+from rnnpipe.pipeline.errors import PipelineError
+from rnnpipe.pipeline.finetune import glue, tasks
+from rnnpipe.pipeline.finetune.build import build_model, scalar_mix
+from rnnpipe.pipeline.finetune.config import JobConfig, TaskConfig, TaskKind
+from rnnpipe.pipeline.finetune.conlleval import conlleval
+from rnnpipe.pipeline.finetune.identity import CHECKPOINT, RESULT, job_identity, read_result, stale_reason
+from rnnpipe.pipeline.finetune.model import FinetuneModel, parameter_groups
+from rnnpipe.pipeline.models.exported import CONFIG, WEIGHTS
+from rnnpipe.pipeline.models.mixers import detach_state
+from rnnpipe.pipeline.models.pretrained import load_pretrained_tokenizer
+from rnnpipe.pipeline.provenance import provenance
+from rnnpipe.pipeline.train.checkpoint import load_state, save_state
+from rnnpipe.pipeline.train.data import IGNORE, StreamBatches
+from rnnpipe.pipeline.train.evaluate import evaluate as evaluate_stream
+from rnnpipe.pipeline.train.metrics import Metrics, Tags
+from rnnpipe.pipeline.train.signals import StopFlag
+from rnnpipe.pipeline.train.state import FinetuneState
 
 log = logging.getLogger("rnnpipe.finetune")
 LOG = "log.txt"
 EVAL_BATCH, EVAL_STREAMS = 64, 8
 HIGHER_IS_BETTER = {k: k is not TaskKind.lm for k in TaskKind}  # lm: perplexity
 # What :func:`evaluate` returns for each kind of task without ``glue`` (a GLUE task: its own, see
-# :mod:`pipeline.finetune.glue`), and the metric early stopping and the table use.
+# :mod:`rnnpipe.pipeline.finetune.glue`), and the metric early stopping and the table use.
 METRICS = {
     TaskKind.classification: glue.DEFAULT_METRICS[TaskKind.classification],
     TaskKind.regression: glue.DEFAULT_METRICS[TaskKind.regression],
@@ -141,7 +141,7 @@ def _batches(examples: list, size: int) -> list[list[int]]:
 @torch.no_grad()
 def evaluate(model: FinetuneModel, data: TaskData, examples: Any, device: torch.device) -> dict[str, float]:
     """Metrics of ``model`` on one split: the sentence task's (accuracy, F1, MCC, Pearson, Spearman:
-    :func:`pipeline.finetune.glue.score`); conlleval precision/recall/F1 (%); or per-word perplexity,
+    :func:`rnnpipe.pipeline.finetune.glue.score`); conlleval precision/recall/F1 (%); or per-word perplexity,
     bits per byte and nats per token with the state carried through the text."""
     was = model.training
     model.eval()
@@ -234,7 +234,7 @@ def _run(cfg: JobConfig, identity: dict[str, Any], fp: str) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     exports = {"backbone": cfg.pretrained}
     if "backward.sha256" in identity:  # elmo: the backward LM, of the forward LM's tokenizer
-        from pipeline.finetune.sweep import check_backward
+        from rnnpipe.pipeline.finetune.sweep import check_backward
 
         exports["backward"] = cfg.pretrained_backward
         check_backward(cfg.pretrained, cfg.pretrained_backward)

@@ -2,7 +2,7 @@
 Pearson and Spearman correlation, mean squared error.
 
 Every score but the mean squared error is scaled by 100, as GLUE reports them, so that the GLUE
-score (:mod:`pipeline.finetune.glue`) averages numbers of one scale. Degenerate cases give 0 rather
+score (:mod:`rnnpipe.pipeline.finetune.glue`) averages numbers of one scale. Degenerate cases give 0 rather
 than NaN (a constant prediction has no correlation with anything; F1 with no positive predicted
 nor gold is 0), so a result is always valid JSON and early stopping always compares numbers; the
 tests check each against scikit-learn or scipy.

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.finetune.config import Features, FinetuneOptim, HeadConfig, Pooling, TaskKind
-from pipeline.models.lm import LanguageModel
+from rnnpipe.pipeline.finetune.config import Features, FinetuneOptim, HeadConfig, Pooling, TaskKind
+from rnnpipe.pipeline.models.lm import LanguageModel
 
 
 def reverse_padded(x_BT: Tensor, lengths_B: Tensor) -> Tensor:
@@ -168,7 +168,7 @@ def _layers(bb: nn.Module) -> tuple[list[nn.Module], nn.Module, list[nn.Module]]
     its base model holds outside its blocks and embeddings; the recurrence gets the head's rate)."""
     if isinstance(bb, LanguageModel):
         return list(bb.blocks), bb.norm, [bb.embed]
-    from pipeline.models.recurrence import decoder_layers
+    from rnnpipe.pipeline.models.recurrence import decoder_layers
 
     base = bb.backbone.base_model
     return list(decoder_layers(base)), base, [m for m in base.modules() if isinstance(m, nn.Embedding)]

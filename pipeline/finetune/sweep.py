@@ -6,7 +6,7 @@
 
 Every combination of the grid's values is one job in ``<out_dir>/jobs/<name>``, its name made of
 the values (``sst2-pretrained-lr0.0003-seed1``). Jobs that already have ``result.json`` are skipped
-when their recorded fingerprint is the one the job would have now (:mod:`pipeline.finetune.identity`),
+when their recorded fingerprint is the one the job would have now (:mod:`rnnpipe.pipeline.finetune.identity`),
 so a re-run does exactly what is missing or stale; one failed job does not stop the others.
 """
 
@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import fsio
-from pipeline.config import config_key, override
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.finetune.config import Features, JobConfig, JobSpec, TaskConfig, TaskKind
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.config import config_key, override
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.finetune.config import Features, JobConfig, JobSpec, TaskConfig, TaskKind
 
 log = logging.getLogger("rnnpipe.finetune")
 
@@ -108,7 +108,7 @@ def expand(sweep: SweepConfig, pretrained: str, backward: str | None = None) -> 
 def _check_elmo(sweep: SweepConfig, spec: JobSpec, pretrained: str, backward: str) -> None:
     """An elmo job: not the lm task, and a backward LM once the forward export exists (before
     it does, a pipeline's pretrain stage may make both), with the forward LM's tokenizer."""
-    from pipeline.models.exported import is_export
+    from rnnpipe.pipeline.models.exported import is_export
 
     if sweep.tasks[spec.task].kind is TaskKind.lm:
         raise ConfigError(
@@ -129,7 +129,7 @@ def _check_elmo(sweep: SweepConfig, spec: JobSpec, pretrained: str, backward: st
 
 def _tokenizer_id(export: str) -> tuple[Any, ...]:
     """(kind, vocabulary size, the sha256 of its file or None) of an export's tokenizer."""
-    from pipeline.models.exported import export_meta
+    from rnnpipe.pipeline.models.exported import export_meta
 
     t = export_meta(export).get("tokenizer", {})
     rel = t.get("model_file")
@@ -146,7 +146,7 @@ def check_backward(forward: str, backward: str) -> None:
     its file): ELMo reads one token sequence with both."""
     if (forward, backward) in _checked:
         return
-    from pipeline.models import exported
+    from rnnpipe.pipeline.models import exported
 
     if exported.export_direction(backward) != "backward":
         raise ConfigError(
@@ -181,7 +181,7 @@ class LabelledJob:
 
 def run_one(item: LabelledJob, report: Callable[[int], None]) -> dict[str, Any]:
     """Executor task: run one job; a failure carries the tail of the job's log."""
-    from pipeline.finetune.job import LOG, run_job
+    from rnnpipe.pipeline.finetune.job import LOG, run_job
 
     try:
         return run_job(item.cfg)
@@ -195,8 +195,8 @@ def run_one(item: LabelledJob, report: Callable[[int], None]) -> dict[str, Any]:
 def pending(jobs: list[JobConfig]) -> tuple[list[dict[str, Any]], list[JobConfig], dict[str, str]]:
     """(the results of jobs complete with their current identity, the other jobs, why each of those
     is not complete: ``{out_dir: "not run yet" | "stale: backbone.sha256: … → …" | ...}``)."""
-    from pipeline.finetune.identity import status
-    from pipeline.models.exported import backbone_identity
+    from rnnpipe.pipeline.finetune.identity import status
+    from rnnpipe.pipeline.models.exported import backbone_identity
 
     backbones: dict[str, dict[str, Any]] = {}
     done, todo, why = [], [], {}
@@ -216,7 +216,7 @@ BACKWARD_EXPORT = "pretrained-backward"  # <out_dir>/pretrained-backward: a back
 
 
 def _export_path(sweep: SweepConfig, src: str, name: str) -> str:
-    from pipeline.models.exported import CONFIG
+    from rnnpipe.pipeline.models.exported import CONFIG
 
     src = fsio.absolute(src)
     if fsio.exists(fsio.join(src, CONFIG)) or not fsio.exists(fsio.join(src, "checkpoints")):
@@ -232,7 +232,7 @@ def export_of(sweep: SweepConfig) -> str:
 
 def backward_export(path: str) -> str | None:
     """The backward LM an export holds in ``<export>/backward`` (itself an export), or None."""
-    from pipeline.models import exported
+    from rnnpipe.pipeline.models import exported
 
     held = getattr(exported, "backward_export", None)  # the export's own answer, where it has one
     if held is not None:
@@ -260,7 +260,7 @@ def resolve_pretrained(sweep: SweepConfig) -> str:
 
 
 def _resolve(sweep: SweepConfig, source: str, name: str, key: str) -> str:
-    from pipeline.models.exported import CONFIG, export_meta
+    from rnnpipe.pipeline.models.exported import CONFIG, export_source
 
     src = fsio.absolute(source)
     if fsio.exists(fsio.join(src, CONFIG)):
@@ -272,13 +272,13 @@ def _resolve(sweep: SweepConfig, source: str, name: str, key: str) -> str:
         )
     from pathlib import Path
 
-    from pipeline.train.checkpoint import find_latest, read_header
-    from pipeline.train.export import export
+    from rnnpipe.pipeline.train.checkpoint import find_latest, read_header
+    from rnnpipe.pipeline.train.export import export
 
     dst = fsio.join(fsio.absolute(sweep.out_dir), name)
     latest = find_latest(Path(src))
     if latest is not None and fsio.exists(fsio.join(dst, CONFIG)):
-        made_from = export_meta(dst).get("source", {})
+        made_from = export_source(dst)
         if (made_from.get("checkpoint"), made_from.get("fingerprint")) == (
             str(latest),
             read_header(latest).get("fingerprint"),

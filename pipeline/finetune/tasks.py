@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
-from pipeline.data.tokenizers import Tokenizer
-from pipeline.errors import PipelineError
+from rnnpipe.pipeline.data.tokenizers import Tokenizer
+from rnnpipe.pipeline.errors import PipelineError
 
 
 def _lines(path: str) -> list[str]:

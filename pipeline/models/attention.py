@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.mixers import Mixer, State
+from rnnpipe.pipeline.models.mixers import Mixer, State
 
 
 def rotary(x_BHTK: Tensor, start: int, base: float) -> Tensor:

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import fsio
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.models.config import HFBackboneConfig, ModelConfig, ModelKind
-from pipeline.models.exported import is_export
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.models.config import HFBackboneConfig, ModelConfig, ModelKind
+from rnnpipe.pipeline.models.exported import is_export
 
 # An export's config.json key holding the backbone's transformers config (to rebuild it offline).
 BACKBONE_CONFIG_KEY = "hf_backbone"
@@ -35,30 +35,19 @@ def build_model(
     (a transformers config as a dict, what an export records) builds the backbone with fresh weights
     instead of loading ``model.hf``: the weights are loaded afterwards (or it trains from scratch)."""
     if cfg.kind is ModelKind.rnnpipe:
-        from pipeline.models.lm import LanguageModel
+        from rnnpipe.pipeline.models.lm import LanguageModel
 
         return LanguageModel(cfg, vocab_size)
-    from pipeline.models.recurrence import AddedRecurrenceLM
+    from rnnpipe.pipeline.models.recurrence import AddedRecurrenceLM
 
     backbone = load_backbone(cfg.hf, vocab_size, backbone_config)
     return AddedRecurrenceLM(cfg, vocab_size, backbone)
 
 
 def _from_config(config_dict: dict[str, Any], overrides: dict[str, Any], vocab_size: int | None) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from rnnpipe.pipeline.models.recurrence import backbone_from_config
 
-    # fp32 whatever the config says (a hub model's torch_dtype: bfloat16): precision is train.precision
-    values = {k: v for k, v in config_dict.items() if k not in ("model_type", "dtype", "torch_dtype")}
-    config = AutoConfig.for_model(config_dict["model_type"], **values)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    if vocab_size is not None:
-        config.vocab_size = vocab_size
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # GPT2Config's 50256 in a smaller vocabulary
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value >= config.vocab_size:
-            setattr(config, key, None)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return backbone_from_config(config_dict, overrides, vocab_size)
 
 
 def local_path(hf: HFBackboneConfig) -> str:
@@ -93,8 +82,11 @@ def _load_backbone(
 ) -> nn.Module:
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError as e:
-        raise ConfigError("model.kind=huggingface needs transformers: pip install 'rnnpipe[hf]'") from e
+    except ImportError as e:  # say what failed: transformers may be installed and still not import
+        hint = " (pip install 'rnnpipe[hf]')" if e.name == "transformers" else ""
+        raise ConfigError(
+            f"model.kind=huggingface needs transformers, which does not import: {e}{hint}"
+        ) from e
     if backbone_config is not None:
         return _from_config(backbone_config, {}, None)
     overrides = dict(hf.config)
@@ -185,7 +177,7 @@ def _check_tokenizer(path: str, root: str, tokenizer: dict[str, Any], data_path:
         return
     from tokenizers import Tokenizer as FastTokenizer
 
-    from pipeline.data.manifest import inside
+    from rnnpipe.pipeline.data.manifest import inside
 
     mine = FastTokenizer.from_str(
         fsio.read_text(inside(fsio.absolute(data_path), ours, "tokenizer.model_file"))
@@ -254,7 +246,7 @@ def backbone_source(hf: HFBackboneConfig) -> dict[str, Any]:
     if not hf.path:
         return {"path": "", "sha256": hashlib.sha256(hf.model_type.encode()).hexdigest()}
     if is_export(hf.path):
-        from pipeline.models.exported import backbone_identity
+        from rnnpipe.pipeline.models.exported import backbone_identity
 
         return {"path": fsio.absolute(hf.path), "sha256": backbone_identity(hf.path)["sha256"]}
     root = local_path(hf)

@@ -1,5 +1,5 @@
 """The model config: which mixer, how many layers, how wide; or a Hugging Face causal LM with
-added recurrence (``model.kind=huggingface``, see :mod:`pipeline.models.recurrence`)."""
+added recurrence (``model.kind=huggingface``, see :mod:`rnnpipe.pipeline.models.recurrence`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from pipeline.config import _PREFIX, check_choice, check_range, config_key
-from pipeline.errors import ConfigError
+from rnnpipe.pipeline.config import _PREFIX, check_choice, check_range, config_key
+from rnnpipe.pipeline.errors import ConfigError
 
 
 class MixerKind(Enum):

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import fsio
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.models.config import EmbeddingFreeze, EmbeddingsConfig, ModelConfig
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.models.config import EmbeddingFreeze, EmbeddingsConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _check_dim(url: str, n: int, dim: int | None, key: str = KEY) -> None:
 
 def vocabulary(tokenizer: Any, key: str = KEY) -> list[str]:
     """The string of every id of a word tokenizer's vocabulary; :class:`ConfigError` for others."""
-    from pipeline.data.word_tokenizer import WordTokenizer
+    from rnnpipe.pipeline.data.word_tokenizer import WordTokenizer
 
     if not isinstance(tokenizer, WordTokenizer):
         what = "dataset (prepared" if key == KEY else "backbone (pretrained on a dataset prepared"
@@ -190,7 +190,7 @@ def apply(
     ``model.embeddings.init`` is set); None without a vectors file."""
     if not model_cfg.embeddings.init:
         return None
-    from pipeline.data.manifest import load_tokenizer
+    from rnnpipe.pipeline.data.manifest import load_tokenizer
 
     return initialize(model, model_cfg, load_tokenizer(data_path), copy, verbose)
 

@@ -11,7 +11,7 @@ torch's FlopCounterMode.
 
 from __future__ import annotations
 
-from pipeline.models.config import MixerKind, ModelConfig, NormKind
+from rnnpipe.pipeline.models.config import MixerKind, ModelConfig, NormKind
 
 SIGMOID = TANH = 4
 GELU = 8

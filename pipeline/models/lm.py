@@ -12,10 +12,10 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from pipeline.models.attention import Attention
-from pipeline.models.config import MixerKind, ModelConfig, NormKind
-from pipeline.models.mixers import ATR, GRU, LRN, LSTM, OLRN, SRU, MinGRU, MinLSTM, Mixer, State
-from pipeline.models.sampling import Sampler
+from rnnpipe.pipeline.models.attention import Attention
+from rnnpipe.pipeline.models.config import MixerKind, ModelConfig, NormKind
+from rnnpipe.pipeline.models.mixers import ATR, GRU, LRN, LSTM, OLRN, SRU, MinGRU, MinLSTM, Mixer, State
+from rnnpipe.pipeline.models.sampling import Sampler
 
 _RECURRENT = {
     MixerKind.lrn: LRN,
@@ -150,8 +150,8 @@ class LanguageModel(Sampler):
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def training_flops_per_token(self, seq_len: int) -> float:
-        """Forward and backward FLOPs per token at ``seq_len`` (see :mod:`pipeline.models.flops`)."""
-        from pipeline.models.flops import training_flops_per_token
+        """Forward and backward FLOPs per token at ``seq_len`` (see :mod:`rnnpipe.pipeline.models.flops`)."""
+        from rnnpipe.pipeline.models.flops import training_flops_per_token
 
         return training_flops_per_token(self.cfg, self.vocab_size, seq_len)
 

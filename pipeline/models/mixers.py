@@ -2,7 +2,7 @@
 
 The state is everything needed to continue a sequence: feeding [x1; x2] equals feeding x1, then
 x2 with the returned state. All matrix work is outside the recurrence (one fused projection per
-mixer); the recurrences are the element-wise kernels of :mod:`kernels`, except ATR (its U·h_{t−1}
+mixer); the recurrences are the element-wise kernels of :mod:`rnnpipe.kernels`, except ATR (its U·h_{t−1}
 is a matrix product inside the recurrence) and torch's LSTM and GRU.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kernels import linear_scan, lrn_recurrence, olrn_recurrence, sru_recurrence
+from rnnpipe.kernels import linear_scan, lrn_recurrence, olrn_recurrence, sru_recurrence
 
 State = Tensor | tuple[Tensor, ...] | None
 

@@ -2,7 +2,7 @@
 fed in segments that carry a state (``model.kind=huggingface``).
 
 ``AddedRecurrenceLM(cfg, vocab)(tokens_BT, state) -> (logits_BTV, state)``, the contract of
-:class:`pipeline.models.lm.LanguageModel`. The stream is cut into segments of S =
+:class:`rnnpipe.pipeline.models.lm.LanguageModel`. The stream is cut into segments of S =
 ``recurrence.segment_len`` tokens at fixed positions (counted from the state's start); each segment
 is one pass of the backbone, and ``recurrence.kind`` says what crosses from one to the next:
 
@@ -37,14 +37,38 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import ConfigError
-from pipeline.models.config import FreezeKind, MixerKind, ModelConfig, RecurrenceKind
-from pipeline.models.mixers import GRU, LRN, MinGRU, detach_state
-from pipeline.models.sampling import Sampler
+from rnnpipe.pipeline.errors import ConfigError
+from rnnpipe.pipeline.models.config import FreezeKind, MixerKind, ModelConfig, RecurrenceKind
+from rnnpipe.pipeline.models.mixers import GRU, LRN, MinGRU, detach_state
+from rnnpipe.pipeline.models.sampling import Sampler
 
 _CELLS = {"lrn": LRN, "mingru": MinGRU, "gru": GRU}
 # Where the remap finds each state entry's batch dimension (pipeline.train.remap.STATE_BATCH_DIM).
 _CELL_KIND = {"lrn": MixerKind.lrn.value, "mingru": MixerKind.mingru.value, "gru": MixerKind.gru.value}
+
+
+def backbone_from_config(
+    config_dict: dict[str, Any], overrides: dict[str, Any] | None = None, vocab_size: int | None = None
+) -> nn.Module:
+    """A transformers ``AutoModelForCausalLM`` with fresh fp32 weights, built from ``config_dict``
+    (a config as ``to_dict`` gives it, what an export records) with ``overrides`` set on it and,
+    when given, ``vocab_size`` rows in its embedding. Needs no network."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # fp32 whatever the config says (a hub model's torch_dtype: bfloat16): precision is train.precision;
+    # _name_or_path is where a config was once read from, not what the model is
+    skip = ("model_type", "dtype", "torch_dtype", "_name_or_path")
+    values = {k: v for k, v in config_dict.items() if k not in skip}
+    config = AutoConfig.for_model(config_dict["model_type"], **values)
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # GPT2Config's 50256 in a smaller vocabulary
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value >= config.vocab_size:
+            setattr(config, key, None)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def decoder_layers(base: nn.Module) -> nn.ModuleList:
@@ -64,8 +88,9 @@ class AddedRecurrenceLM(Sampler):
     """A transformers causal LM (``self.backbone``) with the recurrence ``cfg.recurrence`` added."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, backbone: nn.Module):
-        """``backbone``: an ``AutoModelForCausalLM`` (see :func:`pipeline.models.backbone.load_backbone`)
-        with at least ``vocab_size`` rows in its embedding."""
+        """``backbone``: an ``AutoModelForCausalLM`` (see
+        :func:`rnnpipe.pipeline.models.backbone.load_backbone`) with at least ``vocab_size`` rows in its
+        embedding."""
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size

@@ -11,7 +11,7 @@ A checkpoint killed while being written has no COMPLETE (and an unreadable COMPL
 and never becomes ``latest``; the next save removes it. A save that fails (a full disk) removes
 its partial directory and raises :class:`CheckpointError` on every rank, naming the last complete
 checkpoint. The last ``keep`` complete checkpoints are kept, and past them the newest one saved
-before a loss spike (:mod:`pipeline.train.divergence`): the last good one if the run diverges.
+before a loss spike (:mod:`rnnpipe.pipeline.train.divergence`): the last good one if the run diverges.
 
 Trust: DeepSpeed's files are pickles, loaded with ``torch.load(weights_only=False)`` by DeepSpeed
 itself; a checkpoint directory is code. Load only checkpoints you or your colleagues wrote.
@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import fsio
-from pipeline.config import describe_diff
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.train.config import resume_changes, run_view
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.config import describe_diff
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.train.config import resume_changes, run_view
 
 if TYPE_CHECKING:
-    from pipeline.train.state import TrainState
+    from rnnpipe.pipeline.train.state import TrainState
 
 log = logging.getLogger("rnnpipe.train")
 COMPLETE = "COMPLETE"
@@ -315,12 +315,12 @@ def load(
     engine: Any, path: Path, state: TrainState, device: Any, plan: Any, layer_kinds: list[str]
 ) -> dict[str, Any]:
     """Load a checkpoint into ``engine`` and ``state`` (a collective, after :func:`check_resume`);
-    returns its header. ``plan``: :func:`pipeline.train.elastic.plan`'s, how DeepSpeed loads it.
+    returns its header. ``plan``: :func:`rnnpipe.pipeline.train.elastic.plan`'s, how DeepSpeed loads it.
     Written by another number of ranks or with another data.batch_size, every old rank's train
     state is re-mapped onto this run's
-    (:func:`pipeline.train.elastic.resume_state`; ``layer_kinds`` say where each hidden state's
+    (:func:`rnnpipe.pipeline.train.elastic.resume_state`; ``layer_kinds`` say where each hidden state's
     batch dimension is) and the log says how."""
-    from pipeline.train import elastic
+    from rnnpipe.pipeline.train import elastic
 
     dist = _dist()
     header = read_header(path)

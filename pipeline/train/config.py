@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from pipeline.config import (
+from rnnpipe.pipeline.config import (
     check_choice,
     check_range,
     config_diff,
@@ -20,8 +20,8 @@ from pipeline.config import (
     flatten,
     to_dict,
 )
-from pipeline.errors import ConfigError
-from pipeline.models.config import ModelConfig
+from rnnpipe.pipeline.errors import ConfigError
+from rnnpipe.pipeline.models.config import ModelConfig
 
 
 class DataMode(Enum):
@@ -149,7 +149,7 @@ DYNAMIC_METHODS = ("sgd", "rms")
 class EvalConfig:
     """The final evaluation's extras (the periodic evaluation's keys are ``train.eval_*``).
 
-    Dynamic evaluation (Krause et al. 2018, :mod:`pipeline.train.dynamic_eval`): valid and test are
+    Dynamic evaluation (Krause et al. 2018, :mod:`rnnpipe.pipeline.train.dynamic_eval`): valid and test are
     read again by a copy of the model that takes a gradient step on each segment after scoring it;
     reported beside the static figures as ``valid/bpb_dynamic``, ``test/bpb_dynamic``, ...
 
@@ -236,7 +236,7 @@ class PretrainConfig:
     def validate(self) -> None:
         """Check the run dir; resolve the attention memory stream mode needs, and the segment length
         of a huggingface-kind model."""
-        from pipeline.models.config import MixerKind, ModelKind
+        from rnnpipe.pipeline.models.config import MixerKind, ModelKind
 
         if not self.run_dir:
             raise ConfigError(f"{config_key('run_dir')} is empty: name the run's directory")
@@ -254,7 +254,7 @@ class PretrainConfig:
     def _resolve_recurrence(self) -> None:
         """A huggingface-kind model's segment length (recorded resolved: the export and fine-tuning
         need it) and what its training window allows."""
-        from pipeline.models.config import FreezeKind, RecurrenceKind
+        from rnnpipe.pipeline.models.config import FreezeKind, RecurrenceKind
 
         r = self.model.recurrence
         if r.learns_carry() and r.bptt_segments < 2:
@@ -427,7 +427,7 @@ def backbone_key(backbone: str) -> dict[str, Any]:
 def run_view(cfg: dict[str, Any], dataset: str, world_size: int, backbone: str = "") -> dict[str, Any]:
     """A pretrain config (plain values) as dotted keys, with the dataset's content digest and the
     world size (the global batch and, in stream mode, how the streams are split across ranks), and a
-    huggingface-kind backbone's content digest (:func:`pipeline.models.backbone.backbone_source`)."""
+    huggingface-kind backbone's content digest (:func:`rnnpipe.pipeline.models.backbone.backbone_source`)."""
     view = {**ADDED_KEYS, **flatten(cfg), "dataset": dataset, "world_size": world_size}
     return {**view, **backbone_key(backbone)}
 

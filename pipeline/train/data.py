@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import fsio
-from pipeline.data.manifest import inside, read_manifest
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.train.config import VERIFY_LEVELS, Direction  # data.verify: what the reader checks
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.data.manifest import inside, read_manifest
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.train.config import VERIFY_LEVELS, Direction  # data.verify: what the reader checks
 
 IGNORE = -100  # target id that the loss skips
 

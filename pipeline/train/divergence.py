@@ -6,7 +6,7 @@ inf or NaN. The checkpoint saved last before the non-finite loss then holds expl
 the loop watches every step's loss against its running mean and spread; from the first step far
 above them (a *spike*) until the loss is back, every checkpoint is marked in its header as
 ``diverging_since: <step>``, and the newest checkpoint saved before the spike is kept past
-``train.keep_checkpoints`` (see :func:`pipeline.train.checkpoint.save`) and named as the one to
+``train.keep_checkpoints`` (see :func:`rnnpipe.pipeline.train.checkpoint.save`) and named as the one to
 resume from.
 
     stats = [0.0, 0.0, 0]                     # running mean, variance, steps seen (in the TrainState)
@@ -87,7 +87,7 @@ def follow(state: Any, loss: float, step: int, logs: bool, cap: float) -> None:
 def advice(root: Path) -> str:
     """Which checkpoint under ``root`` (a run's ``checkpoints/``) to resume from after a divergence,
     and which may already hold diverged weights."""
-    from pipeline.train import checkpoint
+    from rnnpipe.pipeline.train import checkpoint
 
     good, suspect = checkpoint.last_good(root)
     if good is None and not suspect:

@@ -1,7 +1,7 @@
 """Dynamic evaluation of a language model: it adapts to the text it reads (Krause et al. 2018,
 "Dynamic Evaluation of Neural Sequence Models").
 
-A split is read as :func:`pipeline.train.evaluate.evaluate` reads it (world × ``streams``
+A split is read as :func:`rnnpipe.pipeline.train.evaluate.evaluate` reads it (world × ``streams``
 contiguous streams, each from its start, the state carried from segment to segment), but after
 scoring segment s_i the weights take one step on that segment's loss L(s_i), the mean over its
 target tokens (over every stream and rank): segment i + 1 is predicted by weights adapted to all
@@ -28,7 +28,6 @@ ZeRO-3's partitioned parameters are refused: under ZeRO-3 it runs on the consoli
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -38,11 +37,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.errors import PipelineError
-from pipeline.models.mixers import detach_state
-from pipeline.train.config import DYNAMIC_METHODS, EvalConfig, PretrainConfig
-from pipeline.train.data import IGNORE, Batch, SplitReader, StreamBatches, eval_batches, open_split
-from pipeline.train.evaluate import (
+from rnnpipe.pipeline.errors import PipelineError
+from rnnpipe.pipeline.models.mixers import detach_state
+from rnnpipe.pipeline.train.config import DYNAMIC_METHODS, EvalConfig, PretrainConfig
+from rnnpipe.pipeline.train.data import IGNORE, Batch, SplitReader, StreamBatches, eval_batches, open_split
+from rnnpipe.pipeline.train.evaluate import (
     PROGRESS_FRACTION,
     PROGRESS_MIN_S,
     _anyone,
@@ -215,7 +214,7 @@ def evaluate_dynamic(
     stats_reader: SplitReader | None = None,
     mean_square: list[torch.Tensor] | None = None,
 ) -> dict[str, float] | None:
-    """:func:`~pipeline.train.evaluate.evaluate` with the model adapting as it reads: the same
+    """:func:`~rnnpipe.pipeline.train.evaluate.evaluate` with the model adapting as it reads: the same
     arguments and result (loss in nats per token, bpb, ppl, tokens; None when ``should_stop`` cut it
     short), each segment scored before the step on it. ``model`` is left untouched (a copy adapts).
 
@@ -364,24 +363,24 @@ def evaluate_export(
     verify: str = "sizes",
 ) -> dict[str, float]:
     """An export's static evaluation of ``split`` of a prepared dataset (``data``; by default the
-    one it was trained on, from its config.json) and, with ``options.dynamic``, its dynamic one
+    one it was trained on, from its header rnnpipe.json) and, with ``options.dynamic``, its dynamic one
     beside it: ``{"loss", "bpb", "ppl", "tokens"}`` plus ``loss_dynamic``, ``bpb_dynamic``,
     ``ppl_dynamic``. One process, no process group; the ``rms`` rule reads the dataset's train
-    split. A backward LM's export (``data.direction=backward``, :func:`~pipeline.models.exported.
+    split. A backward LM's export (``data.direction=backward``, :func:`~rnnpipe.pipeline.models.exported.
     export_direction`) reads every split in reverse, as its run did. PipelineError when the
     dataset's tokenizer is not the export's."""
-    from pipeline.models.exported import export_direction
-    from pipeline.models.pretrained import CONFIG, load_pretrained
+    from rnnpipe.pipeline.models.exported import HEADER, export_direction, export_meta
+    from rnnpipe.pipeline.models.pretrained import load_pretrained
 
     opts = options or EvalConfig(dynamic=True)
     path = Path(export)
     try:
-        meta = json.loads((path / CONFIG).read_text())
-    except (OSError, ValueError) as e:
-        raise PipelineError(f"{path}: not an rnnpipe export ({CONFIG} unreadable: {e})") from e
+        meta = export_meta(str(path))  # config.json with its header rnnpipe.json's source
+    except PipelineError as e:
+        raise PipelineError(f"{path}: not an rnnpipe export ({e})") from e
     data = data or (meta.get("source") or {}).get("data")
     if not data:
-        raise PipelineError(f"{path}: its {CONFIG} names no dataset: give one")
+        raise PipelineError(f"{path}: its {HEADER} names no dataset: give one")
     direction = export_direction(str(path))
     reader = open_split(data, split, verify, direction)
     mine, theirs = meta.get("tokenizer") or {}, reader.manifest["tokenizer"]

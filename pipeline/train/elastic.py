@@ -12,7 +12,7 @@ Two halves, both used only when the checkpoint's world size differs from this ru
   ``engine.load_checkpoint`` loads it on any world size. It must *not* be loaded with
   ``load_universal`` (DeepSpeed skips the module's weights on that path, then fails with
   "'AdamW' object has no attribute 'update_lp_params'").
-- **The data position and the per-rank train state** (:mod:`pipeline.train.remap`): the streams and
+- **The data position and the per-rank train state** (:mod:`rnnpipe.pipeline.train.remap`): the streams and
   hidden states move to their new ranks exactly when world × batch is unchanged (stream mode);
   otherwise the streams are re-cut at the same fraction of the epoch and the hidden state reset.
 
@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError
+from rnnpipe.pipeline.errors import PipelineError
 
 # The train-state half (pipeline.train.remap), re-exported: the loop imports one module.
-from pipeline.train.remap import (
+from rnnpipe.pipeline.train.remap import (
     STATE_BATCH_DIM,
     epoch_steps,
     remap_states,
@@ -177,7 +177,7 @@ class Plan:
 
 
 def plan(ckpt: Path, saved_world: int, world: int, zero_stage: int, rank: int) -> Plan:
-    """Every rank, after :func:`pipeline.train.checkpoint.check_resume` and before
+    """Every rank, after :func:`rnnpipe.pipeline.train.checkpoint.check_resume` and before
     ``deepspeed.initialize`` (the process group already exists): decide how to load ``ckpt``; when
     the world size changed under ZeRO-1/2/3, rank 0 converts it (once; later resumes reuse the
     conversion) while the others wait at a barrier. A failed conversion raises on rank 0; the

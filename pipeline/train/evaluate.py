@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.train.data import IGNORE, Batch, SplitReader, eval_batches, stream_bounds
-from pipeline.train.metrics import duration
+from rnnpipe.pipeline.train.data import IGNORE, Batch, SplitReader, eval_batches, stream_bounds
+from rnnpipe.pipeline.train.metrics import duration
 
 log = logging.getLogger("rnnpipe.train")
 PROGRESS_FRACTION = 0.1  # a progress line per this share of the batches ...
@@ -29,7 +29,7 @@ PROGRESS_MIN_S = 30.0  # ... and at least this long after the previous one
 def eval_batch_count(
     tokens: int, world: int, streams_per_rank: int, seq_len: int, max_tokens: int = 0
 ) -> int:
-    """How many batches :func:`pipeline.train.data.eval_batches` yields on a split of ``tokens``
+    """How many batches :func:`rnnpipe.pipeline.train.data.eval_batches` yields on a split of ``tokens``
     tokens: its arithmetic (the longest of world × streams contiguous streams, in seq_len steps),
     without reading the split."""
     total = tokens if not max_tokens else min(tokens, max_tokens)

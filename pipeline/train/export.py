@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
+import posixpath
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +18,13 @@ from typing import Any
 
 import torch
 
-from pipeline import fsio
-from pipeline.data.manifest import read_manifest
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.models.exported import BACKWARD, export_direction, export_meta, is_export
-from pipeline.models.pretrained import save_pretrained
-from pipeline.provenance import provenance
-from pipeline.train import checkpoint
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.data.manifest import read_manifest
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.models.exported import BACKWARD, export_direction, export_meta, is_export
+from rnnpipe.pipeline.models.pretrained import save_pretrained
+from rnnpipe.pipeline.provenance import provenance
+from rnnpipe.pipeline.train import checkpoint
 
 log = logging.getLogger("rnnpipe")
 
@@ -37,6 +39,7 @@ class Consolidated:
     header: dict[str, Any]  # the checkpoint's COMPLETE marker
     tokenizer: dict[str, Any]  # the dataset manifest's tokenizer entry
     tokenizer_files: dict[str, bytes]  # relative path -> content
+    corpus: dict[str, Any] | None = None  # the dataset's source: its kind and its input files' names
 
 
 def consolidate(source: str | Path) -> Consolidated:
@@ -81,7 +84,42 @@ def consolidate(source: str | Path) -> Consolidated:
         root = fsio.absolute(cfg["data"]["path"])
         files[tokenizer["model_file"]] = fsio.read_bytes(fsio.join(root, tokenizer["model_file"]))
     state = {k: v.float() for k, v in state.items()}
-    return Consolidated(ckpt, state, cfg, header, tokenizer, files)
+    return Consolidated(ckpt, state, cfg, header, tokenizer, files, _corpus(manifest))
+
+
+def _corpus(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the dataset was prepared from, by name: its source kind and its input files."""
+    src = manifest.get("source") or {}
+    names = [posixpath.basename(str(i.get("url", "")).rstrip("/")) for i in src.get("inputs") or []]
+    return {"kind": src.get("kind"), "files": [n for n in names if n]}
+
+
+# The figures of a run the export records (and its model card shows), at their latest step up to
+# the exported one.
+RUN_METRICS = ("train/tokens_seen", "valid/bpb", "test/bpb", "valid/loss", "test/loss")
+
+
+def run_metrics(ckpt: Path, step: int) -> dict[str, dict[str, float]]:
+    """``{tag: {"step", "value"}}`` from the run's ``metrics.jsonl`` (beside ``checkpoints/``) for
+    :data:`RUN_METRICS`, each at its last step up to ``step``; ``{}`` when the run kept none."""
+    file = ckpt.parent.parent / "metrics.jsonl"
+    out: dict[str, dict[str, float]] = {}
+    try:
+        lines = file.read_text().splitlines() if ckpt.parent.name == "checkpoints" else []
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line being written as we read
+            continue
+        at = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(at, int) or at > step:
+            continue
+        for tag in RUN_METRICS:
+            if isinstance(record.get(tag), int | float) and at >= out.get(tag, {}).get("step", -1):
+                out[tag] = {"step": at, "value": record[tag]}
+    return out
 
 
 def run_direction(cfg: dict[str, Any]) -> str:
@@ -103,6 +141,8 @@ def _meta(c: Consolidated) -> dict[str, Any]:
         "world_size": header["world"],
         "provenance": header.get("provenance"),
         "exported_by": provenance(),
+        "corpus": c.corpus,
+        "metrics": run_metrics(c.checkpoint, header["step"]),
     }
 
 

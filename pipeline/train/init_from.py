@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline import fsio
-from pipeline.config import config_diff, describe_diff, to_dict
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.train.config import PretrainConfig
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.config import config_diff, describe_diff, to_dict
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.train.config import PretrainConfig
 
 _SAME_TOKENIZER = ("kind", "vocab_size", "model_sha256")
 
@@ -24,7 +24,7 @@ def check(cfg: PretrainConfig, vocab: int, tokenizer: dict[str, Any]) -> dict[st
     """The export ``cfg.train.init_from`` names, as its ``config.json``, after checking that its
     model (all but dropout and ``model.embeddings``) and tokenizer are this run's: ``vocab`` ids,
     the dataset's manifest ``tokenizer`` entry. Raises :class:`ConfigError` naming what differs."""
-    from pipeline.models.exported import export_meta
+    from rnnpipe.pipeline.models.exported import export_meta
 
     where = f"train.init_from={cfg.train.init_from}"
     try:
@@ -53,8 +53,8 @@ def check(cfg: PretrainConfig, vocab: int, tokenizer: dict[str, Any]) -> dict[st
 def load(model: Any, cfg: PretrainConfig, vocab: int, tokenizer: dict[str, Any]) -> dict[str, Any]:
     """Check (:func:`check`) and load the export's weights into ``model`` (a LanguageModel, before
     DeepSpeed wraps it); returns the record the checkpoints keep: path, weights' sha256, step."""
-    from pipeline.models.exported import backbone_identity
-    from pipeline.models.pretrained import load_pretrained
+    from rnnpipe.pipeline.models.exported import backbone_identity
+    from rnnpipe.pipeline.models.pretrained import load_pretrained
 
     check(cfg, vocab, tokenizer)
     path = fsio.absolute(cfg.train.init_from)

@@ -1,18 +1,18 @@
 """The pretrain loop, top to bottom: model, DeepSpeed engine, data, resume, then steps.
 
 ``train(cfg)`` runs in every rank's process after the process group is set up (see
-:mod:`launch.distributed`); it knows nothing of Slurm. Its result says ``"done"`` or
+:mod:`rnnpipe.launch.distributed`); it knows nothing of Slurm. Its result says ``"done"`` or
 ``"preempted"`` (a signal arrived: checkpointed, run again to continue) and holds the model.
 
 A step costs the host one synchronisation outside logging, evaluation and checkpoint steps: what
-the loop needs to know of it is read in one go at its end (:mod:`pipeline.train.stepsync`). A step
+the loop needs to know of it is read in one go at its end (:mod:`rnnpipe.pipeline.train.stepsync`). A step
 with a non-finite loss or gradient norm is skipped (no update) and counted; train.max_nonfinite
 of them in a row stop the run.
 
 Five environment variables exist for tests only: RNNPIPE_TEST_STEP_DELAY (seconds to sleep after
 each step, so a test can signal or kill a run mid-way), RNNPIPE_TEST_EVAL_DELAY (the same per
-evaluation batch, see :mod:`pipeline.train.evaluate`), RNNPIPE_TEST_CHECKPOINT_DELAY (see
-:mod:`pipeline.train.checkpoint`), RNNPIPE_TEST_HUGE_GRAD_AT (micro-steps, comma-separated,
+evaluation batch, see :mod:`rnnpipe.pipeline.train.evaluate`), RNNPIPE_TEST_CHECKPOINT_DELAY (see
+:mod:`rnnpipe.pipeline.train.checkpoint`), RNNPIPE_TEST_HUGE_GRAD_AT (micro-steps, comma-separated,
 whose gradient is scaled by 1e30: a finite loss with a non-finite gradient norm) and
 RNNPIPE_TEST_COMPILE_BACKEND (train.compile's torch.compile backend, ``inductor`` without it:
 ``aot_eager`` traces the same graphs without compiling C++).
@@ -38,18 +38,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import __version__, fsio
-from pipeline.config import flatten, to_dict
-from pipeline.data.manifest import dataset_digest
-from pipeline.errors import PipelineError
-from pipeline.locking import exclusive
-from pipeline.models import embeddings
-from pipeline.models.backbone import backbone_source, build_model
-from pipeline.models.config import ModelKind
-from pipeline.models.mixers import detach_state
-from pipeline.provenance import describe_code, provenance
-from pipeline.train import checkpoint, divergence, elastic, init_from, stepsync
-from pipeline.train.config import (
+from rnnpipe import __version__
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.config import flatten, to_dict
+from rnnpipe.pipeline.data.manifest import dataset_digest
+from rnnpipe.pipeline.errors import PipelineError
+from rnnpipe.pipeline.locking import exclusive
+from rnnpipe.pipeline.models import embeddings
+from rnnpipe.pipeline.models.backbone import backbone_source, build_model
+from rnnpipe.pipeline.models.config import ModelKind
+from rnnpipe.pipeline.models.mixers import detach_state
+from rnnpipe.pipeline.provenance import describe_code, provenance
+from rnnpipe.pipeline.train import checkpoint, divergence, elastic, init_from, stepsync
+from rnnpipe.pipeline.train.config import (
     RESUME_SCHEDULE,
     DataMode,
     Precision,
@@ -57,12 +58,12 @@ from pipeline.train.config import (
     deepspeed_config,
     run_fingerprint,
 )
-from pipeline.train.data import IGNORE, ShuffleBatches, SplitReader, StreamBatches, open_split
-from pipeline.train.evaluate import evaluate
-from pipeline.train.metrics import Metrics
-from pipeline.train.report import final_evaluation, report
-from pipeline.train.signals import StopFlag
-from pipeline.train.state import TrainState
+from rnnpipe.pipeline.train.data import IGNORE, ShuffleBatches, SplitReader, StreamBatches, open_split
+from rnnpipe.pipeline.train.evaluate import evaluate
+from rnnpipe.pipeline.train.metrics import Metrics
+from rnnpipe.pipeline.train.report import final_evaluation, report
+from rnnpipe.pipeline.train.signals import StopFlag
+from rnnpipe.pipeline.train.state import TrainState
 
 log = logging.getLogger("rnnpipe.train")
 

@@ -11,9 +11,9 @@ one block input per layer plus one block's activations.
 
 from __future__ import annotations
 
-from pipeline.models.config import MixerKind
-from pipeline.models.flops import model_params
-from pipeline.train.config import Precision, PretrainConfig
+from rnnpipe.pipeline.models.config import MixerKind
+from rnnpipe.pipeline.models.flops import model_params
+from rnnpipe.pipeline.train.config import Precision, PretrainConfig
 
 # Tensors of width d that one block keeps for backward, per token: projection outputs and the
 # recurrence's outputs (and SRU's cell states, attention's q, k, v and output).

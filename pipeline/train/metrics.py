@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import fsio
-from pipeline.config import flatten
-from pipeline.train.config import WandbConfig
+from rnnpipe.pipeline import fsio
+from rnnpipe.pipeline.config import flatten
+from rnnpipe.pipeline.train.config import WandbConfig
 
 log = logging.getLogger("rnnpipe.train")
 

@@ -1,5 +1,5 @@
 """Elastic resume, the train-state half: every old rank's TrainState re-mapped onto a new world
-size (:mod:`pipeline.train.elastic` converts and loads the weights and optimizer).
+size (:mod:`rnnpipe.pipeline.train.elastic` converts and loads the weights and optimizer).
 
 In stream mode with world × batch unchanged, the streams keep their global order: their hidden
 states are concatenated over the old ranks along each mixer's batch dimension and split for the
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from rnnpipe.pipeline.errors import PipelineError
 
 # The batch dimension of each mixer's recurrent state (pipeline/models/mixers.py, attention.py).
 # torch.nn.LSTM/GRU keep [layers × directions = 1, B, D]; every other mixer is batch-first: [B, D]
@@ -30,8 +30,8 @@ STATE_BATCH_DIM: dict[str, int] = {"lstm": 1, "gru": 1}
 
 def stream_steps_per_epoch(pairs: int, streams: int, seq_len: int) -> int:
     """Steps in a stream-mode epoch of ``pairs`` (input, target) pairs cut into ``streams`` streams,
-    as :class:`pipeline.train.data.StreamBatches` counts them: the longest stream over seq_len."""
-    from pipeline.train.data import stream_bounds
+    as :class:`rnnpipe.pipeline.train.data.StreamBatches` counts them: the longest stream over seq_len."""
+    from rnnpipe.pipeline.train.data import stream_bounds
 
     return math.ceil(int(np.diff(stream_bounds(pairs, streams)).max()) / seq_len)
 
@@ -41,7 +41,7 @@ def epoch_steps(loader_state: dict[str, Any], reader: Any, seq_len: int, batch: 
     streams, workers and seed); ``batch`` is its data.batch_size (streams or windows per rank)."""
     if loader_state["mode"] == "stream":
         return stream_steps_per_epoch(reader.tokens - 1, loader_state["streams"], seq_len)
-    from pipeline.train.data import ShuffleBatches
+    from rnnpipe.pipeline.train.data import ShuffleBatches
 
     old = ShuffleBatches(
         reader, 0, loader_state["world"], batch, seq_len, loader_state["seed"], loader_state["workers"]
@@ -260,9 +260,9 @@ def _ranks(a: int, b: int) -> str:
 
 
 def _fresh_rng(step: int, rank: int) -> dict[str, Any]:
-    """An RNG state in :func:`pipeline.train.state.rng_state`'s format, without touching this
+    """An RNG state in :func:`rnnpipe.pipeline.train.state.rng_state`'s format, without touching this
     process's generators. No ``cuda`` entry: the loop seeds the device generators per rank itself,
-    and :func:`~pipeline.train.state.set_rng_state` leaves them as they are when it is absent."""
+    and :func:`~rnnpipe.pipeline.train.state.set_rng_state` leaves them as they are when it is absent."""
     import torch
 
     seed = int(np.random.SeedSequence([step, rank, 0x5EED]).generate_state(1)[0])
@@ -284,12 +284,12 @@ def resume_state(
 ) -> tuple[dict[str, Any], str]:
     """This rank's train state after a world-size change, for ``state.load_state_dict``: reads
     every old rank's ``rank{r:05d}.pt`` (``weights_only``) and :func:`remap_states` them onto
-    ``loader`` (this run's :class:`~pipeline.train.data.StreamBatches` or ``ShuffleBatches``: its
+    ``loader`` (this run's :class:`~rnnpipe.pipeline.train.data.StreamBatches` or ``ShuffleBatches``: its
     world, batch, seq_len, reader and workers are the new ones). ``saved_batch`` is the
     checkpoint's data.batch_size (its header's config). Returns (the state dict, the message for
     the log). Each rank reads all the files: they are small (counters, RNG and a hidden state of
     batch × d_model per layer)."""
-    from pipeline.train.checkpoint import load_state
+    from rnnpipe.pipeline.train.checkpoint import load_state
 
     old = []
     for r in range(saved_world):

@@ -3,7 +3,7 @@ valid split, a sample generated from its start), and the final evaluation at the
 finished run (valid and test, whole; ``eval.window`` and ``eval.dynamic`` beside them; the run's
 hparams session).
 
-Used by :mod:`pipeline.train.loop`; it sees the engine only through ``engine.module``.
+Used by :mod:`rnnpipe.pipeline.train.loop`; it sees the engine only through ``engine.module``.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from pipeline.data.manifest import load_tokenizer
-from pipeline.train.config import Direction, PretrainConfig
-from pipeline.train.data import SplitReader, open_split
-from pipeline.train.dynamic_eval import dynamic_results
-from pipeline.train.evaluate import evaluate
-from pipeline.train.metrics import Metrics
+from rnnpipe.pipeline.data.manifest import load_tokenizer
+from rnnpipe.pipeline.train.config import Direction, PretrainConfig
+from rnnpipe.pipeline.train.data import SplitReader, open_split
+from rnnpipe.pipeline.train.dynamic_eval import dynamic_results
+from rnnpipe.pipeline.train.evaluate import evaluate
+from rnnpipe.pipeline.train.metrics import Metrics
 
 log = logging.getLogger("rnnpipe.train")
 
@@ -133,7 +133,7 @@ def window_results(
 ) -> dict[str, float] | None:
     """``eval.window``'s figures of a split: ``{"loss_window", "bpb_window", "ppl_window"}``, the
     whole split scored with the state reset every ``cfg.eval.window`` tokens
-    (:func:`pipeline.train.evaluate.window_batches`), ``train.eval_batch_size`` × ``data.seq_len``
+    (:func:`rnnpipe.pipeline.train.evaluate.window_batches`), ``train.eval_batch_size`` × ``data.seq_len``
     tokens per forward pass; logged on rank 0. None when a signal cut it short."""
     n = cfg.eval.window
     streams, seq_len = cfg.train.eval_batch_size, cfg.data.seq_len

@@ -7,7 +7,7 @@ exactly where it stopped, as one object (lingua's ``TrainState``).
     state.load_state_dict(blob, device)   # on resume: counters, hidden state, data position, RNG
 
 The pretrain loop keeps one per rank; the fine-tune job extends it with its own counters
-(:class:`FinetuneState`). :func:`pipeline.train.checkpoint.save_state` writes a state dict so that
+(:class:`FinetuneState`). :func:`rnnpipe.pipeline.train.checkpoint.save_state` writes a state dict so that
 ``torch.load(..., weights_only=True)`` reads it back: no pickled objects, only numbers, strings,
 lists, dicts and tensors.
 """

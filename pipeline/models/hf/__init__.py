@@ -1,12 +1,14 @@
 """The Hugging Face face of an export: ``transformers`` loads an ``rnnpipe export`` directory.
 
+    import rnnpipe  # registers the classes below with transformers' Auto classes
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(EXPORT, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(EXPORT, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(EXPORT)
+    tokenizer = AutoTokenizer.from_pretrained(EXPORT)
 
-:mod:`pipeline.models.hf.files` writes what an export needs for that (config keys, the two
-``*_rnnpipe.py`` files ``trust_remote_code`` imports, tokenizer and generation files) and needs
-only ``tokenizers``; :mod:`.configuration` and :mod:`.modeling` hold the classes and need
-``transformers`` (``pip install 'rnnpipe[hf]'``). The exported code files import those classes
-from the installed rnnpipe, so an export carries no copy of the model code that could drift.
+(without rnnpipe: ``trust_remote_code=True``). :mod:`.files` writes what an export needs for that
+(config keys, the two ``*_rnnpipe.py`` files ``trust_remote_code`` imports, tokenizer and
+generation files), :mod:`.bundle` the copy of rnnpipe's model code those files fall back on in a
+Python without rnnpipe, :mod:`.card` the model card; they need no ``transformers``.
+:mod:`.configuration` and :mod:`.modeling` hold the classes and need ``transformers``
+(``pip install 'rnnpipe[hf]'``); :mod:`.register` puts them in the Auto classes.
 """

@@ -1,8 +1,10 @@
 """``RnnpipeConfig``: an export's ``config.json`` as a ``transformers`` config.
 
 The file holds rnnpipe's own keys (``model``: the ModelConfig as plain values, ``vocab_size``,
-``tokenizer``, ``source``) beside the ones ``transformers`` reads (``model_type``, ``auto_map``,
-``hidden_size``, ...); both sets survive a ``save_pretrained``.
+``tokenizer``; for ``model.kind=huggingface`` also ``hf_backbone``, the backbone's transformers
+config) beside the ones ``transformers`` reads (``model_type``, ``auto_map``, ``hidden_size``, ...);
+both sets survive a ``save_pretrained``. (Exports written before rnnpipe.json held ``source``
+here too: it is kept as it is.)
 """
 
 from __future__ import annotations
@@ -11,10 +13,19 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from pipeline.config import config_from_dict
-from pipeline.models.config import ModelConfig
+from rnnpipe.pipeline.config import config_from_dict
+from rnnpipe.pipeline.models.config import ModelConfig, ModelKind
 
 MODEL_TYPE = "rnnpipe"
+
+
+def _backbone_sizes(backbone: dict[str, Any]) -> tuple[int, int, bool]:
+    """(hidden size, layers, tied output layer) of a backbone's transformers config (as a dict)."""
+    from transformers import AutoConfig
+
+    values = {k: v for k, v in backbone.items() if k not in ("model_type", "_name_or_path")}
+    config = AutoConfig.for_model(backbone["model_type"], **values)
+    return int(config.hidden_size), int(config.num_hidden_layers), bool(config.tie_word_embeddings)
 
 
 class RnnpipeConfig(PretrainedConfig):
@@ -28,17 +39,22 @@ class RnnpipeConfig(PretrainedConfig):
         vocab_size: int = 256,
         tokenizer: dict[str, Any] | None = None,
         source: dict[str, Any] | None = None,
+        hf_backbone: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         self.model = dict(model or {})
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
-        self.source = source
+        if source is not None:  # an export from before rnnpipe.json
+            self.source = source
+        self.hf_backbone = hf_backbone
         cfg = self.model_config()
-        self.hidden_size = cfg.d_model
-        self.num_hidden_layers = cfg.n_layers
+        if cfg.kind is ModelKind.huggingface and hf_backbone and "model_type" in hf_backbone:
+            self.hidden_size, self.num_hidden_layers, tied = _backbone_sizes(hf_backbone)
+        else:
+            self.hidden_size, self.num_hidden_layers, tied = cfg.d_model, cfg.n_layers, cfg.tie_embeddings
         self.use_cache = kwargs.pop("use_cache", True)
-        kwargs.setdefault("tie_word_embeddings", cfg.tie_embeddings)
+        kwargs.setdefault("tie_word_embeddings", tied)
         super().__init__(**kwargs)
 
     def model_config(self) -> ModelConfig:

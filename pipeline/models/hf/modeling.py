@@ -1,10 +1,13 @@
-"""``RnnpipeForCausalLM``: rnnpipe's :class:`LanguageModel` as a ``transformers`` causal LM.
+"""``RnnpipeForCausalLM``: rnnpipe's models as a ``transformers`` causal LM: a :class:`LanguageModel`,
+or (``model.kind=huggingface``) an :class:`~rnnpipe.pipeline.models.recurrence.AddedRecurrenceLM`,
+a transformers backbone built from the config.json's ``hf_backbone`` with its recurrence.
 
-The weights are the export's ``model.safetensors`` as rnnpipe writes it (the LanguageModel's own
+The weights are the export's ``model.safetensors`` as rnnpipe writes it (the model's own
 parameter names; ``transformers`` adds the ``model.`` prefix when it loads them), so logits are
-those of :func:`pipeline.models.load_pretrained`. ``generate`` carries every layer's state in one
+those of :func:`rnnpipe.pipeline.models.load_pretrained`. ``generate`` carries the whole state in one
 :class:`RnnpipeCache`: constant memory per generated token for the recurrent mixers, a growing KV
-cache for attention layers (bounded by ``attention_memory`` when it is set).
+cache for attention layers (bounded by ``attention_memory`` when it is set); an added recurrence's
+state holds its carry and the current segment's KV cache.
 
 Shapes: B batch, T positions, V vocabulary, D width.
 """
@@ -22,10 +25,11 @@ from torch import Tensor
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from pipeline.models.config import MixerKind
-from pipeline.models.hf.configuration import RnnpipeConfig
-from pipeline.models.lm import LanguageModel
-from pipeline.models.mixers import State
+from rnnpipe.pipeline.config import config_from_dict
+from rnnpipe.pipeline.models.config import MixerKind, ModelConfig, ModelKind
+from rnnpipe.pipeline.models.hf.configuration import RnnpipeConfig
+from rnnpipe.pipeline.models.lm import LanguageModel
+from rnnpipe.pipeline.models.mixers import State
 
 # transformers 5 renamed the output's and forward's ``past_key_values`` to ``cache``: use the name
 # this version has, and take either on input.
@@ -33,23 +37,30 @@ _CACHE_FIELD = next(
     (f.name for f in dataclasses.fields(CausalLMOutputWithPast) if f.name in ("cache", "past_key_values")),
     "past_key_values",
 )
-_BATCH_DIM_1 = (MixerKind.lstm, MixerKind.gru)  # torch's LSTM/GRU states are [layers, B, D]
+# torch's LSTM/GRU states are [layers, B, D]; every other state entry has its batch first
+_BATCH_DIM_1 = (MixerKind.lstm.value, MixerKind.gru.value)
 
 
-def _map_batch(state: State, kind: MixerKind, fn: Any) -> State:
+def _batch_dim(kind: MixerKind | str) -> int:
+    """The batch dimension of a state entry of ``kind`` (a LanguageModel's layer kind, or an entry
+    of :meth:`AddedRecurrenceLM.state_kinds`)."""
+    return 1 if getattr(kind, "value", kind) in _BATCH_DIM_1 else 0
+
+
+def _map_batch(state: State, kind: MixerKind | str, fn: Any) -> State:
     """``fn(tensor, batch_dim)`` on every batch-indexed tensor of one layer's state."""
     if state is None:
         return None
-    dim = 1 if kind in _BATCH_DIM_1 else 0
-    if isinstance(state, Tensor):
-        return fn(state, dim)
+    dim = _batch_dim(kind)
+    if isinstance(state, Tensor):  # (an added recurrence's fill count is a scalar shared by the batch)
+        return state if state.dim() == 0 else fn(state, dim)
     # attention: (keys, values, position); the position is a scalar shared by the batch
     return type(state)(t if t.dim() == 0 else fn(t, dim) for t in state)
 
 
 def _cat_rows(rows: list[State], kind: MixerKind) -> State:
     """One layer's states of single rows, stacked along its batch dimension."""
-    dim = 1 if kind in _BATCH_DIM_1 else 0
+    dim = _batch_dim(kind)
     if isinstance(rows[0], Tensor):
         return torch.cat(rows, dim)
     return type(rows[0])(torch.cat(parts, dim) for parts in zip(*rows, strict=True))
@@ -76,17 +87,41 @@ def _left_padding(mask: Tensor | None, T: int) -> list[int] | None:
     return starts_B.tolist()
 
 
+_HEADER = "rnnpipe.json"  # rnnpipe.pipeline.models.exported.HEADER (not imported: the bundle lacks it)
+
+
+def build_model(config: RnnpipeConfig) -> torch.nn.Module:
+    """The rnnpipe model ``config`` describes, with fresh weights: a :class:`LanguageModel`, or for
+    ``model.kind=huggingface`` an ``AddedRecurrenceLM`` on a backbone built from ``hf_backbone``."""
+    # Checked again here rather than by config.model_config(): with remote code, transformers may
+    # import the config class from another copy of the bundle than this one, whose enums are others.
+    cfg = config_from_dict(ModelConfig, dict(config.model), "in the export's config.json")
+    if cfg.kind is not ModelKind.huggingface:
+        return LanguageModel(cfg, config.vocab_size)
+    from rnnpipe.pipeline.models.recurrence import AddedRecurrenceLM, backbone_from_config
+
+    backbone = getattr(config, "hf_backbone", None)
+    if not isinstance(backbone, dict) or "model_type" not in backbone:
+        raise ValueError(
+            "config.json: model.kind is huggingface, but hf_backbone (the backbone's transformers "
+            "config, with its model_type) is missing"
+        )
+    model = AddedRecurrenceLM(cfg, config.vocab_size, backbone_from_config(backbone))
+    return model.requires_grad_(True)  # model.freeze is how it was trained, not what it is
+
+
 class RnnpipeCache:
     """Every layer's carried state after the tokens seen so far (what ``generate`` passes back).
 
-    ``states[i]`` is layer i's state as :class:`LanguageModel` returns it; ``seen`` counts the
-    positions read. Memory: ``nbytes()``, the same after every token for recurrent mixers.
+    ``states[i]`` is layer i's state as :class:`LanguageModel` returns it (an added recurrence's:
+    the i-th entry of its flat state), ``kinds[i]`` what it is; ``seen`` counts the positions read.
+    Memory: ``nbytes()``, the same after every token for recurrent mixers.
     """
 
     is_compileable = False
     is_linear: tuple[bool, ...] = ()
 
-    def __init__(self, kinds: list[MixerKind], states: list[State] | None = None, seen: int = 0):
+    def __init__(self, kinds: list[Any], states: list[State] | None = None, seen: int = 0):
         self.kinds = kinds
         self.states = states
         self.seen = seen
@@ -132,17 +167,41 @@ class RnnpipeForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: RnnpipeConfig):
         super().__init__(config)
-        self.model = LanguageModel(config.model_config(), config.vocab_size)
+        self.model = build_model(config)
         if config.tie_word_embeddings:
-            self._tied_weights_keys = {"model.head.weight": "model.embed.weight"}
+            self._tied_weights_keys = self._tied_names()
         self.post_init()
+
+    def _tied_names(self) -> dict[str, str]:
+        """The output layer's weight -> the embedding's, which it is (stored once). A backbone's are
+        its own transformers model's: under from_pretrained it is built on the meta device, where
+        nothing is tied yet, so they come from its declaration, not its tensors."""
+        if self._plain:
+            return {"model.head.weight": "model.embed.weight"}
+        tied = getattr(self.model.backbone, "all_tied_weights_keys", None) or {}
+        return {f"model.backbone.{k}": f"model.backbone.{v}" for k, v in tied.items()}
+
+    @property
+    def _plain(self) -> bool:
+        """Whether the model is rnnpipe's own LanguageModel (not a backbone with recurrence)."""
+        return isinstance(self.model, LanguageModel)
+
+    def _state_kinds(self) -> list[Any]:
+        return self.model.kinds if self._plain else self.model.state_kinds()
+
+    def _logits(self, h_BTD: Tensor) -> Tensor:
+        """Logits [B, T, V] of the final hidden states [B, T, D], as the model's own forward gives them."""
+        if self._plain:
+            return self.model.head(h_BTD).float()
+        # a backbone's embedding may have more rows than the dataset has ids: never predict those
+        return self.model.backbone.get_output_embeddings()(h_BTD)[..., : self.config.vocab_size].float()
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> RnnpipeForCausalLM:
         """transformers' loading, then every weight in memory of its own: the tensors transformers
         hands over can sit in storage (views of what it read) on which torch's CPU kernels round
         differently (ATR's and GRU's matrix products did), so the logits would only be close to
-        :func:`pipeline.models.load_pretrained`'s; with own copies they are equal bit for bit."""
+        :func:`rnnpipe.pipeline.models.load_pretrained`'s; with own copies they are equal bit for bit."""
         model = super().from_pretrained(*args, **kwargs)
         with torch.no_grad():
             for p in model.parameters():  # (a tied weight is one parameter: copied once, still tied)
@@ -157,16 +216,22 @@ class RnnpipeForCausalLM(PreTrainedModel, GenerationMixin):
         pass  # LanguageModel initialises itself; from_pretrained then loads every weight
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
-        return self.model.embed
+        return self.model.embed if self._plain else self.model.backbone.get_input_embeddings()
 
     def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
-        self.model.embed = value
+        if self._plain:
+            self.model.embed = value
+        else:
+            self.model.backbone.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> torch.nn.Linear:
-        return self.model.head
+        return self.model.head if self._plain else self.model.backbone.get_output_embeddings()
 
     def set_output_embeddings(self, value: torch.nn.Linear) -> None:
-        self.model.head = value
+        if self._plain:
+            self.model.head = value
+        else:
+            self.model.backbone.set_output_embeddings(value)
 
     def forward(
         self,
@@ -203,13 +268,13 @@ class RnnpipeForCausalLM(PreTrainedModel, GenerationMixin):
             h_BTD, new_state = self._hidden_left_padded(input_ids, starts, state)
         if logits_to_keep:
             h_BTD = h_BTD[:, -logits_to_keep:]
-        logits_BTV = self.model.head(h_BTD).float()
+        logits_BTV = self._logits(h_BTD)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits_BTV, labels, vocab_size=self.config.vocab_size, **kwargs)
         out_cache = None
         if use_cache:
-            out_cache = cache if cache is not None else RnnpipeCache(self.model.kinds)
+            out_cache = cache if cache is not None else RnnpipeCache(self._state_kinds())
             out_cache.states = new_state
             out_cache.seen += input_ids.shape[1]
         return CausalLMOutputWithPast(loss=loss, logits=logits_BTV, **{_CACHE_FIELD: out_cache})
@@ -218,7 +283,7 @@ class RnnpipeForCausalLM(PreTrainedModel, GenerationMixin):
         self, input_ids: Tensor, starts: list[int], state: list[State] | None
     ) -> tuple[Tensor, list[State]]:
         """Each row read from its first real token (``starts[b]``), the states stacked again."""
-        if MixerKind.attention in self.model.kinds:
+        if not self._plain or MixerKind.attention in self.model.kinds:
             raise ValueError(
                 "a left-padded batch (attention_mask with zeros before the prompt) cannot be read by a "
                 "model with attention layers: their caches would differ in length; generate each "
@@ -244,13 +309,22 @@ class RnnpipeForCausalLM(PreTrainedModel, GenerationMixin):
         return h_BTD, stacked
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """transformers' save, plus rnnpipe's own tokenizer file (``tokenizer/``) from the directory
-        the model came from, so :func:`pipeline.models.load_pretrained_tokenizer` and ``rnnpipe
-        sample`` keep working on the copy."""
+        """transformers' save, plus what rnnpipe keeps beside it in the directory the model came
+        from: its tokenizer file (``tokenizer/``), so ``rnnpipe sample`` and
+        :func:`rnnpipe.pipeline.models.load_pretrained_tokenizer` keep working on the copy; its
+        header (``rnnpipe.json``); and the remote code (the ``*_rnnpipe.py`` shims and the bundled
+        ``rnnpipe_*.py``) where transformers did not copy it (a model loaded through the installed
+        rnnpipe's classes)."""
         super().save_pretrained(save_directory, *args, **kwargs)
         source = Path(str(getattr(self.config, "_name_or_path", "") or getattr(self, "name_or_path", "")))
-        if (source / "tokenizer").is_dir() and source.resolve() != Path(save_directory).resolve():
-            shutil.copytree(source / "tokenizer", Path(save_directory) / "tokenizer", dirs_exist_ok=True)
+        target = Path(save_directory)
+        if not source.is_dir() or source.resolve() == target.resolve():
+            return
+        if (source / "tokenizer").is_dir():
+            shutil.copytree(source / "tokenizer", target / "tokenizer", dirs_exist_ok=True)
+        for name in [_HEADER, *(p.name for p in source.glob("*.py"))]:
+            if (source / name).is_file() and not (target / name).exists():
+                shutil.copy2(source / name, target / name)
 
     def prepare_inputs_for_generation(
         self,

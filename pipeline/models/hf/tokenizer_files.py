@@ -25,9 +25,9 @@ from typing import Any
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as FastTokenizer
 
-from pipeline.data.hf_tokenizer import HuggingFaceTokenizer
-from pipeline.data.tokenizers import ByteTokenizer, CharTokenizer, SentencePieceTokenizer, Tokenizer
-from pipeline.data.word_tokenizer import EOD, SPACE, UNK, WordTokenizer
+from rnnpipe.pipeline.data.hf_tokenizer import HuggingFaceTokenizer
+from rnnpipe.pipeline.data.tokenizers import ByteTokenizer, CharTokenizer, SentencePieceTokenizer, Tokenizer
+from rnnpipe.pipeline.data.word_tokenizer import EOD, SPACE, UNK, WordTokenizer
 
 EOD_TOKEN = "<|endoftext|>"  # the char tokenizer's end-of-document id has no text of its own
 

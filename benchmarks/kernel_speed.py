@@ -1,6 +1,6 @@
 """Benchmark the recurrence kernels, the mixers against torch's GRU/LSTM, and LM training speed.
 
-    python benchmarks/kernels.py [--quick] [--write docs/benchmarks.md]
+    python benchmarks/kernel_speed.py [--quick] [--write docs/benchmarks.md]
         [--tables kernels,mixers,lm,scan-peers,layers] [--no-rnn] [--plot docs/figures/kernels-gbs.png]
         [--shapes 16x4096x128,...]
 
@@ -24,7 +24,6 @@ import os
 import platform
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -32,12 +31,12 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import kernels  # noqa: E402
-from benchmarks import kernel_peers  # noqa: E402
-from pipeline.models import LanguageModel, MixerKind, ModelConfig, model_params  # noqa: E402
-from pipeline.models.mixers import MinGRU, MinLSTM  # noqa: E402
+import kernel_peers  # noqa: E402
+
+from rnnpipe import kernels  # noqa: E402
+from rnnpipe.pipeline.models import LanguageModel, MixerKind, ModelConfig, model_params  # noqa: E402
+from rnnpipe.pipeline.models.mixers import MinGRU, MinLSTM  # noqa: E402
 
 SHAPES = [(8, 4096, 1536), (16, 4096, 128), (1, 65536, 1024), (64, 512, 1024)]
 QUICK_SHAPES = [(8, 1024, 512), (16, 4096, 128), (1, 8192, 256), (64, 512, 256)]
@@ -298,7 +297,7 @@ def replace_section(path: Path, begin: str, end: str, body: str) -> None:
 
 def plot_kernels(out: str, records: list[dict], where: str, backend: str, repeats: int) -> str:
     """Grouped bars of effective GB/s per shape, one bar per op and dtype, the copy rate dashed."""
-    from benchmarks.charts import bar_chart
+    from charts import bar_chart
 
     measured = [r for r in records if r["shape"] is not None]
     shapes = list(dict.fromkeys(r["shape"] for r in measured))

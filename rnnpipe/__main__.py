@@ -1,0 +1,7 @@
+"""``python -m rnnpipe``: the ``rnnpipe`` command."""
+
+import sys
+
+from rnnpipe.launch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,74 @@
+"""What the tests share: the repository and data paths, the CLI in-process and as a command, and
+the tiny datasets. Tests import it as ``harness`` (pytest puts tests/ on sys.path; the repository
+root never is, so no test can import a bare ``kernels``, ``pipeline`` or ``launch``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from rnnpipe.launch.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("RNNPIPE_DATA", REPO.parent / "shared" / "data")).resolve()
+# The rnnpipe command in a subprocess, as the installed console script runs it: -P keeps the
+# working directory off sys.path (the repository root holds folders named kernels/ and pipeline/).
+CLI = [sys.executable, "-P", "-m", "rnnpipe"]
+
+
+def data_file(relative: str) -> Path:
+    """A file under the shared data folder, or skip the test with the reason."""
+    path = DATA / relative
+    if not path.exists():
+        pytest.skip(f"needs {path} (the shared data folder, RNNPIPE_DATA); it is absent here")
+    return path
+
+
+def rnnpipe(*args: str) -> int:
+    """Run the CLI in this process; returns its exit status."""
+    return main([str(a) for a in args])
+
+
+def read_split(root: Path, split: str):
+    """(all tokens of a split concatenated, the list of sample metas)."""
+    import numpy as np
+
+    from rnnpipe.pipeline.data.manifest import iter_split
+
+    arrays, metas = [], []
+    for tokens, meta in iter_split(str(root), split):
+        arrays.append(tokens)
+        metas.append(meta)
+    return np.concatenate(arrays), metas
+
+
+def prepare(config, out, *overrides: str, executor: str = "inline") -> int:
+    """``rnnpipe prepare CONFIG output=OUT OVERRIDES --executor EXECUTOR``; returns its exit status."""
+    return rnnpipe("prepare", config, f"output={out}", *overrides, "--executor", executor)
+
+
+def prepare_enwik8_head(out: Path, limit_bytes: int = 0) -> Path:
+    """The pretrain tests' tiny dataset: enwik8-head as bytes (its first ``limit_bytes``; 0 = all),
+    4,096-token samples, 16 per shard, prepared into ``out``; skips when the data is absent."""
+    src = data_file("enwik8-head/enwik8-head.txt")
+    limit = [f"source.limit_bytes={limit_bytes}"] if limit_bytes else []
+    overrides = ["shards.sample_tokens=4096", "shards.samples_per_shard=16"]
+    code = prepare(
+        REPO / "configs/prepare/enwik8-head.yaml", out, f"source.paths=[{src}]", *limit, *overrides
+    )
+    assert code == 0
+    return out
+
+
+def benchmark(name: str):
+    """The module ``benchmarks/NAME.py`` as its script sees its siblings: benchmarks are scripts
+    (``python benchmarks/NAME.py``), which import each other by their plain names."""
+    import importlib
+
+    folder = str(REPO / "benchmarks")
+    if folder not in sys.path:
+        sys.path.append(folder)  # after site-packages: a benchmark's name never shadows a package
+    return importlib.import_module(name)
