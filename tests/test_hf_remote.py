@@ -112,13 +112,15 @@ def _gpt2_export(out: Path, kind: str, extra: dict, arch: str = "gpt2") -> Path:
 def _reference_logits(export: Path) -> torch.Tensor:
     """load_pretrained's logits of IDS, with LRN and oLRN on the PyTorch loop, as the bundle runs
     them (the C forward, where it is built, rounds differently: docs/evaluation.md)."""
-    saved = cpu_native.forward
+    saved, threads = cpu_native.forward, torch.get_num_threads()
     cpu_native.forward = lambda *a: None
+    torch.set_num_threads(1)  # as the subprocess computes: a matrix product's rounding depends on it
     try:
         with torch.no_grad():
             return load_pretrained(export)(IDS)[0]
     finally:
         cpu_native.forward = saved
+        torch.set_num_threads(threads)
 
 
 def _strings(value, path="") -> list[tuple[str, str]]:
@@ -277,6 +279,7 @@ def test_remote_code_runs_in_a_python_without_rnnpipe(tmp_path):
         exports[name] = _gpt2_export(tmp_path / name, *GPT2_VARIANTS[name])
     script = NO_RNNPIPE.replace("BLOCKED", "('rnnpipe',)") + (
         "import json, torch\n"
+        "torch.set_num_threads(1)  # as the reference: a matrix product's rounding depends on it\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         "ids = torch.load(sys.argv[1])\n"
         "out = {}\n"
