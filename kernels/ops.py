@@ -30,6 +30,7 @@ class _TritonBackend:
             raise RuntimeError(f"the Triton kernels cannot be loaded: {e}") from e
         self.scan_fwd, self.scan_bwd = scan.scan_fwd, scan.scan_bwd
         self.lrn_fwd, self.lrn_bwd = rnn.lrn_fwd, rnn.lrn_bwd
+        self.lrn_packed_fwd, self.lrn_packed_bwd = rnn.lrn_packed_fwd, rnn.lrn_packed_bwd
         self.olrn_fwd, self.olrn_bwd = rnn.olrn_fwd, rnn.olrn_bwd
         self.sru_fwd, self.sru_bwd = rnn.sru_fwd, rnn.sru_bwd
 
@@ -206,12 +207,12 @@ def _olrn_backward(ctx, dh):
 olrn_op.register_autograd(_olrn_backward, setup_context=_olrn_setup)
 
 
-# ------------------------------------------------------- LRN and oLRN on one packed projection (CPU)
+# ------------------------------------------------------------- LRN and oLRN on one packed projection
 
 
 @torch.library.custom_op("rnnpipe::lrn_packed", mutates_args=())
 def lrn_packed_op(p: Tensor, h0: Tensor | None, gated: bool) -> Tensor:
-    return reference.lrn_packed_fwd(p, h0, gated).contiguous()
+    return backend(p).lrn_packed_fwd(p, h0, gated).contiguous()
 
 
 @lrn_packed_op.register_fake
@@ -224,7 +225,7 @@ def _(p, h0, gated):
 def lrn_packed_backward_op(
     p: Tensor, h: Tensor, h0: Tensor | None, dh: Tensor, gated: bool
 ) -> tuple[Tensor, Tensor]:
-    dp, dh0 = reference.lrn_packed_bwd(p, h, h0, dh, gated)
+    dp, dh0 = backend(p).lrn_packed_bwd(p, h, h0, dh, gated)
     return dp, _opt(dh0, p)
 
 
@@ -252,8 +253,10 @@ def packed_source(xs: tuple[Tensor, ...]) -> Tensor | None:
     """The [B, T, n·D] tensor whose column blocks are exactly ``xs`` (n = len(xs)), or None.
 
     A mixer's ``proj(x).chunk(3, -1)`` gives such views. The packed ops then take that tensor
-    itself, and their gradient is one tensor: no ``cat`` of n gradients (on CPU a fresh
-    allocation and a copy of n·B·T·D elements). Not under ``torch.compile``, which fuses that.
+    itself, and their gradient is one tensor: no ``cat`` of n gradients (a fresh allocation and
+    a copy of n·B·T·D elements; the Triton kernels write the gradients into the column blocks of
+    one tensor, as they read q, k, v from the projection's). Not under ``torch.compile``, which
+    fuses that.
     """
     if torch.compiler.is_compiling():
         return None
@@ -274,9 +277,9 @@ def packed_source(xs: tuple[Tensor, ...]) -> Tensor | None:
 
 def lrn_family(q: Tensor, k: Tensor, v: Tensor, o: Tensor | None, h0: Tensor | None) -> Tensor:
     """h [B, T, D] of LRN (``o`` None) or oLRN: the packed op when q, k, v (, o) are the column
-    blocks of one tensor and the recurrences run on the PyTorch reference, else the plain op."""
+    blocks of one tensor (on either backend), else the plain op."""
     xs = (q, k, v) if o is None else (q, k, v, o)
-    p = packed_source(xs) if backend(q) is reference else None
+    p = packed_source(xs)
     if p is not None:
         return lrn_packed_op(p, h0, o is not None)
     return lrn_op(q, k, v, h0) if o is None else olrn_op(q, k, v, o, h0)
@@ -330,10 +333,8 @@ def _sru_setup(ctx, inputs, output):
 def _sru_backward(ctx, dh, dc):
     u, fp, rp, x, vf, vr, c0, c = ctx.saved_tensors
     dh = torch.zeros_like(u) if dh is None else dh.contiguous()
-    if dc is None:  # the usual case (only h is used); the reference takes an empty tensor for zeros
-        dc = u.new_empty(0) if backend(u) is reference else torch.zeros_like(u)
-    else:
-        dc = dc.contiguous()
+    # dc is None in the usual case (only h is used): both backends take an empty tensor for zeros.
+    dc = u.new_empty(0) if dc is None else dc.contiguous()
     du, dfp, drp, dx, dvf, dvr, dc0 = sru_backward_op(u, fp, rp, x, vf, vr, c0, c, dh, dc)
     return du, dfp, drp, dx, dvf, dvr, _none(dc0) if ctx.has_c0 else None
 

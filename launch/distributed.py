@@ -36,15 +36,50 @@ class DistEnv:
     source: str  # torchrun | slurm | single
 
 
+def hostnames(nodelist: str) -> list[str]:
+    """Every host of a Slurm nodelist, in order: ``rack[1-2]-node[01-02],cpu1`` → ``rack1-node01``,
+    ``rack1-node02``, ``rack2-node01``, ``rack2-node02``, ``cpu1``. Any number of bracket groups per
+    name, ranges keep their zero padding (what ``scontrol show hostnames`` prints, without it)."""
+    names: list[str] = []
+    for part in _split_top_level(nodelist.strip()):
+        expanded = [""]
+        for literal, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", part):
+            if not literal and not ranges:
+                continue
+            choices = [literal + v for v in _expand_ranges(ranges, nodelist)] if ranges else [literal]
+            expanded = [e + c for e in expanded for c in choices]
+        names += [e for e in expanded if e]
+    if not names:
+        raise ValueError(f"cannot read the Slurm nodelist {nodelist!r}")
+    return names
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    """``a[1,3],b`` → ``a[1,3]``, ``b``: the commas outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(nodelist[start:i])
+            start = i + 1
+    parts.append(nodelist[start:])
+    return [p for p in parts if p]
+
+
+def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
+    """``01-03,7`` → ``01``, ``02``, ``03``, ``7`` (zero padding as written)."""
+    out = []
+    for item in ranges.split(","):
+        lo, _, hi = item.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f"cannot read the Slurm nodelist {nodelist!r}")
+        out += [str(n).zfill(len(lo)) for n in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
 def first_host(nodelist: str) -> str:
     """The first host of a Slurm nodelist: ``gpu[03-05,9],cpu1`` → ``gpu03``."""
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        raise ValueError(f"cannot read the Slurm nodelist {nodelist!r}")
-    prefix, _, ranges = m.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    return hostnames(nodelist)[0]
 
 
 def node_address(name: str) -> str:
@@ -71,10 +106,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Slurm's job ids map onto ports in [15000, 32000): below Linux's ephemeral range (32768-60999),
+# where a port the kernel handed to an outgoing connection would make the rendezvous fail.
+PORT_BASE, PORT_SPAN = 15000, 17000
+
+
+def _launched_by_rank_launcher(env: dict[str, str] | os._Environ) -> bool:
+    """RANK and WORLD_SIZE come from a launcher that set them for this process (torchrun, or
+    rnnpipe's local launcher), not from a shell that exported them once."""
+    return "TORCHELASTIC_RUN_ID" in env or "RNNPIPE_LAUNCHER_PID" in env
+
+
 def detect(environ: dict[str, str] | None = None) -> DistEnv:
-    """Where this process sits in the job, from environment variables."""
+    """Where this process sits in the job, from environment variables: torchrun's or rnnpipe's
+    local launcher's RANK/WORLD_SIZE; else a Slurm step's tasks (a RANK or WORLD_SIZE exported by
+    hand, or inherited from the submitting shell, does not override what srun says); else alone."""
     env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, or rnnpipe's local launcher
+    in_slurm_step = "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env
+    if "RANK" in env and "WORLD_SIZE" in env and (_launched_by_rank_launcher(env) or not in_slurm_step):
         return DistEnv(
             int(env["RANK"]),
             int(env.get("LOCAL_RANK", "0")),
@@ -83,23 +132,51 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
             int(env.get("MASTER_PORT", "29500")),
             "torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        job = int(env["SLURM_JOB_ID"])
-        port = 15000 + job % 20000  # the same on every task of the job, rarely the same across jobs
+    if in_slurm_step:
+        # The step's own nodes: a step on some of the job's nodes has its rank 0 on its first one.
+        nodelist = (
+            env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        ) or "127.0.0.1"
+        job, step = int(env["SLURM_JOB_ID"]), int(env.get("SLURM_STEP_ID", "0") or 0)
         return DistEnv(
             int(env["SLURM_PROCID"]),
             int(env.get("SLURM_LOCALID", "0")),
-            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
             first_host(nodelist),
-            port,
+            # the same on every task of the step; another for the job's next step (the last one's
+            # may still be in TIME_WAIT) and, mostly, for other jobs
+            PORT_BASE + (job + 7919 * step) % PORT_SPAN,
             "slurm",
         )
     return DistEnv(0, 0, 1, "127.0.0.1", free_port(), "single")
 
 
-def init() -> DistEnv:
-    """Export the detected layout to the environment and initialize the process group."""
+def cuda_device(local_rank: int, visible: int, environ: dict[str, str] | None = None) -> int:
+    """The CUDA device index this rank uses among the ``visible`` ones: its local rank when each
+    task sees every GPU of the node; 0 when Slurm (``--gpus-per-task=1``, ``--gpu-bind``, a site
+    default) or CUDA_VISIBLE_DEVICES gives each task one GPU. A task that sees several GPUs, but
+    fewer than its local rank, is refused: which one is meant cannot be known."""
+    if visible == 1 or local_rank < visible:
+        return 0 if visible == 1 else local_rank
+    env = os.environ if environ is None else environ
+    shown = env.get("CUDA_VISIBLE_DEVICES", "(unset)")
+    from rnnpipe.pipeline.errors import PipelineError
+
+    raise PipelineError(
+        f"the rank with local rank {local_rank} sees {visible} GPUs (CUDA_VISIBLE_DEVICES={shown}): each "
+        "task needs its own GPU; run one task per GPU with every GPU visible to each task "
+        "(--gpu-bind=none) or exactly one (--gpus-per-task=1)"
+    )
+
+
+DEFAULT_TIMEOUT_MIN = 30.0  # distributed.timeout_min: how long a collective may wait for a peer
+
+
+def init(timeout_min: float = DEFAULT_TIMEOUT_MIN) -> DistEnv:
+    """Export the detected layout to the environment, pick this rank's GPU, and initialize the
+    process group with an explicit ``timeout_min``: how long a collective waits for a rank that
+    does not come (rank 0's universal-checkpoint conversion must fit in it; a rank that crashes
+    ends a Slurm job at once through srun's --kill-on-bad-exit, not through this timeout)."""
     d = detect()
     if d.source == "slurm":
         d.master_addr = node_address(d.master_addr)
@@ -111,18 +188,23 @@ def init() -> DistEnv:
         MASTER_PORT=str(d.master_port),
     )
     quiet_deepspeed()  # before DeepSpeed loads: it logs and prints while it does
+    import datetime
+
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     else:
-        torch.cuda.set_device(d.local_rank)
+        torch.cuda.set_device(cuda_device(d.local_rank, torch.cuda.device_count()))
     with deepspeed_prints():
         import deepspeed
 
         quiet_deepspeed()  # again: loading it reset its logger's level
         skip_shm_build()
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_min),
+        )
     return d
 
 

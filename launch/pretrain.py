@@ -157,6 +157,25 @@ def check(job: PretrainJob, upstream: Upstream | None = None) -> None:
         from rnnpipe.launch.slurm import check_partition
 
         check_partition(job.executor.slurm.partition, "pretrain.executor.slurm.partition")
+        _check_node_memory(job)
+
+
+# Host memory one GPU rank takes at least: torch with CUDA, DeepSpeed, the CUDA context's pinned
+# buffers, the reader's cache and the checkpoint it writes (about 4-6 GB measured per rank).
+MIN_GB_PER_GPU_RANK = 6
+
+
+def _check_node_memory(job: PretrainJob) -> None:
+    """executor.slurm.mem_gb is each node's memory (sbatch --mem): refuse, before submitting, a GPU
+    job that would give each rank less than :data:`MIN_GB_PER_GPU_RANK` (the default 16 GB for 8
+    ranks would end in out-of-memory kills once the job starts)."""
+    ranks, mem = tasks_per_node(job), job.executor.slurm.mem_gb
+    if job.distributed.gpus_per_node and mem < MIN_GB_PER_GPU_RANK * ranks:
+        raise ConfigError(
+            f"pretrain.executor.slurm.mem_gb={mem:g} is each node's memory: {mem / ranks:.1f} GB for each "
+            f"of its {ranks} GPU ranks, under the {MIN_GB_PER_GPU_RANK} GB a rank needs; set it to "
+            f"{MIN_GB_PER_GPU_RANK * ranks} or more (GPU nodes often have 256 or more)"
+        )
 
 
 def _check_eval_streams(job: PretrainJob, manifest: dict[str, Any]) -> None:
@@ -308,6 +327,9 @@ def slurm_executor(job: PretrainJob, folder: str, dependency: str = "", code: An
     )
     if d.gpus_per_node:
         params["gpus_per_node"] = d.gpus_per_node
+    # A rank that exits with an error ends the step at once: the others would otherwise wait in
+    # their next collective until the process group's timeout, holding every GPU of the job.
+    params["srun_args"] = [*params.get("srun_args", []), "--kill-on-bad-exit=1"]
     # The job's bootstrap installs the stop flag before submitit and torch load (launch.snapshot);
     # Its tasks log at INFO into the job's log file, or as the submitter asked with -v or
     # RNNPIPE_LOG_LEVEL (-q quiets the submitting console, not the log a user reads afterwards).
@@ -328,7 +350,7 @@ def _submit_job(job: PretrainJob, folder: str, after: str, code: Any, export: bo
 
     ex = slurm_executor(job, os.path.join(folder, "%j"), after, code)
     with submitit.helpers.clean_env():
-        return ex.submit(slurm_task, stage_config(job), export)
+        return ex.submit(slurm_task, stage_config(job), export, job.distributed.timeout_min)
 
 
 def submit(job: PretrainJob, decision: Decision, ctx: SlurmContext) -> Submitted:
@@ -349,7 +371,7 @@ def _launch(job: PretrainJob, config_file: str, export: bool) -> int:
     if job.executor.kind is ExecutorKind.inline:  # one rank: of torchrun, srun (pretrain.sbatch) or alone
         from rnnpipe.launch.rank import run_rank, start_rank
 
-        code = run_rank(stage_config(job), start_rank())
+        code = run_rank(stage_config(job), start_rank(), job.distributed.timeout_min)
         rank0 = _is_rank0()
     else:
         from rnnpipe.launch.local import launch_local

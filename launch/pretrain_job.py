@@ -24,9 +24,14 @@ class DistributedConfig:
     nodes: int = 1  # slurm
     gpus_per_node: int = 0  # slurm: GPUs requested per node (0 = none)
     signal_grace_s: int = 120  # slurm: USR2 this long before the time limit (Slurm may send it 30 s early)
+    # How long a collective waits for a rank that does not come before the job fails (NCCL's and
+    # gloo's timeout). A crashed rank ends a Slurm job at once (srun --kill-on-bad-exit); this bounds
+    # a hang. Rank 0's universal-checkpoint conversion on an elastic resume must fit in it.
+    timeout_min: float = 30.0
 
     def validate(self) -> None:
         check_range("nproc", self.nproc, ge=0)
+        check_range("timeout_min", self.timeout_min, gt=0)
         check_range("nodes", self.nodes, ge=1)
         check_range("gpus_per_node", self.gpus_per_node, ge=0)
         check_range("signal_grace_s", self.signal_grace_s, ge=0)

@@ -25,13 +25,15 @@ if TYPE_CHECKING:
     from rnnpipe.pipeline.train.signals import StopFlag
 
 
-def run_rank(cfg: PretrainConfig, stop: StopFlag | None = None) -> int:
-    """This process's part of the run; returns the exit status (0; 75 or 130 after a signal)."""
-    from rnnpipe.launch import distributed
+def run_rank(cfg: PretrainConfig, stop: StopFlag | None = None, timeout_min: float | None = None) -> int:
+    """This process's part of the run; returns the exit status (0; 75 or 130 after a signal).
+    ``timeout_min``: the process group's (``distributed.timeout_min``; its default when None)."""
+    from rnnpipe.launch import distributed, preflight
     from rnnpipe.pipeline.train.loop import train
     from rnnpipe.pipeline.train.signals import ignore_late_warnings
 
-    distributed.init()
+    preflight.check_node(cfg)  # before DeepSpeed and the process group: seconds, not a timeout
+    distributed.init(distributed.DEFAULT_TIMEOUT_MIN if timeout_min is None else timeout_min)
     result = train(cfg, stop)
     distributed.shutdown()
     if result.status == "preempted":
@@ -56,7 +58,7 @@ def start_rank() -> StopFlag:
     return stop
 
 
-def slurm_task(cfg: PretrainConfig, export: bool = False) -> int:
+def slurm_task(cfg: PretrainConfig, export: bool = False, timeout_min: float | None = None) -> int:
     """One task of the Slurm job (run by submitit through srun on every node). Rank 0 holds the
     run dir's lock over the training and the export (the loop re-enters it); a refused rank 0
     fails the job step, and srun stops the other tasks."""
@@ -68,7 +70,7 @@ def slurm_task(cfg: PretrainConfig, export: bool = False) -> int:
     stop = start_rank()
     rank0 = os.environ.get("SLURM_PROCID") == "0"
     with exclusive(cfg.run_dir, RUN_LOCK, "pretrain") if rank0 else contextlib.nullcontext():
-        code = run_rank(cfg, stop)
+        code = run_rank(cfg, stop, timeout_min)
         # Checkpointed on a signal: rank 0 asks Slurm to run the job again (it was submitted --requeue).
         if code == EXIT_PREEMPTED and rank0:  # (not after Ctrl-C: the user stopped it)
             subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
@@ -95,11 +97,15 @@ def main(argv: list[str]) -> int:
     from rnnpipe.launch.distributed import setup_logging
     from rnnpipe.launch.pretrain_job import PretrainJob, stage_config
     from rnnpipe.pipeline.config import load_config
-    from rnnpipe.pipeline.errors import PipelineError
+    from rnnpipe.pipeline.errors import ConfigError, PipelineError
 
     setup_logging()  # at the launcher's level (RNNPIPE_LOG_LEVEL); DeepSpeed's messages below it
     try:
-        return run_rank(stage_config(load_config(PretrainJob, argv[0])), stop)
+        job = load_config(PretrainJob, argv[0])
+        return run_rank(stage_config(job), stop, job.distributed.timeout_min)
+    except ConfigError as e:  # the preflight's, or the config's: exit 2, as the CLI's
+        print(f"rnnpipe: config error: {e}", file=sys.stderr)
+        return 2
     except PipelineError as e:
         print(f"rnnpipe: error: {e}", file=sys.stderr)
         return 1

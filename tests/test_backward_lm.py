@@ -182,6 +182,7 @@ TINY = [
     "train.eval_every=0",
     "train.checkpoint_every=0",
     "train.eval_batch_size=1",
+    "eval.max_tokens=2000",  # the final evaluation's share of valid and test
     "train.sample_tokens=8",
     "train.zero_stage=0",
     "train.peak_tflops=1.0",

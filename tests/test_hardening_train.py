@@ -34,6 +34,7 @@ TINY = [
     "data.batch_size=2",
     "train.eval_batch_size=2",
     "train.eval_every=0",
+    "eval.max_tokens=2000",  # the final evaluation's share of valid and test
     "train.sample_tokens=0",
     "train.log_every=1",
     "optim.warmup_steps=2",

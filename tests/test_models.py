@@ -286,3 +286,31 @@ def test_attention_memory_is_transformer_xl_segment_attention():
     expected, _ = paper_attention(mixer, x, None, visible)
     torch.testing.assert_close(torch.cat(pieces, 1), expected, rtol=1e-10, atol=1e-10)
     assert state[0].shape[2] == 4 and int(state[2]) == 15
+
+
+@pytest.mark.parametrize("kind", [MixerKind.mingru, MixerKind.minlstm])
+def test_a_bf16_min_rnn_keeps_forgetting_over_a_long_carried_stream(kind):
+    """A decay of 0.99909 is exactly 1.0 in bf16: computed there, the state stopped forgetting and
+    grew with the stream (mean |h| 3x fp32's after 10k tokens). Gates and scan run in fp32."""
+    torch.manual_seed(0)
+    d, chunk, chunks = 32, 256, 40
+    layer = make_mixer(kind, ModelConfig(mixer=kind, d_model=d))
+    with torch.no_grad():
+        layer.proj.weight.mul_(0.05)  # the gates' bias decides: decay 1 - σ(-7) = 0.99909
+        bias = layer.proj.bias.view(-1, d)
+        bias.zero_()
+        bias[0] = -7.0 if kind is MixerKind.mingru else 7.0  # minGRU: z; minLSTM: f (then i below)
+        if kind is MixerKind.minlstm:
+            bias[1] = -7.0
+        bias[-1] = 1.0  # h̃ around 1: what the state accumulates
+    half = make_mixer(kind, ModelConfig(mixer=kind, d_model=d)).to(torch.bfloat16)
+    half.load_state_dict({k: v.to(torch.bfloat16) for k, v in layer.state_dict().items()})
+    x = torch.randn(chunks, 1, chunk, d)
+    s32 = s16 = None
+    with torch.no_grad():
+        for c in range(chunks):
+            h32, s32 = layer(x[c], s32)
+            h16, s16 = half(x[c].to(torch.bfloat16), s16)
+    assert h16.dtype == torch.bfloat16 and s16.dtype == torch.float32
+    ratio = h16.float().abs().mean() / h32.abs().mean()
+    assert 0.95 < ratio < 1.05, ratio

@@ -32,6 +32,7 @@ TINY = [
     "data.batch_size=2",
     "train.eval_batch_size=2",
     "train.eval_max_tokens=4000",
+    "eval.max_tokens=4000",  # the final evaluation too: the whole of valid and test takes minutes
     "train.sample_tokens=20",
     "optim.warmup_steps=2",
 ]

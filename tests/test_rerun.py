@@ -28,6 +28,7 @@ TINY_PIPELINE = [
     "pretrain.train.checkpoint_every=0",
     "pretrain.train.eval_batch_size=2",
     "pretrain.train.sample_tokens=0",
+    "pretrain.eval.max_tokens=4000",  # the final evaluation's share of valid and test
     "pretrain.optim.warmup_steps=2",
     "pretrain.optim.lr=3.0e-3",  # the tests below name this value (the demo's own lr may change)
     "pretrain.model.d_model=32",

@@ -112,6 +112,7 @@ def test_pretrain_runs_as_two_tasks_on_two_nodes(slurm, tmp_path):
         "train.eval_every=10",
         "train.checkpoint_every=10",
         "train.log_every=10",
+        "eval.max_tokens=20000",  # the final evaluation's share of valid and test (whole: minutes)
         *SMALL[:2],
         "--executor",
         "slurm",
@@ -292,6 +293,7 @@ def test_a_requeued_pretrain_job_resumes_and_ends_as_an_uninterrupted_run(slurm,
         "train.eval_every=0",
         "train.checkpoint_every=10",
         "train.eval_max_tokens=20000",
+        "eval.max_tokens=20000",
         "distributed.nodes=2",
         "distributed.nproc=1",
         *SMALL[:2],
@@ -478,3 +480,37 @@ def test_a_queued_job_runs_the_code_it_was_submitted_with(slurm, tmp_path):
     assert not code["rnnpipe"].startswith("edited")
     marker = json.loads((run_dir / "checkpoints" / "step00000002" / "COMPLETE").read_text())
     assert marker["provenance"]["code"]["snapshot"]["digest"] == digest
+
+
+def test_the_first_contact_job_measures_the_network_and_both_runs(slurm, tmp_path):
+    """slurm/first-contact.sbatch as a user submits it (here with CPU-sized overrides: gloo, a
+    tiny model, one rank per node): both all-reduces, both 50-step runs, and the one table."""
+    src = data_file("enwik8-head/enwik8-head.txt")
+    data = tmp_path / "data"
+    prep = rnnpipe(
+        "prepare", "enwik8-head", f"output={data}", f"source.paths=[{src}]", "source.limit_bytes=300000",
+        "shards.sample_tokens=4096", "--executor", "inline",
+    )  # fmt: skip
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    out = tmp_path / "out"
+    env = {**os.environ, "RNNPIPE_FIRST_CONTACT_OUT": str(out), "RNNPIPE_ALLREDUCE_MIB": "1,4",
+           "RNNPIPE_PYTHON": sys.executable, "RNNPIPE_PROGRESS": "0"}  # fmt: skip
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+         "--mem=2G", "--time=15", f"--output={tmp_path / 'job.log'}",
+         str(REPO / "slurm" / "first-contact.sbatch"), str(data), "tiny-lrn", "model.d_model=32",
+         "data.seq_len=32", "data.batch_size=2", "train.eval_batch_size=2"],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    deadline = time.time() + 600
+    while not sacct_states(job_id).get(job_id, "").startswith(("COMPLETED", "FAILED", "CANCELLED")):
+        assert time.time() < deadline, f"job {job_id} did not end"
+        time.sleep(2)
+    log = (tmp_path / "job.log").read_text()
+    assert sacct_states(job_id)[job_id].startswith("COMPLETED"), log[-3000:]
+    table = (out / "first-contact.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "gloo" in line]
+    assert len(rows) == 4 and {r.split(" | ")[0] for r in rows} == {"| 1", "| 2"}
+    assert "| 1-node | 9 |" in table and "| 2-nodes-zero2 | 9 |" in table
+    assert "preflight" not in log or "config error" not in log

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from rnnpipe.pipeline import fsio
-from rnnpipe.pipeline.data.shards import check_shard, iter_shard
+from rnnpipe.pipeline.data.shards import check_shard, iter_shard, parse_index
 from rnnpipe.pipeline.data.tokenizers import Tokenizer, tokenizer_from_manifest
 from rnnpipe.pipeline.errors import PipelineError
 
@@ -43,6 +43,12 @@ _SPLIT = {
     "tokens": ((int,), "an integer"),
     "samples": ((int,), "an integer"),
     "bytes": ((int,), "an integer"),
+}
+# A split's sample index (optional: datasets prepared before rnnpipe wrote them have none).
+_INDEX = {
+    "path": ((str,), "a string"),
+    "size": ((int,), "an integer"),
+    "sha256": ((str,), "a string"),
 }
 _SHARD = {
     "path": ((str,), "a string"),
@@ -112,7 +118,8 @@ def _check_keys(obj: Any, spec: dict[str, tuple[tuple[type, ...], str]], where: 
 def validate_manifest(manifest: Any, root: str) -> None:
     """Check a parsed manifest of the dataset at ``root`` (docs/data-format.md): the keys every
     reader uses are present with their types, and every path (``splits.*.shards[*].path``,
-    ``tokenizer.model_file``) is relative, normalised, free of ``..`` and inside ``root``.
+    ``splits.*.index.path``, ``tokenizer.model_file``) is relative, normalised, free of ``..`` and
+    inside ``root``.
     Raises :class:`PipelineError` naming the manifest and the key."""
     url = fsio.join(root, MANIFEST)
     if not isinstance(manifest, dict):
@@ -147,14 +154,22 @@ def validate_manifest(manifest: Any, root: str) -> None:
         if not isinstance(info, dict):
             raise PipelineError(f"{url}: {where} is {type(info).__name__}, expected an object")
         _check_keys(info, _SPLIT, where, url)
+        if "index" in info:
+            _check_file_entry(info["index"], _INDEX, f"{where}.index", root, url)
         for i, shard in enumerate(info["shards"]):
             at = f"{where}.shards[{i}]"
-            if not isinstance(shard, dict):
-                raise PipelineError(f"{url}: {at} is {type(shard).__name__}, expected an object")
-            _check_keys(shard, _SHARD, at, url)
-            if not _SHA256.match(shard["sha256"]):
-                raise PipelineError(f"{url}: {at}.sha256 is {shard['sha256']!r:.80}, not a sha256 hex digest")
-            _inside(root, shard["path"], f"{at}.path", url)
+            _check_file_entry(shard, _SHARD, at, root, url)
+
+
+def _check_file_entry(entry: Any, spec: dict[str, Any], at: str, root: str, url: str) -> None:
+    """A manifest entry naming a file (a shard, a split's index): an object with ``spec``'s keys,
+    a sha256 hex digest and a path inside the dataset."""
+    if not isinstance(entry, dict):
+        raise PipelineError(f"{url}: {at} is {type(entry).__name__}, expected an object")
+    _check_keys(entry, spec, at, url)
+    if not _SHA256.match(entry["sha256"]):
+        raise PipelineError(f"{url}: {at}.sha256 is {entry['sha256']!r:.80}, not a sha256 hex digest")
+    _inside(root, entry["path"], f"{at}.path", url)
 
 
 def path_problem(rel: Any) -> str | None:
@@ -283,6 +298,71 @@ def sha256_cached(url: str) -> str:
     return _SHA_CACHE[key]
 
 
+def index_rows_problem(rows: np.ndarray, shards: list[dict[str, Any]], itemsize: int) -> str | None:
+    """What is wrong with a split's index ``rows`` [samples, 3] (shard, data offset in bytes,
+    tokens) against the split's manifest ``shards`` (None: nothing): rows grouped by shard in
+    order, each shard's sample and token counts, every sample's data (``itemsize`` bytes a token)
+    inside its shard's recorded size."""
+    shard, offset, tokens = rows[:, 0], rows[:, 1], rows[:, 2]
+    if len(rows) and (np.any(np.diff(shard) < 0) or shard[0] < 0 or shard[-1] >= len(shards)):
+        return "its shard column is not the split's shards in order"
+    counts = np.bincount(shard, minlength=len(shards))
+    sums = np.zeros(len(shards), np.int64)
+    np.add.at(sums, shard, tokens)
+    for k, entry in enumerate(shards):
+        if counts[k] != entry["samples"] or sums[k] != entry["tokens"]:
+            return (
+                f"it lists {counts[k]} samples and {sums[k]} tokens in {entry['path']}, the manifest "
+                f"says {entry['samples']} and {entry['tokens']}"
+            )
+    sizes = np.array([entry["size"] for entry in shards], np.int64)
+    if len(rows) and (np.any(offset < 0) or np.any(offset + tokens * itemsize > sizes[shard])):
+        return "it places a sample outside its shard"
+    return None
+
+
+def read_index(root: str, manifest: dict[str, Any], split: str) -> tuple[np.ndarray, int | None]:
+    """The rows [samples, 3] (shard, data offset in bytes, tokens) of ``split``'s sample index in
+    the dataset at ``root``, read in one piece and checked: its size and sha256 against the
+    manifest, its rows against the split's shards (:func:`index_rows_problem`); and its mtime in
+    ns (None where the dataset is not local). ValueError saying what is wrong, naming the file."""
+    info = manifest["splits"][split]
+    index = info.get("index")
+    if index is None:
+        raise ValueError(f"split {split} has no sample index (prepared before rnnpipe wrote them)")
+    url = inside(root, index["path"], f"splits.{split}.index.path")
+    try:
+        data = fsio.read_bytes(url)
+    except FileNotFoundError:
+        raise ValueError(f"{index['path']}: missing (the manifest names it as the {split} index)") from None
+    if len(data) != index["size"] or hashlib.sha256(data).hexdigest() != index["sha256"]:
+        raise ValueError(f"{index['path']}: {len(data)} bytes with another sha256 than the manifest records")
+    try:
+        rows = parse_index(data)
+        problem = index_rows_problem(rows, info["shards"], np.dtype(manifest["dtype"]).itemsize)
+    except ValueError as e:
+        problem = str(e)
+    if problem:
+        raise ValueError(f"{index['path']}: {problem}")
+    return rows, os.stat(url).st_mtime_ns if fsio.is_local(url) else None
+
+
+def index_problem(root: str, manifest: dict[str, Any], split: str, mtimes: bool = True) -> str | None:
+    """What is wrong with the sample index of ``split`` in the dataset at ``root`` (None: nothing):
+    what :func:`read_index` finds, or (``mtimes``, local datasets) a shard modified after the index
+    was written. Reads the index, not the shards (:func:`verify` compares it with them)."""
+    try:
+        _, written = read_index(root, manifest, split)
+    except ValueError as e:
+        return str(e)
+    if mtimes and written is not None:
+        for shard in manifest["splits"][split]["shards"]:
+            url = fsio.join(fsio.absolute(root), shard["path"])
+            if os.path.exists(url) and os.stat(url).st_mtime_ns > written:
+                return f"{manifest['splits'][split]['index']['path']}: {shard['path']} was modified after it"
+    return None
+
+
 def load_tokenizer(root: str) -> Tokenizer:
     """The tokenizer a dataset was encoded with."""
     root = fsio.absolute(root)
@@ -303,11 +383,31 @@ def iter_split(root: str, split: str) -> Iterator[tuple[np.ndarray, dict[str, An
             yield tokens, meta
 
 
+def _index_rows_against(
+    rows: np.ndarray, shard: int, first: int, offsets: list[tuple[int, int]], index: str, where: str
+) -> list[str]:
+    """The index ``rows`` of shard number ``shard`` (whose first sample is ``first`` in the split)
+    against the (offset, tokens) read from it."""
+    mine = rows[rows[:, 0] == shard][:, 1:]
+    got = np.asarray(offsets, np.int64).reshape(-1, 2)
+    if mine.shape == got.shape and np.array_equal(mine, got):
+        return []
+    bad = next((i for i in range(min(len(mine), len(got))) if tuple(mine[i]) != tuple(got[i])), None)
+    if bad is None:
+        return [f"{index}: lists {len(mine)} samples in {where}, it holds {len(got)}"]
+    return [
+        f"{index}: places sample {first + bad} ({where}) at byte {mine[bad][0]} with {mine[bad][1]} "
+        f"tokens, the shard has it at byte {got[bad][0]} with {got[bad][1]}"
+    ]
+
+
 def verify(root: str, deep: bool = True) -> list[str]:
     """Problems with the dataset at ``root`` (empty = it is intact).
 
     Checks every shard's size and sha256, and with ``deep`` re-reads every sample: keys in stream
-    order, dtype, token, byte and sample counts against the manifest; and the tokenizer file.
+    order, dtype, token, byte and sample counts against the manifest; the tokenizer file; and each
+    split's sample index, where it has one: its size and sha256, its counts against the manifest,
+    and with ``deep`` every row against the sample it points to.
     """
     root = fsio.absolute(root)
     try:
@@ -325,7 +425,14 @@ def verify(root: str, deep: bool = True) -> list[str]:
     for split, info in manifest["splits"].items():
         sample = token = 0
         totals = {"samples": 0, "tokens": 0, "bytes": 0}
-        for shard in info["shards"]:
+        index = info.get("index")
+        rows = None
+        if index is not None:
+            try:
+                rows = read_index(root, manifest, split)[0]
+            except ValueError as e:
+                problems.append(str(e))
+        for k, shard in enumerate(info["shards"]):
             url = fsio.join(root, shard["path"])
             where = shard["path"]
             if not fsio.exists(url):
@@ -343,10 +450,11 @@ def verify(root: str, deep: bool = True) -> list[str]:
                         f"{where}: sha256 {sha[:16]}… differs from the manifest's {shard['sha256'][:16]}…"
                     )
                 if deep:
-                    problems += [
-                        f"{where}: {p}"
-                        for p in check_shard(url, split, manifest["dtype"], shard, sample, token)
-                    ]
+                    offsets: list[tuple[int, int]] = []
+                    found = check_shard(url, split, manifest["dtype"], shard, sample, token, offsets)
+                    problems += [f"{where}: {p}" for p in found]
+                    if rows is not None and not found:  # a damaged shard is named once, above
+                        problems += _index_rows_against(rows, k, sample, offsets, index["path"], where)
             sample += shard["samples"]
             token += shard["tokens"]
             for k in totals:

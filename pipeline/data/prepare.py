@@ -1,6 +1,6 @@
 """The prepare stage: a corpus in, webdataset shards and a manifest out.
 
-    plan ─▶ [extract ─▶ fit tokenizer ─▶] encode ─▶ pack ─▶ manifest.json
+    plan ─▶ [extract ─▶ fit tokenizer ─▶] encode ─▶ pack ─▶ sample indexes ─▶ manifest.json
 
 (``tokenizer.kind=huggingface`` loads its pretrained tokenizer before the plan instead of fitting
 one, :mod:`rnnpipe.pipeline.data.hf_tokenizer`.)
@@ -28,14 +28,22 @@ import os
 import time
 from typing import Any, Protocol
 
+import numpy as np
+
 from rnnpipe import __version__
 from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.config import fingerprint, to_dict
 from rnnpipe.pipeline.data.config import PrepareConfig, SourceKind, TokenizerKind
 from rnnpipe.pipeline.data.hf_tokenizer import HF_TOKENIZER_FILE, check_hf_path, load_hf_tokenizer
 from rnnpipe.pipeline.data.inputs import materialize, resolve_inputs
-from rnnpipe.pipeline.data.manifest import MANIFEST, check_sizes, dataset_fingerprint_keys, read_manifest
-from rnnpipe.pipeline.data.shards import shard_path
+from rnnpipe.pipeline.data.manifest import (
+    MANIFEST,
+    check_sizes,
+    dataset_fingerprint_keys,
+    index_problem,
+    read_manifest,
+)
+from rnnpipe.pipeline.data.shards import index_bytes, index_path, shard_path
 from rnnpipe.pipeline.data.sources import (
     ENWIK8_SHA256,
     ENWIK8_SIZE,
@@ -57,6 +65,7 @@ from rnnpipe.pipeline.data.tasks import (
     load_plan,
     make_tokenizer,
     pack_shard,
+    shard_offsets,
 )
 from rnnpipe.pipeline.data.tokenizers import load_tokenizer_file
 from rnnpipe.pipeline.errors import PipelineError
@@ -107,6 +116,8 @@ def _prepare(
         cache.cache_clear()
     old = _guard_output(root, work, fp, cfg.overwrite)
     if old is not None and _complete(root):
+        if _add_indexes(root, work, old):
+            return old
         log.info("%s already holds this dataset (every shard's sha256 matches); nothing to do", root)
         return old
     # state.json first: a .work without it is known to hold only what a kill left half-written.
@@ -179,6 +190,10 @@ def _prepare(
     fsio.write_text_atomic(fsio.join(root, PROVENANCE), json.dumps(prov, indent=1) + "\n")
     manifest = _manifest(cfg, plan, encoded, layout, tasks, records, tok, fp, values)
     manifest["tokenizer"].update(tok_extra)
+    # After every shard (a reader takes a shard modified after its split's index from its tar
+    # headers), before the manifest that records them.
+    for split, info in manifest["splits"].items():
+        info["index"] = write_index(root, work, split, info["shards"])
     fsio.write_text_atomic(fsio.join(root, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     if not cfg.keep_work:
         fsio.remove(work, recursive=True)
@@ -191,6 +206,46 @@ def _prepare(
         ),
     )
     return manifest
+
+
+def write_index(root: str, work: str, split: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write ``split``'s sample index beside its shards (docs/data-format.md) from what the pack
+    tasks recorded (or the shards' headers); returns its manifest entry {path, size, sha256}.
+    ``shards`` are the split's manifest shard records, in order."""
+    parts = []
+    for k, shard in enumerate(shards):
+        offsets = shard_offsets(work, root, split, k)
+        if len(offsets) != shard["samples"] or int(offsets[:, 1].sum()) != shard["tokens"]:
+            raise PipelineError(
+                f"{fsio.join(root, shard['path'])}: {len(offsets)} samples recorded for the index, the "
+                f"shard holds {shard['samples']}; run rnnpipe verify {root}"
+            )
+        parts.append(np.column_stack([np.full(len(offsets), k, np.int64), offsets]))
+    data = index_bytes(np.concatenate(parts) if parts else np.zeros((0, 3), np.int64))
+    rel = index_path(split)
+    sha = fsio.write_bytes_atomic(fsio.join(root, rel), data)
+    return {"path": rel, "size": len(data), "sha256": sha}
+
+
+def _add_indexes(root: str, work: str, manifest: dict[str, Any]) -> bool:
+    """Give a complete dataset the sample index of every split that lacks one (a dataset prepared
+    before rnnpipe wrote them) or whose index is damaged, from the shards' headers, and record them
+    in its manifest. The shards stay as they are, and so does the fingerprint. True when it wrote."""
+    added = []
+    for split, info in manifest["splits"].items():
+        if index_problem(root, manifest, split) is not None:
+            info["index"] = write_index(root, work, split, info["shards"])
+            added.append(split)
+    if not added:
+        return False
+    fsio.write_text_atomic(fsio.join(root, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    log.info(
+        "%s already holds this dataset (every shard's sha256 matches); wrote the sample index of %s "
+        "(the shards are unchanged)",
+        root,
+        ", ".join(added),
+    )
+    return True
 
 
 def _fit(

@@ -6,7 +6,8 @@
   (a pretrained ``huggingface`` tokenizer is loaded by the driver instead,
   :mod:`rnnpipe.pipeline.data.hf_tokenizer`);
 - encode: tokenize a unit per split (from the extracted text, or straight from the source);
-- pack: cut a split's token stream into samples and write one shard.
+- pack: cut a split's token stream into samples and write one shard (and, in the work dir, where
+  each sample's tokens sit in it: the driver joins these into the split's sample index).
 
 Tasks write their files first and a small JSON marker last: a unit or shard is done exactly when
 its marker exists, so a re-run after a kill redoes only what was not finished.
@@ -25,7 +26,7 @@ import numpy as np
 
 from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.data.config import PrepareConfig, TokenizerKind
-from rnnpipe.pipeline.data.shards import sample_key, shard_path, write_shard
+from rnnpipe.pipeline.data.shards import sample_key, scan_offsets, shard_path, write_shard
 from rnnpipe.pipeline.data.sources import Piece, Plan, iter_unit_pieces
 from rnnpipe.pipeline.data.tokenizers import (
     ByteTokenizer,
@@ -372,6 +373,20 @@ def pack_layout(work: str) -> dict[str, Any]:
     return load_json(fsio.join(work, "layout.json"))
 
 
+def _offsets_url(work: str, split: str, shard: int) -> str:
+    return fsio.join(work, "shards", f"{split}-{shard:06d}.offsets")
+
+
+def shard_offsets(work: str, root: str, split: str, shard: int) -> np.ndarray:
+    """[samples, 2] int64: (byte offset of the tokens, tokens) of each sample of a shard, as its
+    pack task recorded them; read from the shard's headers where the work dir has no record (a
+    shard kept from an earlier run whose work dir is gone)."""
+    url = _offsets_url(work, split, shard)
+    if fsio.exists(url):
+        return _read_array(url, np.int64).reshape(-1, 2)
+    return np.asarray(scan_offsets(fsio.join(root, shard_path(split, shard))), np.int64).reshape(-1, 2)
+
+
 def pack_shard(task: PackTask, report: Report) -> dict[str, Any]:
     """Write one shard of samples; skipped where an identical shard is already in place."""
     layout = pack_layout(task.work)
@@ -452,7 +467,12 @@ def pack_shard(task: PackTask, report: Report) -> dict[str, Any]:
             metas.append(item[2])
             yield item
 
-    sha, size = write_shard(url, counted())
+    offsets: list[tuple[int, int]] = []
+    sha, size = write_shard(url, counted(), offsets)
+    # Before the marker: a shard marked done always has its offsets beside it.
+    fsio.write_bytes_atomic(
+        _offsets_url(task.work, task.split, task.shard), np.asarray(offsets, np.int64).tobytes()
+    )
     record = {
         "path": rel,
         "samples": len(metas),

@@ -65,6 +65,18 @@ class OLRN(Mixer):
         return olrn_recurrence(q, k, v, o, state)
 
 
+def _wide(t: Tensor | None) -> Tensor | None:
+    """``t`` in float32 when it is of a narrower float type (bf16, fp16); as it is otherwise
+    (float32, and float64 for the tests' exact checks)."""
+    if t is None or t.dtype not in (torch.bfloat16, torch.float16):
+        return t
+    return t.float()
+
+
+# minGRU and minLSTM compute their gates and run their scan in float32 when the model runs in bf16:
+# in bf16 a decay of 0.99909 (1 - σ(-7)) rounds to exactly 1.0 and the state stops forgetting
+# (over 10k carried tokens mean |h| grew to 3x fp32's). fla feeds its log-decays in fp32 likewise.
+# The state they carry is float32; the layer's output has the input's dtype.
 class MinGRU(Mixer):
     """z = σ(W_z x), h̃ = W_h x, h_t = (1 − z) ⊙ h_{t−1} + z ⊙ h̃: a linear scan (Feng et al. 2024)."""
 
@@ -73,9 +85,10 @@ class MinGRU(Mixer):
         self.proj = nn.Linear(d_model, 2 * d_model)
 
     def forward(self, x_BTD, state=None):
-        z_pre, h_tilde = self.proj(x_BTD).chunk(2, dim=-1)
+        z_pre, h_tilde = _wide(self.proj(x_BTD)).chunk(2, dim=-1)
         z = torch.sigmoid(z_pre)
-        return linear_scan(1 - z, z * h_tilde, state)
+        h_BTD, state = linear_scan(1 - z, z * h_tilde, _wide(state))
+        return h_BTD.to(x_BTD.dtype), state
 
 
 class MinLSTM(Mixer):
@@ -87,10 +100,11 @@ class MinLSTM(Mixer):
         self.proj = nn.Linear(d_model, 3 * d_model)
 
     def forward(self, x_BTD, state=None):
-        f_pre, i_pre, h_tilde = self.proj(x_BTD).chunk(3, dim=-1)
+        f_pre, i_pre, h_tilde = _wide(self.proj(x_BTD)).chunk(3, dim=-1)
         f, i = torch.sigmoid(f_pre), torch.sigmoid(i_pre)
         total = f + i
-        return linear_scan(f / total, (i / total) * h_tilde, state)
+        h_BTD, state = linear_scan(f / total, (i / total) * h_tilde, _wide(state))
+        return h_BTD.to(x_BTD.dtype), state
 
 
 class SRU(Mixer):

@@ -165,6 +165,10 @@ class EvalConfig:
     dynamic_stat_batches: int = 100  # rms: training batches for the gradients' mean square (0 = one epoch)
     dynamic_seq_len: int = 0  # tokens per stream per adaptation step (0 = data.seq_len)
     window: int = 0  # also evaluate with the state reset every this many tokens (0 = not)
+    # The final evaluation reads this many tokens of valid and of test (the first ones of each of
+    # the evaluation's streams; 0 = the whole splits, the figures to report). A smoke test or a
+    # throughput run need not spend minutes on it.
+    max_tokens: int = 0
 
     def validate(self) -> None:
         """Check every value's range (a ConfigError names the key)."""
@@ -175,6 +179,7 @@ class EvalConfig:
         check_range("dynamic_stat_batches", self.dynamic_stat_batches, ge=0, note=" (0 = one epoch)")
         check_range("dynamic_seq_len", self.dynamic_seq_len, ge=0, note=" (0 = data.seq_len)")
         check_range("window", self.window, ge=0, note=" (0 = no windowed evaluation)")
+        check_range("max_tokens", self.max_tokens, ge=0, note=" (0 = the whole splits)")
 
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -305,12 +310,18 @@ def deepspeed_config(cfg: PretrainConfig, on_gpu: bool) -> dict[str, Any]:
     (``fused``: one launch per step for every parameter), which ships with torch, where DeepSpeed's
     own FusedAdam would compile a CUDA extension at the first launch; on CPU its default one."""
     o, t = cfg.optim, cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if on_gpu and t.zero_stage in (1, 2):
+        # Reduce (and ZeRO-2's gradient partitions) on a side stream while the backward pass goes
+        # on, from one contiguous buffer: across nodes the all-reduce otherwise waits for the last
+        # layer's gradients and then holds the GPUs idle (DeepSpeed's default is off for 1 and 2).
+        zero.update(overlap_comm=True, contiguous_gradients=True)
     derived: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": o.grad_clip,  # always explicit: DeepSpeed's default is 1.0, not off
         "bf16": {"enabled": t.precision is Precision.bf16},
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": zero,
         "optimizer": {
             "type": "AdamW",
             "params": {

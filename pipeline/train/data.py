@@ -8,8 +8,12 @@ reads exactly the batches an uninterrupted run would have read.
 from __future__ import annotations
 
 import collections
+import logging
 import math
+import os
+import queue
 import tarfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +22,14 @@ import numpy as np
 import torch
 
 from rnnpipe.pipeline import fsio
-from rnnpipe.pipeline.data.manifest import inside, read_manifest
+from rnnpipe.pipeline.data.manifest import inside, read_index, read_manifest
+from rnnpipe.pipeline.data.shards import read_npy_header
 from rnnpipe.pipeline.errors import ConfigError, PipelineError
 from rnnpipe.pipeline.train.config import VERIFY_LEVELS, Direction  # data.verify: what the reader checks
 
+log = logging.getLogger(__name__)
 IGNORE = -100  # target id that the loss skips
+_TOLD: set[str] = set()  # datasets whose missing sample index this process has logged
 
 
 @dataclass
@@ -44,12 +51,18 @@ def _damaged(url: str, root: str, what: str) -> PipelineError:
 class SplitReader:
     """Random access to one split's token stream: ``read(a, b)`` returns tokens [a, b).
 
-    The tars are uncompressed, so a sample's ``.npy`` data sits at a fixed offset in its shard:
-    the index (built once from the tar headers) lets a read seek straight to it. Opening checks
-    every shard against the manifest: its file size, and its sample and token counts from the
-    index, always (a broken tar header makes ``tarfile`` stop early without an error: the counts
-    catch it); with ``verify="full"`` its sha256 too (``data.verify``: a flipped byte keeps every
-    size). Any damage raises :class:`PipelineError` naming the shard.
+    The tars are uncompressed, so a sample's ``.npy`` data sits at a fixed offset in its shard.
+    Where each one sits comes from the split's sample index, written by prepare beside the shards
+    (one read, checked against the manifest's sha256 and counts); a dataset without one, or a
+    shard modified after its index was written, is indexed from its tar headers (one small read
+    per sample). Opening checks every shard against the manifest: its file size always, and for a
+    shard indexed from its headers its sample and token counts and each ``.npy`` header (a broken
+    tar header makes ``tarfile`` stop early without an error: the counts catch it); with
+    ``verify="full"`` its sha256 too (``data.verify``: a flipped byte keeps every size). Any damage
+    raises :class:`PipelineError` naming the shard.
+
+    Samples read are kept in an LRU cache of ``cache_samples`` (at least): :meth:`cache_for_streams`
+    grows it to what a number of contiguous streams needs. Reads are thread-safe (one lock).
     """
 
     def __init__(self, root: str, split: str, cache_samples: int = 64, verify: str = "sizes"):
@@ -68,24 +81,78 @@ class SplitReader:
         self.bytes = int(info["bytes"])
         self.dtype = np.dtype(manifest["dtype"])
         self.sample_tokens = int(manifest["sample_tokens"])
-        self._where: list[tuple[str, int, int]] = []  # per sample: (shard url, data offset, tokens)
-        for i, shard in enumerate(info["shards"]):
-            url = inside(root, shard["path"], f"splits.{split}.shards[{i}].path")
-            self._where += self._index(url, shard)
-        if sum(n for _, _, n in self._where) != self.tokens:
+        # The shards' urls, and per sample [samples, 3]: (shard, data offset in bytes, tokens).
+        self._urls, self._places = self._locate(info)
+        if int(self._places[:, 2].sum()) != self.tokens:
             raise PipelineError(
                 f"{root}: the {split} shards hold a different number of tokens than the "
                 "manifest says; run rnnpipe verify"
             )
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._cache_size = cache_samples
+        self._lock = threading.Lock()  # the prefetch thread and the loop share the cache
 
-    def _index(self, url: str, shard: dict[str, Any]) -> list[tuple[str, int, int]]:
-        """(url, data offset, tokens) of each sample of the shard at ``url``, checked against its
-        manifest entry ``shard``."""
-        fs, path = fsio.filesystem(url)
+    def __getstate__(self) -> dict[str, Any]:  # (shuffle mode's spawned workers get a copy)
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _locate(self, info: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+        """(the shards' urls, [samples, 3] int64: each sample's shard, data offset and tokens): from
+        the split's index where it has a sound one, else (and for a shard modified after it) from
+        the tar headers."""
+        rows, written = self._load_index()
+        urls: list[str] = []
+        parts: list[np.ndarray] = []
+        starts = np.searchsorted(rows[:, 0], np.arange(len(info["shards"]) + 1)) if rows is not None else None
+        for i, shard in enumerate(info["shards"]):
+            urls.append(inside(self.root, shard["path"], f"splits.{self.split}.shards[{i}].path"))
+            mtime = self._check_file(urls[i], shard)
+            if starts is None or (written is not None and mtime is not None and mtime > written):
+                found = np.asarray(self._index(urls[i], shard), np.int64).reshape(-1, 2)  # (checked there)
+                parts.append(np.column_stack([np.full(len(found), i, np.int64), found]))
+            else:
+                parts.append(rows[starts[i] : starts[i + 1]])
+        return urls, np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
+
+    def _load_index(self) -> tuple[np.ndarray | None, int | None]:
+        """(the split's index rows, its mtime in ns or None) or (None, None) where there is no sound
+        one; says once per dataset how to add a missing one, and warns of a damaged one."""
+        info = self.manifest["splits"][self.split]
         try:
-            size = int(fs.size(path))
+            return read_index(self.root, self.manifest, self.split)
+        except ValueError as e:
+            if "index" in info:
+                log.warning(
+                    "%s: %s; reading the %s shards' tar headers instead (running the same rnnpipe "
+                    "prepare again rewrites the index)",
+                    self.root,
+                    e,
+                    self.split,
+                )
+            elif self.root not in _TOLD:
+                _TOLD.add(self.root)
+                log.info(
+                    "%s has no sample index (prepared before rnnpipe wrote them): every start reads "
+                    "each shard's tar headers. To add one, run the same rnnpipe prepare again "
+                    "(rnnpipe prepare %s/config.yaml output=%s): it checks the shards, reads their "
+                    "headers once and writes the index; the shards and the fingerprint stay as they are",
+                    self.root,
+                    self.root,
+                    self.root,
+                )
+            return None, None
+
+    def _check_file(self, url: str, shard: dict[str, Any]) -> int | None:
+        """Check the shard at ``url`` against its manifest entry: size, and sha256 with
+        ``verify="full"``; returns its mtime in ns (None where the dataset is not local)."""
+        fs, path = fsio.filesystem(url)
+        local = fsio.is_local(url)
+        try:
+            st = os.stat(url) if local else None
+            size = st.st_size if st is not None else int(fs.size(path))
         except FileNotFoundError:
             raise _damaged(url, self.root, "missing") from None
         if size != shard["size"]:
@@ -97,18 +164,24 @@ class SplitReader:
                 raise _damaged(
                     url, self.root, f"sha256 {sha[:16]}… differs from the manifest's {shard['sha256'][:16]}…"
                 )
-        out: list[tuple[str, int, int]] = []
+        return st.st_mtime_ns if st is not None else None
+
+    def _index(self, url: str, shard: dict[str, Any]) -> list[tuple[int, int]]:
+        """(data offset, tokens) of each sample of the shard at ``url``, from its tar headers,
+        checked against its manifest entry ``shard``."""
+        fs, path = fsio.filesystem(url)
+        out: list[tuple[int, int]] = []
         try:
             with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 for m in tar.getmembers():
                     if m.name.endswith(".npy"):
-                        out.append((url, *self._npy_data(f, m, url)))
+                        out.append(self._npy_data(f, m, url))
         except PipelineError:
             raise
         except (tarfile.TarError, EOFError, ValueError, OSError) as e:
             what = f"unreadable after {len(out)} samples ({type(e).__name__}: {e}): truncated or corrupt"
             raise _damaged(url, self.root, what) from None
-        tokens = sum(n for _, _, n in out)
+        tokens = sum(n for _, n in out)
         if len(out) != shard["samples"] or tokens != shard["tokens"]:
             # tarfile ends its listing at a broken header (after the first) without an error.
             raise _damaged(
@@ -123,15 +196,9 @@ class SplitReader:
         """(offset of the array data in the shard, tokens) of the ``.npy`` member ``m``."""
         f.seek(m.offset_data)
         try:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise ValueError(f"unsupported .npy version {version}")
-        except Exception as e:  # numpy parses the header with ast: a broken one raises anything
-            raise ValueError(f"sample {m.name}: broken .npy header ({type(e).__name__}: {e})") from None
+            shape, dtype = read_npy_header(f)
+        except ValueError as e:
+            raise ValueError(f"sample {m.name}: {e}") from None
         if dtype != self.dtype:
             raise _damaged(url, self.root, f"sample {m.name} is {dtype}, the manifest says {self.dtype}")
         if len(shape) != 1:
@@ -146,11 +213,35 @@ class SplitReader:
             )
         return offset, int(shape[0])
 
+    def cache_for_streams(self, streams: int, seq_len: int) -> None:
+        """Grow the cache to what ``streams`` contiguous streams read ``seq_len`` (+1) tokens at a
+        time, each in turn, need to read every sample once: (streams + 1) × the samples one read
+        can touch (ceil(seq_len / sample_tokens) + 1; 2 when a sample holds a step). An LRU
+        smaller than the streams' working set evicts each sample just before its next use (at 64
+        streams and 64 samples, 30 re-reads a step instead of 0.5). Never more than the split's
+        samples; never shrinks."""
+        per_read = -(-seq_len // self.sample_tokens) + 1
+        need = min((streams + 1) * per_read, len(self._places))
+        with self._lock:
+            self._cache_size = max(self._cache_size, need)
+
     def _sample(self, i: int) -> np.ndarray:
-        if i in self._cache:
-            self._cache.move_to_end(i)
-            return self._cache[i]
-        url, offset, n = self._where[i]
+        """Sample ``i``'s tokens (the split's dtype): from the cache, or read and cached."""
+        with self._lock:  # the prefetch thread and the loop (evaluating this split) share the cache
+            arr = self._cache.get(i)
+            if arr is not None:
+                self._cache.move_to_end(i)
+                return arr
+            arr = self._read_sample(i)
+            self._cache[i] = arr
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return arr
+
+    def _read_sample(self, i: int) -> np.ndarray:
+        """Sample ``i`` from its shard: one open, one seek, one read of its tokens."""
+        shard, offset, n = (int(x) for x in self._places[i])
+        url = self._urls[shard]
         fs, path = fsio.filesystem(url)
         want = n * self.dtype.itemsize
         try:
@@ -163,11 +254,7 @@ class SplitReader:
             raise _damaged(
                 url, self.root, f"sample {i}: read {len(data)} of {want} bytes at byte {offset} (truncated)"
             )
-        arr = np.frombuffer(data, dtype=self.dtype)
-        self._cache[i] = arr
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return arr
+        return np.frombuffer(data, dtype=self.dtype)
 
     def read(self, a: int, b: int) -> np.ndarray:
         """Tokens [a, b) of the split as int64."""
@@ -182,18 +269,18 @@ class SplitReader:
 
     def sample_count(self) -> int:
         """Samples in the split."""
-        return len(self._where)
+        return len(self._places)
 
     def sample_length(self, i: int) -> int:
         """Tokens in sample ``i``."""
-        return self._where[i][2]
+        return int(self._places[i, 2])
 
     def shard_samples(self) -> list[list[int]]:
         """Sample indices grouped by shard, in order."""
-        groups: dict[str, list[int]] = {}
-        for i, (url, _, _) in enumerate(self._where):
-            groups.setdefault(url, []).append(i)
-        return list(groups.values())
+        bounds = np.searchsorted(self._places[:, 0], np.arange(len(self._urls) + 1))
+        return [
+            list(range(a, b)) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True) if b > a
+        ]
 
 
 class ReversedReader:
@@ -255,7 +342,10 @@ def stream_bounds(pairs: int, streams: int) -> np.ndarray:
 class StreamBatches:
     """Stateful truncated BPTT: the split is cut into world × batch contiguous streams; rank r owns
     streams [r·batch, (r + 1)·batch); each step feeds the next ``seq_len`` pairs of each of them.
-    A new epoch starts every stream again from its beginning (and the state from zero)."""
+    A new epoch starts every stream again from its beginning (and the state from zero).
+
+    It asks the reader (where it can, :meth:`SplitReader.cache_for_streams`) to cache what its
+    ``batch`` streams need, so each sample is read once per epoch."""
 
     def __init__(self, reader: SplitReader, rank: int, world: int, batch: int, seq_len: int):
         self.reader, self.rank, self.world, self.batch, self.seq_len = reader, rank, world, batch, seq_len
@@ -268,27 +358,39 @@ class StreamBatches:
         self.steps_per_epoch = math.ceil(int(np.diff(self.bounds).max()) / seq_len)
         self.epoch = 0
         self.step_in_epoch = 0
+        grow = getattr(reader, "cache_for_streams", None)  # (in-memory readers have no cache)
+        if grow is not None:
+            grow(batch, seq_len)
 
-    def __next__(self) -> Batch:
+    def batch_at(self, step_in_epoch: int) -> Batch:
+        """The batch of step ``step_in_epoch`` of any epoch (every epoch reads the same), without
+        moving the position: inputs and targets [batch, seq_len]."""
         T = self.seq_len
         inputs = np.zeros((self.batch, T), dtype=np.int64)
         targets = np.full((self.batch, T), IGNORE, dtype=np.int64)
         for row, j in enumerate(range(self.rank * self.batch, (self.rank + 1) * self.batch)):
-            a = int(self.bounds[j]) + self.step_in_epoch * T
+            a = int(self.bounds[j]) + step_in_epoch * T
             b = min(a + T, int(self.bounds[j + 1]))
             if b > a:
                 tokens = self.reader.read(a, b + 1)
                 inputs[row, : b - a] = tokens[:-1]
                 targets[row, : b - a] = tokens[1:]
-        batch = Batch(
+        return Batch(
             torch.from_numpy(inputs),
             torch.from_numpy(targets),
-            self.step_in_epoch == 0,
+            step_in_epoch == 0,
             int((targets != IGNORE).sum()),
         )
+
+    def advance(self) -> None:
+        """Move the position one step on (into the next epoch after its last step)."""
         self.step_in_epoch += 1
         if self.step_in_epoch == self.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
+    def __next__(self) -> Batch:
+        batch = self.batch_at(self.step_in_epoch)
+        self.advance()
         return batch
 
     def __iter__(self) -> Iterator[Batch]:
@@ -314,6 +416,102 @@ class StreamBatches:
                 "belongs to one rank."
             )
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+
+
+class PrefetchedBatches:
+    """A :class:`StreamBatches` whose next batch is read in a background thread while the caller
+    works on the current one (stream mode's training loop: the reads overlap the step instead of
+    idling the GPU between steps).
+
+    What it yields is exactly what the wrapped loader yields, step for step. Its position
+    (``state_dict``) is the consumer's: the wrapped loader moves only when a batch is handed out,
+    and the thread reads by step number (:meth:`StreamBatches.batch_at`) without moving it; a
+    prefetched batch is used only for the step it was read for (after ``load_state_dict`` it is
+    dropped). An error in the thread (a damaged shard) is raised by the ``next()`` that would have
+    read that batch, unchanged. Every other attribute (``batch``, ``reader``, ``steps_per_epoch``,
+    ...) is the wrapped loader's. The thread is started by the first ``next()`` and ends with
+    :meth:`close` or when this object is collected.
+    """
+
+    def __init__(self, batches: StreamBatches):
+        self.batches = batches
+        self._todo: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[int, Batch | None, BaseException | None]] = queue.SimpleQueue()
+        self._in_flight = False
+        self._thread: threading.Thread | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("batches", "_thread"):  # (before __init__ has set them)
+            raise AttributeError(name)
+        return getattr(self.batches, name)
+
+    def _request(self, step: int) -> None:
+        if self._thread is None:
+            # One thread for the run: starting a thread per step made the loop wait 0.4 ms on its
+            # start-up. It holds the loader and the queues, not this object (see close).
+            self._thread = threading.Thread(
+                target=_prefetch,
+                args=(self.batches, self._todo, self._done),
+                name="rnnpipe-prefetch",
+                daemon=True,
+            )
+            self._thread.start()
+        self._todo.put(step)
+        self._in_flight = True
+
+    def _take(self) -> tuple[int, Batch | None, BaseException | None] | None:
+        """The read in flight, waited for: (its step, its batch, its error); None when none is."""
+        if not self._in_flight:
+            return None
+        self._in_flight = False
+        return self._done.get()
+
+    def __next__(self) -> Batch:
+        step = self.batches.step_in_epoch
+        done = self._take()
+        if done is not None and done[0] == step:
+            if done[2] is not None:
+                raise done[2]
+            batch = done[1]
+        else:
+            batch = self.batches.batch_at(step)
+        assert batch is not None
+        self.batches.advance()
+        self._request(self.batches.step_in_epoch)
+        return batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._take()  # read for the old position: dropped
+        self.batches.load_state_dict(state)
+
+    def close(self) -> None:
+        """End the thread (after the read in flight); a later ``next()`` starts another."""
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread = None
+
+    def __del__(self) -> None:
+        if "_thread" in self.__dict__:
+            self.close()
+
+
+def _prefetch(
+    batches: StreamBatches,
+    todo: queue.SimpleQueue[int | None],
+    done: queue.SimpleQueue[tuple[int, Batch | None, BaseException | None]],
+) -> None:
+    """:class:`PrefetchedBatches`' thread: reads the batch of each step asked for, until None."""
+    while (step := todo.get()) is not None:
+        try:
+            done.put((step, batches.batch_at(step), None))
+        except BaseException as e:  # handed to the consumer as it is: the same error, the same message
+            done.put((step, None, e))
 
 
 class _ShuffleWorkerData(torch.utils.data.IterableDataset):
@@ -476,3 +674,8 @@ class _Prefix:
 
     def read(self, a: int, b: int) -> np.ndarray:
         return self.reader.read(a, b)
+
+    def cache_for_streams(self, streams: int, seq_len: int) -> None:
+        grow = getattr(self.reader, "cache_for_streams", None)
+        if grow is not None:
+            grow(streams, seq_len)

@@ -189,7 +189,7 @@ def plan(ckpt: Path, saved_world: int, world: int, zero_stage: int, rank: int) -
     error = ""
     if rank == 0:
         # In this process (no pool: nothing of it may outlive a killed rank). The other ranks wait
-        # meanwhile, within the process group's timeout (30 min by default on CPU: gloo).
+        # meanwhile, within the process group's timeout (distributed.timeout_min, 30 by default).
         try:
             to_universal(ckpt)
         except Exception as e:  # told to the other ranks, which would otherwise wait forever

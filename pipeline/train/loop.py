@@ -58,7 +58,14 @@ from rnnpipe.pipeline.train.config import (
     deepspeed_config,
     run_fingerprint,
 )
-from rnnpipe.pipeline.train.data import IGNORE, ShuffleBatches, SplitReader, StreamBatches, open_split
+from rnnpipe.pipeline.train.data import (
+    IGNORE,
+    PrefetchedBatches,
+    ShuffleBatches,
+    SplitReader,
+    StreamBatches,
+    open_split,
+)
 from rnnpipe.pipeline.train.evaluate import evaluate
 from rnnpipe.pipeline.train.metrics import Metrics
 from rnnpipe.pipeline.train.report import final_evaluation, report
@@ -81,8 +88,14 @@ def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
     earlier (so a signal that arrives while this process starts up is not lost); by default the
     loop installs its own for its duration. Rank 0 holds the run dir's lock throughout."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    # The device the launcher set for this rank (its local rank, or 0 where each task sees one GPU)
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    if device.type == "cuda":
+        gpu_matmul_precision(cfg.train.precision)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # One writer per run dir: a second run would interleave checkpoints and log every step twice.
@@ -162,7 +175,9 @@ def _train(
     torch.manual_seed(t.seed + rank)
 
     if cfg.data.mode is DataMode.stream:
-        loader: Any = StreamBatches(train_reader, rank, world, cfg.data.batch_size, cfg.data.seq_len)
+        # The next step's batch is read in a thread while this one trains (the same batches).
+        batches = StreamBatches(train_reader, rank, world, cfg.data.batch_size, cfg.data.seq_len)
+        loader: Any = PrefetchedBatches(batches)
     else:
         loader = ShuffleBatches(
             train_reader, rank, world, cfg.data.batch_size, cfg.data.seq_len, cfg.data.seed, cfg.data.workers
@@ -264,7 +279,7 @@ def _train(
             t.eval_batch_size,
             cfg.data.seq_len,
             device,
-            0 if full else t.eval_max_tokens,
+            cfg.eval.max_tokens if full else t.eval_max_tokens,
             should_stop=lambda: bool(stop),
         )
 
@@ -417,18 +432,9 @@ def _peak_flops(device: torch.device, precision: Precision, override_tflops: flo
     if override_tflops:
         return override_tflops * 1e12
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        dense_bf16 = {
-            "H200": 989e12,
-            "H100": 989e12,
-            "A100": 312e12,
-            "A10": 125e12,
-            "L4": 121e12,
-            "V100": 125e12,
-        }
-        for key, bf16 in dense_bf16.items():
-            if key in name:
-                return bf16 if precision is Precision.bf16 else bf16 / 2  # TF32 runs at half the bf16 rate
+        bf16 = dense_bf16_flops(torch.cuda.get_device_name(device))
+        if bf16:
+            return bf16 if precision is Precision.bf16 else bf16 / 2  # TF32 runs at half the bf16 rate
     # Its own generator: drawing from the global one would shift dropout after a resume. The best
     # of several rounds: one timing on a shared CPU varies by 2x.
     a = torch.randn(2048, 2048, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
@@ -439,6 +445,35 @@ def _peak_flops(device: torch.device, precision: Precision, override_tflops: flo
         a @ a
         best = min(best, time.perf_counter() - t0)
     return 2 * 2048**3 / best
+
+
+def gpu_matmul_precision(precision: Precision) -> None:
+    """fp32 on a GPU means TF32 matrix products and convolutions (torch's "high" precision): the
+    tensor-core rate MFU is stated against (half the bf16 one), where torch's default is plain
+    fp32 at a fraction of it. NVIDIA_TF32_OVERRIDE=0 in the environment keeps full fp32 products."""
+    if precision is Precision.fp32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# Dense bf16 tensor-core FLOP/s from NVIDIA's datasheets, by what torch.cuda.get_device_name says;
+# the first key the name contains wins (the PCIe and NVL H100s are slower than the SXM one).
+DENSE_BF16 = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+    "L4": 121e12,
+    "V100": 125e12,  # (fp16: V100 has no bf16 tensor cores)
+}
+
+
+def dense_bf16_flops(device_name: str) -> float | None:
+    """A GPU's dense bf16 FLOP/s from its name (None for a GPU not in :data:`DENSE_BF16`)."""
+    return next((flops for key, flops in DENSE_BF16.items() if key in device_name), None)
 
 
 def _memory_gb(device: torch.device) -> float:

@@ -28,6 +28,9 @@ _MIXER_ACTS = {
     MixerKind.gru: 8,
     MixerKind.attention: 5,
 }
+# Mixers whose gates and scan run in float32 whatever the model's dtype (pipeline/models/mixers.py):
+# in bf16 their recurrence tensors take twice the bytes.
+_FP32_RECURRENCE = (MixerKind.mingru, MixerKind.minlstm)
 
 
 def estimate_memory(cfg: PretrainConfig, vocab_size: int, world_size: int) -> dict[str, float]:
@@ -42,7 +45,10 @@ def estimate_memory(cfg: PretrainConfig, vocab_size: int, world_size: int) -> di
     optimizer = n * opt / (shard if stage >= 1 else 1)
     d, m = cfg.model.d_model, round(cfg.model.mlp_ratio * cfg.model.d_model)
     width = 2 if bf16 else 4
-    per_block = [(_MIXER_ACTS[k] * d + 3 * d + (2 * m + d if m else 0)) for k in cfg.model.layer_kinds()]
+    per_block = [
+        (_MIXER_ACTS[k] * (2 if bf16 and k in _FP32_RECURRENCE else 1) * d + 3 * d + (2 * m + d if m else 0))
+        for k in cfg.model.layer_kinds()
+    ]
     tokens = cfg.data.batch_size * cfg.data.seq_len
     if cfg.train.activation_checkpointing:
         acts = tokens * width * (d * len(per_block) + max(per_block))

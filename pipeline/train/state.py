@@ -24,7 +24,9 @@ import torch
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random generator this process draws from, as plain values and tensors."""
+    """Every random generator this process draws from, as plain values and tensors: on a GPU, the
+    generator of this rank's own device only (not every visible device's: a resume under another
+    GPU binding, one GPU per task, sees fewer devices than were saved)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -32,7 +34,7 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -44,7 +46,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved = state["cuda"]
+        if isinstance(saved, (list, tuple)):  # written before: every visible device's generator
+            device = torch.cuda.current_device()
+            saved = saved[device] if device < len(saved) else saved[0]
+        torch.cuda.set_rng_state(saved, torch.cuda.current_device())
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:
