@@ -82,7 +82,7 @@ test: install
 	@if [ "$(SLURM_TESTS)" = 1 ] && [ "$$(id -u)" = 0 ]; then \
 		slurm/local-cluster.sh start 2 || echo "make test: no local Slurm cluster; the Slurm tests will skip"; \
 	fi
-	RNNPIPE_DATA=$(DATA) $(BIN)/pytest -q
+	RNNPIPE_DATA=$(DATA) $(BIN)/pytest -q --durations=25
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
