@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DEMO_INPUT ?= $(if $(wildcard $(DATA)/enwik8-head/enwik8-head.txt),$(DATA)/enwik8-head/enwik8-head.txt,zip://enwik8::https://mattmahoney.net/dc/enwik8.zip)
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test lint bench clean lock
+.PHONY: install demo test test-fast lint bench clean lock
 
 # The demo needs the core and the plot extra; the tests the dev extra on top (transformers,
 # lm-evaluation-harness, W&B and the reference libraries). --no-compile: Python compiles only what
@@ -83,6 +83,12 @@ test: install
 		slurm/local-cluster.sh start 2 || echo "make test: no local Slurm cluster; the Slurm tests will skip"; \
 	fi
 	RNNPIPE_DATA=$(DATA) $(BIN)/pytest -q --durations=25
+
+# The unit tier, for the inner loop (a few minutes): every test but those marked slow, multiprocess,
+# slurm or wheel (pyproject.toml's markers). CI runs `make test`, all of them.
+test-fast: install
+	$(BIN)/ruff check .
+	RNNPIPE_DATA=$(DATA) $(BIN)/pytest -q -m "not slow and not multiprocess and not slurm and not wheel" --durations=10
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -490,15 +490,22 @@ class PrefetchedBatches:
         self._take()  # read for the old position: dropped
         self.batches.load_state_dict(state)
 
-    def close(self) -> None:
-        """End the thread (after the read in flight); a later ``next()`` starts another."""
-        if self._thread is not None:
+    def close(self, wait: bool = True) -> None:
+        """End the thread after the read in flight, waiting for it (``wait``); a later ``next()``
+        starts another.
+
+        Waiting matters at exit: a daemon thread still inside a tensor operation when the
+        interpreter shuts down aborts the process ("terminate called without an active exception",
+        exit -6), which turned a clean error exit (status 1) into a crash."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
             self._todo.put(None)
-            self._thread = None
+            if wait and thread is not threading.current_thread():
+                thread.join()
 
     def __del__(self) -> None:
         if "_thread" in self.__dict__:
-            self.close()
+            self.close(wait=False)
 
 
 def _prefetch(

@@ -406,6 +406,8 @@ def _train(
         if own_flag:
             stop.restore()
         metrics.close()
+        if isinstance(loader, PrefetchedBatches):
+            loader.close()  # its thread done before the interpreter is (an error exit included)
     return TrainResult(status, engine.module, engine.global_steps, exit_status)
 
 
