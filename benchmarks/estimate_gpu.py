@@ -32,7 +32,7 @@ from rnnpipe.launch.pretrain_job import PretrainJob
 from rnnpipe.launch.shipped import find_shipped
 from rnnpipe.pipeline.config import load_config
 from rnnpipe.pipeline.models.flops import flops_per_token, model_params, training_flops_per_token
-from rnnpipe.pipeline.train.memory import _FP32_RECURRENCE, _MIXER_ACTS
+from rnnpipe.pipeline.train.memory import block_activation_values
 
 PEAK_BF16 = 989e12  # H100 SXM, dense bf16 tensor-core FLOP/s
 HBM = 3.35e12  # H100 SXM HBM3 bytes/s
@@ -52,18 +52,14 @@ def estimate(name: str, vocab: int) -> dict[str, float]:
     tokens = job.data.batch_size * job.data.seq_len * t.grad_accum  # per GPU per step
     fwd = flops_per_token(m, vocab, job.data.seq_len)
     t_matmul = 3 * fwd["matmul"] / (MATMUL_EFF * PEAK_BF16)
-    d, hidden = m.d_model, round(m.mlp_ratio * m.d_model)
     width = 2  # bf16
-    acts = sum(
-        (_MIXER_ACTS[k] * (2 if k in _FP32_RECURRENCE else 1) * d + 3 * d + (2 * hidden + d if hidden else 0))
-        for k in m.layer_kinds()
-    )
+    acts = sum(block_activation_values(k, m, bf16=True) for k in m.layer_kinds())
     t_memory = 3 * acts * width / (HBM_EFF * HBM)
     params = model_params(m, vocab)
     world = job.distributed.nodes * max(1, job.distributed.gpus_per_node)
     shard = world if t.zero_stage >= 1 else 1
     t_optimizer = params * ADAM_BYTES_PER_PARAM / shard / (HBM_EFF * HBM) / tokens
-    recurrent = sum(k.value != "attention" for k in m.layer_kinds())
+    recurrent = sum(k != "attention" for k in m.layer_kinds())
     t_latency = recurrent * 3 * job.data.seq_len * STEP_LATENCY * t.grad_accum / tokens
     per_token = t_matmul + t_memory + t_optimizer + t_latency
     tokens_per_s = 1 / per_token

@@ -201,7 +201,7 @@ def read_recipe(run: Path, data: Path, t0: float) -> dict:
         "val_carried": final["valid/loss"],
         "val_window": final["valid/loss_window"],
         "params_m": model_params(cfg.model, vocab) / 1e6,
-        "model": f"{cfg.model.mixer.value}, {cfg.model.n_layers} × {cfg.model.d_model}",
+        "model": f"{cfg.model.mixer}, {cfg.model.n_layers} × {cfg.model.d_model}",
     }
 
 

@@ -18,7 +18,17 @@ __all__ = ["backend", "linear_scan", "lrn_recurrence", "olrn_recurrence", "sru_r
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _check(name: str, *xs: Tensor, state: Tensor | None = None, state_name: str = "h0") -> None:
+def _check(
+    name: str,
+    *xs: Tensor,
+    state: Tensor | None = None,
+    state_name: str = "h0",
+    state_shape: tuple[int, ...] | None = None,
+) -> None:
+    """The inputs ``xs`` are [B, T, D] with T >= 1, of one shape and a supported dtype; ``state``
+    (when given) has ``state_shape``: a row's state is what the kernel carries, [B, D] for the
+    element-wise recurrences (the default), another shape for a kernel whose state is a matrix
+    per row (a GLA's [B, H, K, V]), which names its own."""
     first = xs[0]
     if first.dim() != 3 or first.shape[1] < 1:
         raise ValueError(f"{name}: inputs must be [B, T, D] with T >= 1, got {tuple(first.shape)}")
@@ -27,11 +37,10 @@ def _check(name: str, *xs: Tensor, state: Tensor | None = None, state_name: str 
             raise ValueError(f"{name}: input shapes differ: {tuple(x.shape)} vs {tuple(first.shape)}")
         if x.dtype not in _DTYPES:
             raise TypeError(f"{name}: dtype {x.dtype} is not supported (float32, bfloat16, float16, float64)")
-    if state is not None and state.shape != (first.shape[0], first.shape[2]):
-        raise ValueError(
-            f"{name}: {state_name} must be [B, D] = {(first.shape[0], first.shape[2])}, "
-            f"got {tuple(state.shape)}"
-        )
+    expected = (first.shape[0], first.shape[2]) if state_shape is None else tuple(state_shape)
+    if state is not None and tuple(state.shape) != expected:
+        what = "[B, D] =" if state_shape is None else "of shape"
+        raise ValueError(f"{name}: {state_name} must be {what} {expected}, got {tuple(state.shape)}")
 
 
 def linear_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:

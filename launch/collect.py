@@ -19,16 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from rnnpipe.launch.finetune import FinetuneJob, grid_status
-from rnnpipe.launch.stage import Decision, SlurmContext, Submitted, Upstream, any_runs
+from rnnpipe.launch.stage import Decision, SlurmContext, SlurmShape, Submitted, Upstream, Wiring, any_runs
 from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.errors import PipelineError
+from rnnpipe.pipeline.finetune import kinds
 
 NAME = "collect"
 COMPARISON = "comparison"  # <out_dir>/comparison.md and comparison.json
-# The figure each kind of task is compared on: (the result key, its name in the table). A
-# language model's is bits per byte, which is bits per character on ASCII text such as PTB's, the
-# unit byte- and character-level LMs are reported in (its per-word perplexity is in results.md).
-FIGURE = {"lm": ("bpb", "bits/char")}
 
 
 @dataclass
@@ -92,11 +89,13 @@ def comparison(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Pretrained against scratch: one row per (task, other hyper-parameters, backbone) that has
     results of both inits, in task order.
 
-    Each row compares one figure, the same for both: a language model's test bits per byte
-    (:data:`FIGURE`), any other task's main metric on test where every result has it, else on dev
-    (SST-2: GLUE's test labels are hidden); the mean over seeds. ``gain`` is pretrained minus
-    scratch, signed so that positive is better (bits: lower is better); ``pretrained_better`` says
-    whether it is above 0.
+    Each row compares one figure, the same for both: the one the task's kind names
+    (:attr:`~rnnpipe.pipeline.finetune.kinds.Kind.figure`: a language model's bits per byte), else
+    the task's main metric; on test where every result has it, else on dev (SST-2: GLUE's test
+    labels are hidden); the mean over seeds. ``gain`` is pretrained minus scratch, signed so that
+    positive is better (the kind says which way is: bits, lower); ``pretrained_better`` says
+    whether it is above 0. A result of a kind defined outside rnnpipe needs its module
+    (``RNNPIPE_PLUGINS``), as its jobs did.
     """
     from rnnpipe.pipeline.finetune.collect import backbone_label
 
@@ -111,9 +110,9 @@ def comparison(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not {"pretrained", "scratch"} <= set(by_init):
             continue
         both = by_init["pretrained"] + by_init["scratch"]
-        kind = both[0]["kind"]
-        lower = kind == "lm"
-        metric, name = FIGURE.get(kind, (both[0]["metric"], both[0]["metric"]))
+        kind = kinds.get(both[0]["kind"], f"the results of task {task}: ")
+        lower = not kind.higher_is_better
+        metric, name = kind.figure or (both[0]["metric"], both[0]["metric"])
         split = "test" if all(metric in (r.get("test") or {}) for r in both) else "dev"
         values = {
             init: [float((r.get(split) or {})[metric]) for r in by_init[init]]
@@ -139,10 +138,13 @@ def comparison(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:
-    """The comparison as a Markdown table, after a line saying how to read it."""
+    """The comparison as a Markdown table, after a line saying how to read it (which figures
+    are better lower: bits/char, and those of the rows' kinds that are)."""
+    lower = ["bits/char"]
+    lower += sorted({r["figure"].split(" ", 1)[1] for r in rows if r["lower_is_better"]} - set(lower))
     lines = [
         "Pretrained against scratch (the same architecture and fine-tuning; mean over seeds; gain: "
-        "positive is better; bits/char: lower is better):",
+        f"positive is better; {', '.join(lower)}: lower is better):",
         "",
         "| task | hyper-parameters | figure | scratch | pretrained | gain | pretrained better |",
         "|---|---|---|---|---|---|---|",
@@ -167,6 +169,18 @@ def write_comparison(job: CollectJob, results: list[dict[str, Any]]) -> str:
     fsio.write_text_atomic(fsio.join(out, f"{COMPARISON}.json"), json.dumps(record, indent=1) + "\n")
     fsio.write_text_atomic(fsio.join(out, f"{COMPARISON}.md"), md)
     return md
+
+
+def wire(ctx: Wiring) -> CollectJob | None:
+    """The table of the pipeline's sweep, where it has one."""
+    sweep = ctx.jobs.get("finetune")
+    return None if sweep is None else CollectJob(sweep)
+
+
+def slurm_shape(job: CollectJob, small: Any) -> SlurmShape:
+    """A one-task job with the pipeline's ``slurm`` resources (``small``), reading the fine-tune
+    stage's config."""
+    return SlurmShape("collect.sbatch", small, config_stage="finetune")
 
 
 def check(job: CollectJob, upstream: Upstream | None = None) -> None:
@@ -217,6 +231,6 @@ def submit(job: CollectJob, decision: Decision, ctx: SlurmContext) -> Submitted:
     """A one-CPU job with the pipeline's ``slurm`` resources (``ctx.small``)."""
     from rnnpipe.launch.executors import SlurmExecutor
 
-    executor = SlurmExecutor(ctx.small, ctx.folder, code=ctx.code)
+    executor = SlurmExecutor(slurm_shape(job, ctx.small).resources, ctx.folder, code=ctx.code)
     sjob = executor.submit_job(slurm_task, job, name=NAME, dependency=ctx.after)
     return Submitted(sjob.job_id, [str(sjob.paths.stderr)])

@@ -11,12 +11,13 @@ another in this process (inline).
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from rnnpipe.launch.executors import ExecutorConfig, ExecutorKind, TasksFailed, make_executor
-from rnnpipe.launch.stage import Decision, SlurmContext, Submitted, Upstream, any_runs
+from rnnpipe.launch.stage import Decision, SlurmContext, SlurmShape, Submitted, Upstream, Wiring, any_runs
 from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.config import base_config, to_yaml
 from rnnpipe.pipeline.config import fingerprint as config_fingerprint
@@ -24,6 +25,7 @@ from rnnpipe.pipeline.errors import ConfigError, PipelineError
 from rnnpipe.pipeline.finetune.sweep import SweepConfig
 
 NAME = "finetune"
+FINETUNE_SIGNAL_S = 90  # Slurm array tasks: USR2 this long before the limit (submitit's default)
 
 
 @dataclass
@@ -45,13 +47,62 @@ def sweep_config(job: FinetuneJob) -> SweepConfig:
     return sweep
 
 
+# The grids expanded in this process, by (sweep, export, backward export): a command asks for
+# the grid of one sweep many times (load, check, plan, fingerprint, collect's plan, the sbatch
+# plan), and an 84-job grid takes about a second to expand.
+_GRIDS: dict[tuple[str, str, str], list[Any]] = {}
+
+
 def grid(job: FinetuneJob) -> list[Any]:
     """Every JobConfig of the grid, in grid order, with the export it fine-tunes: ``pretrained``
-    itself, or for a pretrain run dir the export the sweep makes of it (``<out_dir>/pretrained``)."""
-    from rnnpipe.pipeline.finetune.sweep import expand, export_of
+    itself, or for a pretrain run dir the export the sweep makes of it (``<out_dir>/pretrained``).
+    Expanded once per process and sweep (a copy each call: callers may change their jobs)."""
+    from rnnpipe.pipeline.finetune.sweep import backward_of, expand, export_of
 
     sweep = sweep_config(job)
-    return expand(sweep, export_of(sweep))
+    export = export_of(sweep)
+    backward = backward_of(sweep, export) or ""  # (where it is, or none yet: part of the key)
+    key = (repr(sweep), export, backward)
+    if key not in _GRIDS:
+        if len(_GRIDS) > 16:
+            _GRIDS.clear()
+        _GRIDS[key] = expand(sweep, export, backward)
+    return copy.deepcopy(_GRIDS[key])
+
+
+def wire(ctx: Wiring) -> FinetuneJob | None:
+    """The pipeline's sweep, where the pipeline names one: into ``<run_dir>/finetune``, on the
+    pretrain stage's export (and the backward LM's, with ``backward_lm``); its grid is expanded
+    now, so that a bad grid key names this stage before anything runs."""
+    job: FinetuneJob | None = ctx.load(FinetuneJob, NAME)
+    if job is None:
+        return None
+    job.out_dir = ctx.path("finetune")
+    job.pretrained = fsio.join(ctx.jobs["pretrain"].run_dir, "export")
+    backward = ctx.jobs.get("pretrain-backward")
+    if backward is not None:
+        job.pretrained_backward = fsio.join(backward.run_dir, "export")
+    job.executor.kind = ctx.executor
+    try:
+        grid(job)
+    except ConfigError as e:
+        raise ConfigError(f"finetune stage: {e}") from e
+    return job
+
+
+def slurm_shape(job: FinetuneJob, small: Any = None) -> SlurmShape:
+    """One array task per job of the grid, with ``executor.slurm``'s resources, requeued after a
+    USR2 (to the batch shell, which passes it on) ``FINETUNE_SIGNAL_S`` before the limit."""
+    from rnnpipe.pipeline.finetune.sweep import job_label
+
+    return SlurmShape(
+        "finetune.sbatch",
+        job.executor.slurm,
+        signal=f"B:USR2@{FINETUNE_SIGNAL_S}",
+        requeue=True,
+        array=True,
+        tasks=[job_label(j) for j in grid(job)],
+    )
 
 
 def grid_status(job: FinetuneJob) -> tuple[list[Any], list[int], dict[str, str], list[dict[str, Any]]]:
@@ -90,9 +141,7 @@ def check(job: FinetuneJob, upstream: Upstream | None = None) -> None:
             path = getattr(task, split)
             if path and not fsio.exists(path):
                 raise ConfigError(f"tasks.{name}.{split}={path}: no such file")
-    from rnnpipe.pipeline.finetune.sweep import expand
-
-    expand(sweep_config(job), "/check")  # unknown grid keys, duplicate job directories
+    grid(job)  # unknown grid keys, duplicate job directories
     if not any_runs(upstream):
         from rnnpipe.pipeline.models.exported import export_meta
 
@@ -192,7 +241,8 @@ def submit(job: FinetuneJob, decision: Decision, ctx: SlurmContext) -> Submitted
 
     jobs = grid(job)
     items = [LabelledJob(jobs[i], job_label(jobs[i])) for i in decision.todo]
-    executor = SlurmExecutor(job.executor.slurm, ctx.folder, requeue=True, code=ctx.code)
+    shape = slurm_shape(job)
+    executor = SlurmExecutor(shape.resources, ctx.folder, requeue=shape.requeue, code=ctx.code)
     array = executor.submit(run_one, items, name=NAME, dependency=ctx.after)
     return Submitted(
         array.job_id,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rnnpipe.launch.executors import ExecutorConfig, ExecutorKind, make_executor
-from rnnpipe.launch.stage import Decision, SlurmContext, Submitted, Upstream, short
+from rnnpipe.launch.stage import Decision, SlurmContext, SlurmShape, Submitted, Upstream, Wiring, short
 from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.config import base_config, config_diff, describe_diff, to_dict, to_yaml
 from rnnpipe.pipeline.config import fingerprint as config_fingerprint
@@ -33,6 +33,14 @@ class PrepareJob(PrepareConfig):
 
 
 Job = PrepareJob
+
+
+def wire(ctx: Wiring) -> PrepareJob:
+    """The pipeline's prepare job: the dataset goes to ``<run_dir>/data``."""
+    job: PrepareJob = ctx.load(PrepareJob, NAME)
+    job.output = ctx.path("data")
+    job.executor.kind = ctx.executor
+    return job
 
 
 def stage_config(job: PrepareJob) -> PrepareConfig:
@@ -167,10 +175,16 @@ def driver(job: PrepareJob) -> None:
     run(job)
 
 
+def slurm_shape(job: PrepareJob, small: Any) -> SlurmShape:
+    """The driver: a one-task job with the pipeline's ``slurm`` resources (``small``); the arrays
+    it submits take ``executor.slurm``'s."""
+    return SlurmShape("prepare.sbatch", small)
+
+
 def submit(job: PrepareJob, decision: Decision, ctx: SlurmContext) -> Submitted:
-    """The driver, a one-CPU job with the pipeline's ``slurm`` resources (``ctx.small``)."""
+    """The driver (:func:`slurm_shape`), which submits the arrays."""
     from rnnpipe.launch.executors import SlurmExecutor
 
-    executor = SlurmExecutor(ctx.small, ctx.folder, code=ctx.code)
+    executor = SlurmExecutor(slurm_shape(job, ctx.small).resources, ctx.folder, code=ctx.code)
     sjob = executor.submit_job(driver, job, name=NAME, dependency=ctx.after)
     return Submitted(sjob.job_id, [str(sjob.paths.stderr)], detail="driver: submits the prepare arrays")

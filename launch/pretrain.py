@@ -38,7 +38,16 @@ from rnnpipe.launch.pretrain_job import (
     export_final,
     stage_config,
 )
-from rnnpipe.launch.stage import Decision, SlurmContext, Submitted, Upstream, any_runs, short
+from rnnpipe.launch.stage import (
+    Decision,
+    SlurmContext,
+    SlurmShape,
+    Submitted,
+    Upstream,
+    Wiring,
+    any_runs,
+    short,
+)
 from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.config import to_dict, to_yaml
 from rnnpipe.pipeline.errors import ConfigError, PipelineError
@@ -52,6 +61,30 @@ RUN_OUTPUTS = (
     *("checkpoints", "export", "tensorboard", "metrics.jsonl", "provenance.json"),
     *("wandb-id", "wandb"),  # with metrics.wandb.project: the W&B run's id and W&B's own files
 )
+
+
+def wire(ctx: Wiring) -> PretrainJob:
+    """The pipeline's pretrain job: the run in ``<run_dir>/pretrain``, on the prepare stage's dataset."""
+    job: PretrainJob = ctx.load(PretrainJob, NAME)
+    job.run_dir = ctx.path("pretrain")
+    job.data.path = ctx.jobs["prepare"].output
+    job.executor.kind = ctx.executor
+    return job
+
+
+def slurm_shape(job: PretrainJob, small: Any = None) -> SlurmShape:
+    """``distributed.nodes`` × :func:`tasks_per_node` tasks through srun, with ``executor.slurm``'s
+    resources, USR2 ``distributed.signal_grace_s`` ahead of the time limit, requeued after it."""
+    d = job.distributed
+    return SlurmShape(
+        "pretrain.sbatch",
+        job.executor.slurm,
+        nodes=d.nodes,
+        ntasks_per_node=tasks_per_node(job),
+        gpus_per_node=d.gpus_per_node,
+        signal=f"USR2@{d.signal_grace_s}",
+        requeue=True,
+    )
 
 
 def tasks_per_node(job: PretrainJob) -> int:
@@ -277,6 +310,14 @@ def clear_run(run_dir: str) -> None:
     log.warning("overwrite=true: removed the earlier run in %s", run_dir)
 
 
+def stage_in(job: PretrainJob, decision: Decision) -> None:
+    """Before plain sbatch submits the job: what it must find when it starts, its config and, with
+    ``overwrite=true``, no run to replace."""
+    if decision.clear:
+        clear_run(job.run_dir)
+    write_config(job)
+
+
 def write_config(job: PretrainJob) -> str:
     """``<run_dir>/config.yaml``, the config the ranks run; an earlier, different one is kept as
     ``configs/<n>.yaml`` (oldest first). Returns its path."""
@@ -313,20 +354,20 @@ def slurm_executor(job: PretrainJob, folder: str, dependency: str = "", code: An
     from rnnpipe.launch.executors import SlurmExecutor
     from rnnpipe.launch.slurm import with_dependency
 
-    d = job.distributed
+    shape = slurm_shape(job)
     # The resources every rnnpipe Slurm job takes from executor.slurm, then what makes this one a
-    # multi-node, requeueable job rather than an array.
-    base = SlurmExecutor(job.executor.slurm, folder, code=code)
+    # multi-node, requeueable job rather than an array (the shape plain sbatch gets too).
+    base = SlurmExecutor(shape.resources, folder, code=code)
     params = base.slurm_parameters(NAME)
     params.pop("array_parallelism")
     params.update(
-        nodes=d.nodes,
-        ntasks_per_node=tasks_per_node(job),
-        signal_delay_s=d.signal_grace_s,
-        additional_parameters={"requeue": True, **params.get("additional_parameters", {})},
+        nodes=shape.nodes,
+        ntasks_per_node=shape.ntasks_per_node,
+        signal_delay_s=job.distributed.signal_grace_s,
+        additional_parameters={"requeue": shape.requeue, **params.get("additional_parameters", {})},
     )
-    if d.gpus_per_node:
-        params["gpus_per_node"] = d.gpus_per_node
+    if shape.gpus_per_node:
+        params["gpus_per_node"] = shape.gpus_per_node
     # A rank that exits with an error ends the step at once: the others would otherwise wait in
     # their next collective until the process group's timeout, holding every GPU of the job.
     params["srun_args"] = [*params.get("srun_args", []), "--kill-on-bad-exit=1"]

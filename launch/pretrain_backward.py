@@ -15,14 +15,37 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 from rnnpipe.launch import pretrain
 from rnnpipe.launch.pretrain_job import PretrainJob
-from rnnpipe.launch.stage import Decision, SlurmContext, Submitted, Upstream
+from rnnpipe.launch.stage import Decision, SlurmContext, SlurmShape, Submitted, Upstream, Wiring
 
 NAME = "pretrain-backward"
 Job = PretrainJob  # the stage protocol's config class (launch.stage)
 RUN_DIR = "pretrain-backward"  # under the pipeline's run dir
+
+
+def wire(ctx: Wiring) -> PretrainJob | None:
+    """With ``backward_lm: true``: the pretrain stage's config read backwards
+    (``data.direction=backward``) in ``<run_dir>/pretrain-backward``, on the same dataset."""
+    if not ctx.backward_lm:
+        return None
+    job: PretrainJob = ctx.load(PretrainJob, pretrain.NAME, ("data.direction=backward",))
+    job.run_dir = ctx.path(RUN_DIR)
+    job.data.path = ctx.jobs["prepare"].output
+    job.executor.kind = ctx.executor
+    return job
+
+
+def slurm_shape(job: PretrainJob, small: Any = None) -> SlurmShape:
+    """The pretrain stage's shape: the same script, nodes, tasks and signal."""
+    return pretrain.slurm_shape(job, small)
+
+
+def stage_in(job: PretrainJob, decision: Decision) -> None:
+    """The pretrain stage's: the backward run's config, and no run to replace."""
+    pretrain.stage_in(job, decision)
 
 
 def _inputs(upstream: Upstream | None) -> Upstream | None:

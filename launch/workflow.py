@@ -35,7 +35,7 @@ from typing import Any
 
 from rnnpipe.launch import collect, finetune, prepare, pretrain, pretrain_backward, record
 from rnnpipe.launch.executors import ExecutorKind, SlurmConfig
-from rnnpipe.launch.stage import Decision, SlurmContext
+from rnnpipe.launch.stage import Decision, SlurmContext, Wiring
 from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.config import load_config, to_yaml
 from rnnpipe.pipeline.errors import ConfigError, PipelineError
@@ -99,7 +99,8 @@ class Pipeline:
 
 def load(path: str, overrides: list[str], executor: str | None = None) -> Pipeline:
     """The pipeline in ``path`` with overrides. ``stage.key=value`` (``pretrain.train.steps=50``)
-    goes to that stage's config; other keys are the pipeline's own (``run_dir=...``)."""
+    goes to that stage's config; other keys are the pipeline's own (``run_dir=...``). Each stage
+    makes its own job (its ``wire``: its config, its inputs and outputs placed in the run dir)."""
     own: list[str] = []
     routed: dict[str, list[str]] = {s: [] for s in CONFIGURED}
     for item in overrides:
@@ -112,46 +113,24 @@ def load(path: str, overrides: list[str], executor: str | None = None) -> Pipeli
         own.append(f"executor={executor}")
     cfg = load_config(PipelineConfig, path, own)
     base = os.path.dirname(os.path.abspath(path)) if fsio.is_local(path) else ""
-    run_dir = fsio.absolute(cfg.run_dir)
 
-    def stage(schema: type, name: str, extra: tuple[str, ...] = ()) -> Any:
+    def stage_config(schema: type, name: str, extra: tuple[str, ...] = ()) -> Any:
+        """Stage ``name``'s config as the pipeline file names it, or None where it names none."""
         ref: StageRef = getattr(cfg, name)
+        if not ref.config:
+            return None
         file = ref.config if not base or os.path.isabs(ref.config) else os.path.join(base, ref.config)
         try:
             return load_config(schema, file, [*ref.overrides, *routed[name], *extra])
         except ConfigError as e:
             raise ConfigError(f"{name} stage ({file}): {e}") from e
 
-    prep: prepare.PrepareJob = stage(prepare.PrepareJob, "prepare")
-    pre: pretrain.PretrainJob = stage(pretrain.PretrainJob, "pretrain")
-    fine = stage(finetune.FinetuneJob, "finetune") if cfg.finetune.config else None
-    # The pipeline owns where each stage reads and writes; the stage files' own paths are replaced.
-    prep.output = fsio.join(run_dir, "data")
-    prep.executor.kind = cfg.executor
-    pre.run_dir = fsio.join(run_dir, "pretrain")
-    pre.data.path = prep.output
-    pre.executor.kind = cfg.executor
-    jobs: dict[str, Any] = {"prepare": prep, "pretrain": pre}
-    back = None
-    if cfg.backward_lm:  # the same config read backwards, after the forward run
-        back = stage(pretrain.PretrainJob, "pretrain", ("data.direction=backward",))
-        back.run_dir = fsio.join(run_dir, pretrain_backward.RUN_DIR)
-        back.data.path = prep.output
-        back.executor.kind = cfg.executor
-        jobs[pretrain_backward.NAME] = back
-    if fine is not None:
-        fine.out_dir = fsio.join(run_dir, "finetune")
-        fine.pretrained = fsio.join(pre.run_dir, "export")
-        if back is not None:
-            fine.pretrained_backward = fsio.join(back.run_dir, "export")
-        fine.executor.kind = cfg.executor
-        try:  # the grid's keys are checked when it is expanded: do it now, with the stage's name
-            finetune.grid(fine)
-        except ConfigError as e:
-            raise ConfigError(f"finetune stage ({cfg.finetune.config}): {e}") from e
-        jobs["finetune"] = fine
-        jobs["collect"] = collect.CollectJob(fine)
-    return Pipeline(cfg, run_dir, jobs)
+    ctx = Wiring(fsio.absolute(cfg.run_dir), cfg.executor, cfg.backward_lm, {}, stage_config)
+    for stage in STAGES:
+        job = stage.wire(ctx)
+        if job is not None:
+            ctx.jobs[stage.NAME] = job
+    return Pipeline(cfg, ctx.run_dir, ctx.jobs)
 
 
 def write_stage_files(p: Pipeline) -> None:

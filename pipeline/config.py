@@ -280,9 +280,16 @@ def override(obj: T, overrides: Sequence[str], origin: str) -> T:
     """A copy of the config ``obj`` with ``key.sub=value`` overrides applied, type-checked and
     validated like a file's (errors name the key and ``origin``)."""
     schema = type(obj)
-    cfg = OmegaConf.structured(obj)
-    for item in overrides:
-        cfg = _merge(schema, cfg, _parse_override(item), f"{origin}: {item}")
+    base = OmegaConf.structured(obj)
+    parsed = [_parse_override(item) for item in overrides]
+    try:  # all at once (one copy of the config instead of one per item: a sweep's grid has hundreds)
+        cfg = OmegaConf.merge(base, *parsed)
+    except OmegaConfBaseException:  # again one by one, for the message naming the item at fault
+        cfg = base
+        for item, one in zip(overrides, parsed, strict=True):
+            cfg = _merge(schema, cfg, one, f"{origin}: {item}")
+        raise AssertionError("unreachable: a merge failed together but not one by one") from None
+    assert isinstance(cfg, DictConfig)
     out = OmegaConf.to_object(cfg)
     _validate(out)
     return out  # type: ignore[return-value]

@@ -37,32 +37,25 @@ submit() {  # submit STAGE SETUP LOG [sbatch options...] SCRIPT [args...]: sets 
   record_extra=()
 }
 
-if [ "$PREPARE_DONE" = 0 ]; then
-  submit prepare "$PREPARE_SETUP" "$RUN_DIR/logs/prepare-%j.out" "${PREPARE_SBATCH[@]}" \
-    "$SLURM_DIR/prepare.sbatch" "$PREPARE_CONFIG"
-else
-  echo "prepare: complete, skipped"
-fi
-if [ "$PRETRAIN_DONE" = 0 ]; then
-  submit pretrain "$PRETRAIN_SETUP" "$RUN_DIR/logs/pretrain-%j.out" "${PRETRAIN_SBATCH[@]}" \
-    "$SLURM_DIR/pretrain.sbatch" "$PRETRAIN_CONFIG"
-else
-  echo "pretrain: complete, skipped"
-fi
-if [ -n "$FINETUNE_CONFIG" ]; then
-  if [ -n "$FINETUNE_INDICES" ]; then
-    record_extra=(--tasks "${FINETUNE_TASKS[@]}")  # array task i runs grid job i
-    submit finetune "$FINETUNE_SETUP" "$RUN_DIR/logs/finetune-%A_%a.out" \
-      "${FINETUNE_SBATCH[@]}" --array="$FINETUNE_INDICES%$FINETUNE_PARALLELISM" \
-      "$SLURM_DIR/finetune.sbatch" "$FINETUNE_CONFIG"
-  else
-    echo "finetune: every job complete, skipped"
+# Every stage the plan lists, in order (prepare, pretrain, pretrain-backward, finetune, collect:
+# each declares its script and resources once, in its slurm_shape).
+submit_stage() {  # submit_stage I: stage I of the plan, or say why it is skipped
+  local -n name=STAGE_$1_NAME run=STAGE_$1_RUN config=STAGE_$1_CONFIG script=STAGE_$1_SCRIPT \
+    setup=STAGE_$1_SETUP log=STAGE_$1_LOG array=STAGE_$1_ARRAY options=STAGE_$1_SBATCH \
+    tasks=STAGE_$1_TASKS
+  if [ "$run" != 1 ]; then
+    echo "$name: complete, skipped"
+    return
   fi
-  if [ "$COLLECT_DONE" = 0 ]; then
-    submit collect "$COLLECT_SETUP" "$RUN_DIR/logs/collect-%j.out" "${COLLECT_SBATCH[@]}" \
-      "$SLURM_DIR/collect.sbatch" "$FINETUNE_CONFIG"
-  else
-    echo "collect: complete, skipped"
+  local extra=()
+  if [ -n "$array" ]; then
+    extra=(--array="$array")
+    record_extra=(--tasks "${tasks[@]}")  # array task i runs the stage's job i
   fi
-fi
+  submit "$name" "$setup" "$log" "${options[@]}" "${extra[@]}" "$SLURM_DIR/$script" "$config"
+}
+
+for i in "${!STAGES[@]}"; do
+  submit_stage "$i"
+done
 echo "follow it: $RNNPIPE status $RUN_DIR"

@@ -1,5 +1,12 @@
-"""Shared fixtures. Tests that need ../shared/data skip, saying so, when it is absent; the helpers
-they share are in harness.py."""
+"""The tiers and the shared fixtures. Tests that need ../shared/data skip, saying so, when it is
+absent; the helpers they share are in harness.py.
+
+The tiers are the folders (docs/contributing.md, "Tests"): a test under ``integration/`` is
+marked ``multiprocess``, under ``cluster/`` ``slurm``, under ``package/`` ``wheel``; ``unit/``
+holds the rest. ``make test-fast`` runs the unit tier without the ``slow`` tests; ``make test``
+runs everything, on every core (pytest-xdist): the Slurm tests share one worker (one local
+cluster of two nodes), as do the package tests (they build in the repository).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,32 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import data_file
+from harness import data_file, prepare_enwik8_head
 
 # Without a GPU, the Triton kernels run in Triton's interpreter (it must be set before they load).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one thread each for in-process work (a worker's OpenMP threads
+    # spinning against the other's stall every parallel region; the tests that care set their own).
+    torch.set_num_threads(1)
+
+TESTS = Path(__file__).resolve().parent
+TIER_MARKS = {"integration": ("multiprocess",), "cluster": ("slurm", "multiprocess"), "package": ("wheel",)}
+# What tests in these tiers share, so that pytest-xdist keeps each on one worker.
+SHARED = {"cluster": "local-slurm", "package": "repository-build"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its folder's tier (and xdist group, where xdist runs)."""
+    xdist = config.pluginmanager.hasplugin("xdist")
+    for item in items:
+        parts = Path(item.path).resolve().relative_to(TESTS).parts
+        tier = parts[0] if len(parts) > 1 else ""
+        for name in TIER_MARKS.get(tier, ()):
+            item.add_marker(getattr(pytest.mark, name))
+        if xdist and tier in SHARED:
+            item.add_marker(pytest.mark.xdist_group(SHARED[tier]))
 
 
 @pytest.fixture(autouse=True)
@@ -33,3 +61,10 @@ def wiki_dump() -> Path:
 @pytest.fixture(scope="session")
 def shakespeare() -> Path:
     return data_file("tinyshakespeare/input.txt")
+
+
+@pytest.fixture(scope="session")
+def tiny_enwik8(tmp_path_factory) -> Path:
+    """enwik8-head's first 300 kB as bytes (4,096-token samples, 16 per shard), prepared once per
+    session for every test that only reads it (a test that changes a dataset prepares its own)."""
+    return prepare_enwik8_head(tmp_path_factory.mktemp("data") / "enwik8-300k", limit_bytes=300000)

@@ -5,6 +5,7 @@ root never is, so no test can import a bare ``kernels``, ``pipeline`` or ``launc
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +18,62 @@ DATA = Path(os.environ.get("RNNPIPE_DATA", REPO.parent / "shared" / "data")).res
 # The rnnpipe command in a subprocess, as the installed console script runs it: -P keeps the
 # working directory off sys.path (the repository root holds folders named kernels/ and pipeline/).
 CLI = [sys.executable, "-P", "-m", "rnnpipe"]
+
+
+# The pretrain runs of the tests: tiny-lrn.yaml made smaller still (1 layer of width 32, 2 × 32
+# tokens a step, the final evaluation capped), a few seconds a run. A test adds its own keys after
+# these (a later key=value wins).
+PRETRAIN_CONFIG = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"
+TINY_PRETRAIN = (
+    "model.n_layers=1",
+    "model.d_model=32",
+    "model.mlp_ratio=2.0",
+    "data.seq_len=32",
+    "data.batch_size=2",
+    "train.eval_batch_size=2",
+    "train.eval_every=0",
+    "eval.max_tokens=2000",  # the final evaluation's share of valid and test (all of it: minutes)
+    "train.sample_tokens=0",
+    "train.log_every=1",
+    "optim.warmup_steps=2",
+)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a CLI subprocess: no progress bars, plus ``extra``."""
+    return {**os.environ, "RNNPIPE_PROGRESS": "0", **extra}
+
+
+def run_cli(
+    *args: object, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """``rnnpipe ARGS`` in a subprocess, as a user runs it (output captured as text; ``env``
+    defaults to :func:`cli_env`)."""
+    return subprocess.run(
+        [*CLI, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=cli_env() if env is None else env,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+def pretrain_args(
+    run_dir: Path, data: Path, *overrides: str, executor: str = "inline", nproc: int = 1
+) -> list[str]:
+    """The arguments of a tiny pretrain (``TINY_PRETRAIN``) of ``data`` into ``run_dir``, then
+    ``overrides``: ``run_cli(*pretrain_args(...))`` runs it."""
+    return [
+        "pretrain",
+        str(PRETRAIN_CONFIG),
+        f"run_dir={run_dir}",
+        f"data.path={data}",
+        f"executor.kind={executor}",
+        f"distributed.nproc={nproc}",
+        *TINY_PRETRAIN,
+        *overrides,
+    ]
 
 
 def data_file(relative: str) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from harness import CLI, REPO, prepare, rnnpipe
+from harness import CLI, REPO, TINY_PRETRAIN, prepare, rnnpipe
 
 from rnnpipe.pipeline.config import to_dict
 from rnnpipe.pipeline.errors import ConfigError
@@ -170,19 +170,12 @@ def test_the_direction_is_in_the_identity_and_leaves_earlier_runs_as_they_were()
 
 
 TINY = [
-    "model.n_layers=1",
-    "model.d_model=32",
-    "model.mlp_ratio=2.0",
-    "data.seq_len=32",
+    *TINY_PRETRAIN,
     "data.batch_size=4",
     "optim.lr=0.01",
-    "optim.warmup_steps=2",
     "train.steps=30",
-    "train.log_every=1",
-    "train.eval_every=0",
     "train.checkpoint_every=0",
     "train.eval_batch_size=1",
-    "eval.max_tokens=2000",  # the final evaluation's share of valid and test
     "train.sample_tokens=8",
     "train.zero_stage=0",
     "train.peak_tflops=1.0",

@@ -16,33 +16,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import CLI, REPO, prepare_enwik8_head
+from harness import CLI, REPO, TINY_PRETRAIN
 from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 CONFIG = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"
 TINY = [
-    "model.n_layers=1",
-    "model.d_model=32",
-    "model.mlp_ratio=2.0",
-    "data.seq_len=32",
-    "data.batch_size=2",
+    *TINY_PRETRAIN,
     "train.steps=6",
-    "train.log_every=1",
-    "train.eval_every=0",
     "train.checkpoint_every=3",
-    "train.sample_tokens=0",
-    "train.eval_batch_size=2",
     "train.eval_max_tokens=400",
-    "optim.warmup_steps=2",
     "executor.kind=inline",
     "distributed.nproc=1",
 ]
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return prepare_enwik8_head(tmp_path_factory.mktemp("data") / "enwik8", limit_bytes=100000)
+def dataset(tiny_enwik8) -> Path:
+    return tiny_enwik8
 
 
 def pretrain(run_dir: Path, data: Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -302,6 +302,7 @@ def _engine(stage: int, world: int, overrides: dict[str, Any]) -> Any:
     """A tiny GRU LM (odd sizes: ZeRO pads its partitions) with rnnpipe's optimizer set-up."""
     import deepspeed
 
+    from rnnpipe.pipeline.engine.schedule import step_scheduler
     from rnnpipe.pipeline.models import LanguageModel
     from rnnpipe.pipeline.models.config import MixerKind, ModelConfig
     from rnnpipe.pipeline.train.config import (
@@ -326,7 +327,10 @@ def _engine(stage: int, world: int, overrides: dict[str, Any]) -> Any:
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not n.startswith("embed."))]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     config = _merge(deepspeed_config(cfg, on_gpu=False), overrides)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+    schedule = step_scheduler(cfg.optim.build_schedule(cfg.train.steps))  # (as the loop's)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=groups, config=config, lr_scheduler=schedule
+    )
     return engine
 
 

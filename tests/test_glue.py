@@ -29,7 +29,7 @@ from rnnpipe.pipeline.data.tokenizers import (
     train_sentencepiece,
 )
 from rnnpipe.pipeline.errors import ConfigError, PipelineError
-from rnnpipe.pipeline.finetune import glue, metrics, tasks
+from rnnpipe.pipeline.finetune import glue, kinds, metrics, tasks
 from rnnpipe.pipeline.finetune.collect import collect, glue_table
 from rnnpipe.pipeline.finetune.config import Features, HeadConfig, Pooling, TaskConfig, TaskKind
 from rnnpipe.pipeline.finetune.model import FinetuneModel
@@ -111,8 +111,6 @@ def test_glue_readers_name_the_file_and_line_of_bad_input(tmp_path):
 
 
 def test_a_pair_task_of_ones_own_reads_the_columns_it_names(tmp_path):
-    from rnnpipe.pipeline.finetune.job import task_metrics
-
     train, dev = tmp_path / "train.tsv", tmp_path / "dev.tsv"
     train.write_text("question\tpassage\tanswer\nis it?\tit is.\tyes\nor not?\tno.\tno\n")
     dev.write_text("question\tpassage\tanswer\nwhy?\tbecause.\tmaybe\n")
@@ -126,24 +124,28 @@ def test_a_pair_task_of_ones_own_reads_the_columns_it_names(tmp_path):
     d = glue.load_sentences(cfg, ByteTokenizer(), 64)
     assert d.labels == ["no", "yes"] and [y for _, y in d.train] == [1, 0]
     assert bytes(d.train[0][0].astype(np.uint8)) == b"is it?\nit is." and d.separator == "newline (id 10)"
-    assert task_metrics(cfg) == (("accuracy",), "accuracy")
+    assert (kinds.of(cfg).reported, kinds.of(cfg).primary) == (("accuracy",), "accuracy")
     cfg.dev = str(dev)
     with pytest.raises(PipelineError, match=r"dev\.tsv: label\(s\) \['maybe'\] are not in .*train\.tsv"):
         glue.load_sentences(cfg, ByteTokenizer(), 64)
     regression = TaskConfig(kind=TaskKind.regression, train="a", dev="b")
-    assert task_metrics(regression) == (("pearson", "spearman", "mse"), "pearson")
+    task = kinds.of(regression)
+    assert (task.reported, task.primary) == (("pearson", "spearman", "mse"), "pearson")
 
 
 def test_glue_task_configs_are_checked():
-    TaskConfig(kind=TaskKind.regression, train="a", dev="b", glue="stsb").validate()
-    with pytest.raises(ConfigError, match="kind must be regression for glue=stsb"):
-        TaskConfig(train="a", dev="b", glue="stsb").validate()
+    # what a task sets is checked by its kind (Kind.check_task), as a sweep is loaded
+    kinds.check_task(TaskConfig(kind=TaskKind.regression, train="a", dev="b", glue="stsb"))
+    with pytest.raises(ConfigError, match=r"tasks\.x\.kind must be regression for glue=stsb"):
+        kinds.check_task(TaskConfig(train="a", dev="b", glue="stsb"), "tasks.x.")
     with pytest.raises(ConfigError, match="glue must be cola or sst2 or mrpc or rte or stsb"):
-        TaskConfig(train="a", dev="b", glue="mnli").validate()
+        kinds.check_task(TaskConfig(train="a", dev="b", glue="mnli"))
     with pytest.raises(ConfigError, match="text_column='s1': glue=rte reads the columns of GLUE's own file"):
-        TaskConfig(train="a", dev="b", glue="rte", text_column="s1").validate()
+        kinds.check_task(TaskConfig(train="a", dev="b", glue="rte", text_column="s1"))
     with pytest.raises(ConfigError, match="text_pair_column is for classification and regression"):
-        TaskConfig(kind=TaskKind.tagging, train="a", dev="b", text_pair_column="s2").validate()
+        kinds.check_task(TaskConfig(kind=TaskKind.tagging, train="a", dev="b", text_pair_column="s2"))
+    with pytest.raises(ConfigError, match=r"kind='tagger' is not a task kind: classification, lm, "):
+        kinds.check_task(TaskConfig(kind="tagger", train="a", dev="b"))
 
 
 # ------------------------------------------------------------------------------------ metrics

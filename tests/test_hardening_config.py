@@ -14,7 +14,7 @@ from rnnpipe.launch.pretrain import PretrainJob
 from rnnpipe.launch.workflow import PipelineConfig
 from rnnpipe.pipeline.config import load_config, to_dict
 from rnnpipe.pipeline.errors import ConfigError
-from rnnpipe.pipeline.train.config import deepspeed_config, resume_changes, run_fingerprint, run_view
+from rnnpipe.pipeline.train.config import resume_changes, run_fingerprint, run_view
 
 PRETRAIN = str(REPO / "configs" / "pretrain" / "tiny-lrn.yaml")
 PREPARE = str(REPO / "configs" / "prepare" / "tinyshakespeare.yaml")
@@ -96,13 +96,13 @@ def test_zero_heads_in_an_attention_layer_is_a_config_error():
 
 def test_warmup_steps_zero_starts_the_schedule_at_the_peak():
     import torch
-    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from rnnpipe.pipeline.engine.schedule import StepScheduler
 
     def rates(warmup: int) -> list[float]:
         cfg = load_config(PretrainJob, PRETRAIN, [f"optim.warmup_steps={warmup}", "optim.lr=1.0"])
-        params = deepspeed_config(cfg, on_gpu=False)["scheduler"]["params"]
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        sched = WarmupCosineLR(opt, **params)
+        sched = StepScheduler(opt, cfg.optim.build_schedule(cfg.train.steps))
         out = []
         for _ in range(4):  # DeepSpeed steps the schedule after each optimizer step
             sched.step()

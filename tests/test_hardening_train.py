@@ -19,32 +19,19 @@ import psutil
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import CLI, REPO, prepare_enwik8_head
+from harness import CLI, REPO, TINY_PRETRAIN
 
 from rnnpipe.pipeline.errors import PipelineError
 from rnnpipe.pipeline.train import checkpoint, divergence
 
 pytest.importorskip("deepspeed")
 CONFIG = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"
-TINY = [
-    "model.n_layers=1",
-    "model.d_model=32",
-    "model.mlp_ratio=2.0",
-    "data.seq_len=32",
-    "data.batch_size=2",
-    "train.eval_batch_size=2",
-    "train.eval_every=0",
-    "eval.max_tokens=2000",  # the final evaluation's share of valid and test
-    "train.sample_tokens=0",
-    "train.log_every=1",
-    "optim.warmup_steps=2",
-    "train.zero_stage=0",
-]
+TINY = [*TINY_PRETRAIN, "train.zero_stage=0"]
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return prepare_enwik8_head(tmp_path_factory.mktemp("data") / "enwik8", limit_bytes=300000)
+def dataset(tiny_enwik8) -> Path:
+    return tiny_enwik8
 
 
 def cmd(run_dir: Path, data: Path, *overrides: str, executor: str = "inline") -> list[str]:

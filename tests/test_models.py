@@ -262,12 +262,31 @@ def test_parameter_count_and_matrix_flops(variant):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.randint(0, 50, (B, T)))
     counted = counter.get_total_flops() / (B * T)
-    if cfg.mixer is MixerKind.lstm:  # one fused op that FlopCounterMode does not count: its weights do
+    if cfg.mixer == MixerKind.lstm:  # one fused op that FlopCounterMode does not count: its weights do
         lstm = sum(
             2 * (b.mixer.rnn.weight_ih_l0.numel() + b.mixer.rnn.weight_hh_l0.numel()) for b in model.blocks
         )
         counted += lstm
     assert counted == formula["matmul"]
+
+
+def test_every_built_in_mixer_is_one_registered_class():
+    """MixerKind names exactly the mixers rnnpipe defines, each registered under its name; a class
+    with a kind must declare its costs, and a kind is one class's."""
+    from rnnpipe.pipeline.models.mixers import Mixer
+    from rnnpipe.pipeline.models.registry import mixer_class, mixer_kinds
+
+    ours = [k for k in mixer_kinds() if mixer_class(k).__module__.startswith("rnnpipe.")]
+    assert sorted(ours) == sorted(k.value for k in MixerKind)
+    assert all(mixer_class(k).kind == k for k in MixerKind)
+    costs = {"param_coeffs": (1, 0), "flop_coeffs": (2, 0), "saved_activations": 1}
+    with pytest.raises(TypeError, match="declares no param_coeffs"):
+        type("Bare", (Mixer,), {"kind": "bare", "flop_coeffs": (2, 0), "saved_activations": 1})
+    with pytest.raises(ValueError, match="registered twice"):
+        type("Twin", (Mixer,), {"kind": "lrn", **costs})
+    with pytest.raises(ValueError, match="a lowercase name"):
+        type("Loud", (Mixer,), {"kind": "Loud-Mixer", **costs})
+    assert mixer_class("lrn").__name__ == "LRN"
 
 
 def test_attention_memory_is_transformer_xl_segment_attention():

@@ -87,6 +87,8 @@ def test_every_stage_has_the_same_interface():
             "plan": ["job", "upstream"],
             "run": ["job", "decision"],
             "submit": ["job", "decision", "ctx"],
+            "wire": ["ctx"],
+            "slurm_shape": ["job", "small"],
         }.items():
             assert list(inspect.signature(getattr(stage, name)).parameters) == params, (stage.NAME, name)
         assert isinstance(stage.Job, type)
@@ -119,16 +121,20 @@ def test_a_bad_stage_key_names_the_stage_and_the_key(tmp_path, capsys):
     assert not (tmp_path / "pipeline.json").exists()  # nothing ran
 
 
-def _plan(tmp_path, *overrides: str) -> dict[str, object]:
-    """Evaluate `rnnpipe plan` in bash as slurm/pipeline.sh does; returns the variables."""
-    names = "RUN_DIR CODE PREPARE_DONE PRETRAIN_DONE FINETUNE_INDICES FINETUNE_CONFIG COLLECT_DONE"
-    arrays = "PREPARE_SBATCH PRETRAIN_SBATCH FINETUNE_SBATCH FINETUNE_TASKS COLLECT_SBATCH"
+def _plan(tmp_path, *overrides: str) -> dict[str, dict[str, object]]:
+    """Evaluate `rnnpipe plan` in bash as slurm/pipeline.sh does; returns each stage's variables
+    (``STAGE_<i>_X`` as ``{name: {"X": value}}``) and the pipeline's (under "")."""
+    fields = "NAME RUN CONFIG SCRIPT SETUP LOG ARRAY"
+    arrays = "SBATCH TASKS"
     script = f"""
         set -euo pipefail
         eval "$("$RNNPIPE" plan "$@")"
-        for v in {names}; do printf '%s=%s\\0' "$v" "${{!v}}"; done
-        for a in {arrays}; do
-            n="$a[@]"; printf '%s=' "$a"; printf '%s\\x1f' "${{!n}}"; printf '\\0'
+        for v in RUN_DIR CODE; do printf '%s=%s\\0' "$v" "${{!v}}"; done
+        for i in "${{!STAGES[@]}}"; do
+            for f in {fields}; do v=STAGE_${{i}}_$f; printf '%s.%s=%s\\0' "$i" "$f" "${{!v}}"; done
+            for f in {arrays}; do
+                n="STAGE_${{i}}_$f[@]"; printf '%s.%s=' "$i" "$f"; printf '%s\\x1f' "${{!n}}"; printf '\\0'
+            done
         done
     """
     for name in ("sst2", "conll2003", "ptb"):  # the plan checks that the task files exist
@@ -145,10 +151,15 @@ def _plan(tmp_path, *overrides: str) -> dict[str, object]:
         env["RNNPIPE"] = "rnnpipe"
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    out: dict[str, object] = {}
+    flat: dict[str, object] = {}
     for item in done.stdout.split("\0")[:-1]:
         key, _, value = item.partition("=")
-        out[key] = value.split("\x1f")[:-1] if key in arrays.split() else value
+        flat[key] = value.split("\x1f")[:-1] if key.split(".")[-1] in arrays.split() else value
+    out: dict[str, dict[str, object]] = {"": {k: v for k, v in flat.items() if "." not in k}}
+    for key, value in flat.items():
+        if "." in key:
+            i, field = key.split(".")
+            out.setdefault(str(flat[f"{i}.NAME"]), {})[field] = value
     return out
 
 
@@ -161,20 +172,36 @@ def test_plan_quotes_every_value_taken_from_a_config(tmp_path):
         "finetune.grid.seed=[0,1]",
     )
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "PWNED2").exists()
-    assert f"--comment={hostile}" in v["PRETRAIN_SBATCH"]  # one word, byte for byte
-    assert "--partition=gpu queue" in v["PREPARE_SBATCH"] and "--partition=gpu queue" in v["COLLECT_SBATCH"]
-    assert v["RUN_DIR"] == str(tmp_path / "run") and v["PREPARE_DONE"] == "0"
+    assert list(v) == ["", "prepare", "pretrain", "finetune", "collect"]
+    assert f"--comment={hostile}" in v["pretrain"]["SBATCH"]  # one word, byte for byte
+    assert "--partition=gpu queue" in v["prepare"]["SBATCH"]
+    assert "--partition=gpu queue" in v["collect"]["SBATCH"]
+    assert v[""]["RUN_DIR"] == str(tmp_path / "run") and v["prepare"]["RUN"] == "1"
     inits = ("pretrained", "scratch")
     expected = [f"{t}-{i}-seed{s}" for t in ("sst2", "conll", "ptb") for i in inits for s in (0, 1)]
-    assert v["FINETUNE_TASKS"] == expected
-    assert v["FINETUNE_INDICES"] == ",".join(str(i) for i in range(12))
-    assert {"--nodes=1", "--ntasks-per-node=2", "--signal=USR2@120", "--requeue"} <= set(v["PRETRAIN_SBATCH"])
-    assert v["PRETRAIN_DONE"] == v["COLLECT_DONE"] == "0"
+    assert v["finetune"]["TASKS"] == expected
+    assert v["finetune"]["ARRAY"] == ",".join(str(i) for i in range(12)) + "%256"
+    assert {"--nodes=1", "--ntasks-per-node=2", "--signal=USR2@120", "--requeue"} <= set(
+        v["pretrain"]["SBATCH"]
+    )
+    assert "--signal=B:USR2@90" in v["finetune"]["SBATCH"]
+    assert v["pretrain"]["RUN"] == v["collect"]["RUN"] == "1"
+    assert [v[s]["SCRIPT"] for s in list(v)[1:]] == [
+        "prepare.sbatch",
+        "pretrain.sbatch",
+        "finetune.sbatch",
+        "collect.sbatch",
+    ]
+    assert (
+        v["collect"]["CONFIG"]
+        == v["finetune"]["CONFIG"]
+        == str(tmp_path / "run" / "stages" / "finetune.yaml")
+    )
     # the stage files the jobs run hold the resolved stage configs
     stage = (tmp_path / "run" / "stages" / "pretrain.yaml").read_text()
     assert f"run_dir: {tmp_path / 'run' / 'pretrain'}" in stage and "nproc: 2" in stage
     # the jobs run a snapshot of the code: its rnnpipe command runs, from the snapshot
-    code = Path(v["CODE"])
+    code = Path(v[""]["CODE"])
     assert code.parent.parent == tmp_path / "run" / "slurm"
     assert (code / "rnnpipe" / "launch" / "cli.py").exists()
     assert (code / "rnnpipe" / "slurm" / "common.sh").exists()
@@ -185,6 +212,24 @@ def test_plan_quotes_every_value_taken_from_a_config(tmp_path):
         [str(code / "bin" / "rnnpipe"), "--version"], capture_output=True, text=True, cwd=tmp_path, timeout=60
     )
     assert where.returncode == 0 and "rnnpipe" in where.stdout, where.stderr
+
+
+def test_plain_sbatch_chains_the_backward_lm_as_its_own_stage(tmp_path):
+    """backward_lm: slurm/pipeline.sh runs every stage the pipeline has: the backward LM is the
+    pretrain script on its own resolved config, after the forward run."""
+    v = _plan(tmp_path, "backward_lm=true")
+    assert list(v) == ["", "prepare", "pretrain", "pretrain-backward", "finetune", "collect"]
+    back = v["pretrain-backward"]
+    assert back["SCRIPT"] == "pretrain.sbatch" and back["RUN"] == "1"
+    assert back["CONFIG"] == str(tmp_path / "run" / "stages" / "pretrain-backward.yaml")
+    assert "direction: backward" in Path(str(back["CONFIG"])).read_text()
+    # the same shape, its own name and log
+    named = ("--job-name=", "--output=")
+    assert [o for o in back["SBATCH"] if not o.startswith(named)] == [
+        o for o in v["pretrain"]["SBATCH"] if not o.startswith(named)
+    ]
+    assert "--job-name=rnnpipe-pretrain-backward" in back["SBATCH"]
+    assert back["LOG"].endswith("/logs/pretrain-backward-%j.out")
 
 
 def _sbatch_lines(text: str) -> set[str]:

@@ -137,14 +137,16 @@ def test_gradient_crosses_bptt_segments(kind, extra, param):
 
 @pytest.mark.parametrize("cell", ["lrn", "mingru", "gru"])
 def test_summary_cells_run_in_bf16(cell):
-    """Under DeepSpeed's bf16 the whole model is bf16: every cell's state starts in its dtype (minGRU
-    keeps its decay and state in fp32, where bf16 rounds a slow decay to 1), the state carries, and a
-    backward pass reaches the cell."""
+    """Under DeepSpeed's bf16 the whole model is bf16: every cell's state starts in its dtype (kept in
+    float32 by a cell whose recurrence runs there, minGRU), the state carries, and a backward pass
+    reaches the cell."""
+    from rnnpipe.pipeline.models.registry import mixer_class
+
     m = model("recurrent_summary", {"memory": 2, "cell": cell}).to(torch.bfloat16).train()
     x = tokens(2 * S + 3)
     logits, state = m(x)
-    state_dtype = torch.float32 if cell == "mingru" else torch.bfloat16
-    assert logits.dtype == torch.bfloat16 and state[1].dtype == state_dtype
+    carried = torch.float32 if mixer_class(cell).fp32_recurrence else torch.bfloat16
+    assert logits.dtype == torch.bfloat16 and state[1].dtype == carried
     logits.float().pow(2).mean().backward()
     assert m.cell_in.weight.grad is not None and m.cell_in.weight.grad.abs().max() > 0
     with torch.no_grad():

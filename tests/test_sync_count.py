@@ -29,27 +29,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import REPO, prepare_enwik8_head
+from harness import REPO, TINY_PRETRAIN
 
 pytest.importorskip("deepspeed")
 CONFIG = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"
 STEPS = 8  # the last one logs, evaluates and checkpoints; 3..STEPS-1 are plain steps
 TINY = [
-    "model.n_layers=1",
-    "model.d_model=32",
-    "model.mlp_ratio=2.0",
-    "data.seq_len=32",
-    "data.batch_size=2",
+    *TINY_PRETRAIN,
     "train.grad_accum=2",  # micro-steps must not synchronise either
     f"train.steps={STEPS}",
     "train.log_every=1000",
-    "train.eval_every=0",
     "train.checkpoint_every=0",
-    "train.sample_tokens=0",
-    "train.eval_batch_size=2",
     "train.eval_max_tokens=200",
     "train.time_limit_min=600",  # (its check is folded into the step's read too)
-    "optim.warmup_steps=2",
     "executor.kind=inline",
 ]
 ZERO_STAGES = (0, 2)
@@ -69,10 +61,9 @@ COLLECTIVES = (
 
 
 @pytest.fixture(scope="module")
-def counts(tmp_path_factory) -> dict[str, Any]:
+def counts(tmp_path_factory, tiny_enwik8) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("sync")
-    data = root / "enwik8"
-    prepare_enwik8_head(data, limit_bytes=100000)
+    data = tiny_enwik8
     out, extensions = root / "counts.json", root / "torch_extensions"
     env = {
         **os.environ,

@@ -3,23 +3,21 @@ for ``head.features=elmo`` the backward LM, the head, and ``embeddings.init``'s 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 
 from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.errors import ConfigError
-from rnnpipe.pipeline.finetune.config import Features, Init, JobConfig, TaskKind
+from rnnpipe.pipeline.finetune import kinds
+from rnnpipe.pipeline.finetune.config import Features, Init, JobConfig
+from rnnpipe.pipeline.finetune.kinds import Head, TaskData
 from rnnpipe.pipeline.finetune.model import FinetuneModel, set_dropout
 from rnnpipe.pipeline.models import backbone as models
 from rnnpipe.pipeline.models import embeddings
 from rnnpipe.pipeline.models.config import EmbeddingFreeze
 from rnnpipe.pipeline.models.lm import LanguageModel
 from rnnpipe.pipeline.models.pretrained import load_pretrained
-
-if TYPE_CHECKING:
-    from rnnpipe.pipeline.finetune.job import TaskData
 
 
 def _fresh(lm: torch.nn.Module) -> torch.nn.Module:
@@ -57,18 +55,22 @@ def _backward_lm(cfg: JobConfig, forward: torch.nn.Module) -> torch.nn.Module:
 def build_model(
     cfg: JobConfig, data: TaskData, tok: Any = None
 ) -> tuple[FinetuneModel, dict[str, Any] | None]:
-    """The pretrained backbone (or the same architecture from scratch, seeded) plus the head, and
-    for elmo the backward LM (pretrained, or from scratch too); then ``embeddings.init``'s vectors
-    in every backbone's embedding (``tok``: the backbone's tokenizer). Returns the model and what
-    the vectors file gave (:func:`rnnpipe.pipeline.models.embeddings.initialize`'s record, or None)."""
+    """The pretrained backbone (or the same architecture from scratch, seeded) plus the head of the
+    data's kind, and for elmo the backward LM (pretrained, or from scratch too); then
+    ``embeddings.init``'s vectors in every backbone's embedding (``tok``: the backbone's tokenizer).
+    Returns the model and what the vectors file gave
+    (:func:`rnnpipe.pipeline.models.embeddings.initialize`'s record, or None)."""
+    kind = kinds.get(data.kind)
     torch.manual_seed(cfg.seed)
     pretrained = load_pretrained(cfg.pretrained)
     # scratch: the same architecture, fresh weights (a huggingface-kind backbone: from its config)
     backbone = _fresh(pretrained) if cfg.init is Init.scratch else pretrained
     backward = None
     if cfg.head.features is Features.elmo:
-        if data.kind is TaskKind.lm:
-            raise ConfigError("head.features=elmo is for classification, regression and tagging tasks")
+        if kind.head is Head.lm:  # no head to read the mix
+            raise ConfigError(
+                f"head.features=elmo is for {kinds.described(lambda k: k.head is not Head.lm)} tasks"
+            )
         backward = _backward_lm(cfg, pretrained)
         if cfg.init is Init.scratch:  # the control: both LMs from scratch
             backward = _fresh(backward)
@@ -76,9 +78,10 @@ def build_model(
         if lm is not None and cfg.dropout >= 0:
             set_dropout(lm, cfg.dropout)
     model = FinetuneModel(backbone, data.kind, max(1, len(data.labels)), cfg.head, backward)
-    if data.kind is TaskKind.regression and model.head is not None:  # start at the mean score
+    bias = kind.initial_bias(data)
+    if bias is not None and model.head is not None:
         with torch.no_grad():
-            model.head.bias.fill_(float(np.mean([y for _, y in data.train])))
+            model.head.bias.fill_(bias)
     vectors = None
     if cfg.embeddings.init:
         for lm in model.backbones():

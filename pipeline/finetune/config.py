@@ -8,7 +8,7 @@ A sweep file names its tasks once (``tasks: {sst2: {...}, conll: {...}}``), sets
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 from rnnpipe.pipeline.config import check_range, config_key
@@ -17,7 +17,11 @@ from rnnpipe.pipeline.models.config import EmbeddingsConfig
 from rnnpipe.pipeline.train.config import WandbConfig
 
 
-class TaskKind(Enum):
+class TaskKind(StrEnum):
+    """The names of rnnpipe's own task kinds. What a kind is (its data, head, loss, metrics) is its
+    class in :mod:`rnnpipe.pipeline.finetune.kinds`, whose registry also holds kinds defined
+    outside rnnpipe; a task's ``kind`` is any registered name. Equal to the name as a string."""
+
     classification = "classification"  # GLUE-style TSV: a sentence column and a label column
     tagging = "tagging"  # CoNLL-2003 columns: word ... tag
     lm = "lm"  # word-level LM files (PTB): one sentence per line
@@ -49,7 +53,9 @@ class Pooling(Enum):
 
 @dataclass
 class TaskConfig:
-    kind: TaskKind = TaskKind.classification
+    # a registered task kind (rnnpipe.pipeline.finetune.kinds): classification, regression, tagging,
+    # lm, or one of one's own; checked, with its own options below, when a sweep is loaded
+    kind: str = TaskKind.classification.value
     train: str = ""  # paths or URLs (fsspec; .gz/.bz2 decompressed by extension)
     dev: str = ""
     test: str = ""  # "" or an unlabelled file: no test metrics
@@ -67,7 +73,8 @@ class TaskConfig:
     job_overrides: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        """Check that the task has its files and every value's range (a ConfigError names the key)."""
+        """Check that the task has its files and every value's range (a ConfigError names the key);
+        what depends on the kind (pairs, ``glue``) its class checks (``Kind.check_task``)."""
         if not self.train or not self.dev:
             keys = f"{config_key('train')}, {config_key('dev')}"
             raise ConfigError(f"a task needs train and dev paths ({keys})")
@@ -78,31 +85,6 @@ class TaskConfig:
             )
         for name in ("max_train", "max_dev", "max_test"):
             check_range(name, getattr(self, name), ge=0, note=" (0 = all)")
-        sentences = (TaskKind.classification, TaskKind.regression)
-        if self.text_pair_column and self.kind not in sentences:
-            raise ConfigError(f"{config_key('text_pair_column')} is for classification and regression tasks")
-        if self.glue:
-            self._check_glue()
-
-    def _check_glue(self) -> None:
-        """``glue``: a known task, of its kind, its columns left to it."""
-        from rnnpipe.pipeline.finetune.glue import GLUE_TASKS
-
-        if self.glue not in GLUE_TASKS:
-            raise ConfigError(
-                f"{config_key('glue')} must be {' or '.join(GLUE_TASKS)} (or unset), got {self.glue!r}"
-            )
-        kind = GLUE_TASKS[self.glue].kind
-        if self.kind is not kind:
-            raise ConfigError(
-                f"{config_key('kind')} must be {kind.value} for glue={self.glue}, got {self.kind.value}"
-            )
-        for name in ("text_column", "text_pair_column", "label_column"):
-            if getattr(self, name) != TaskConfig.__dataclass_fields__[name].default:
-                raise ConfigError(
-                    f"{config_key(name)}={getattr(self, name)!r}: glue={self.glue} reads the columns of "
-                    "GLUE's own file; leave it unset"
-                )
 
 
 @dataclass

@@ -26,16 +26,16 @@ from typing import Any
 import numpy as np
 
 from rnnpipe.pipeline.data.tokenizer_base import Tokenizer
-from rnnpipe.pipeline.errors import PipelineError
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
 from rnnpipe.pipeline.finetune import metrics, tasks
-from rnnpipe.pipeline.finetune.config import TaskConfig, TaskKind
+from rnnpipe.pipeline.finetune.config import TaskConfig
 
 
 @dataclass(frozen=True)
 class SentenceTask:
     """How a classification or regression task's files are read and scored."""
 
-    kind: TaskKind
+    kind: str  # its task kind: classification or regression
     text: str  # the (first) text column
     pair: str  # the second segment's column; "" = single sentences
     label: str
@@ -45,6 +45,11 @@ class SentenceTask:
     metrics: tuple[str, ...] = ("accuracy",)
     glue: str = ""  # the GLUE task, or "" for a task of one's own
     glue_metrics: tuple[str, ...] = ()  # averaged into the task's GLUE score
+
+    @property
+    def regression(self) -> bool:
+        """Scores (floats) rather than label indices."""
+        return self.kind == _REG
 
     @property
     def primary(self) -> str:
@@ -59,7 +64,7 @@ class SentenceTask:
         return self.metrics + ((self.primary,) if self.primary not in self.metrics else ())
 
 
-_CLS, _REG = TaskKind.classification, TaskKind.regression
+_CLS, _REG = "classification", "regression"
 GLUE_TASKS: dict[str, SentenceTask] = {
     "cola": SentenceTask(
         _CLS,
@@ -104,7 +109,7 @@ GLUE_TASKS: dict[str, SentenceTask] = {
         glue_metrics=("pearson", "spearman"),
     ),
 }
-# What a task of one's own (no ``glue``) reports, per kind.
+# What a task of one's own (no ``glue``) reports, per kind: the sentence kinds' ``metrics``.
 DEFAULT_METRICS = {_CLS: ("accuracy",), _REG: ("pearson", "spearman", "mse")}
 
 
@@ -115,6 +120,22 @@ def sentence_task(t: TaskConfig) -> SentenceTask:
     return SentenceTask(
         t.kind, t.text_column, t.text_pair_column, t.label_column, metrics=DEFAULT_METRICS[t.kind]
     )
+
+
+def check_glue(t: TaskConfig, where: str = "") -> None:
+    """A task's ``glue``: a known GLUE task, of its kind, its columns left to it (``where``: the
+    task's dotted key, ``tasks.cola.``, for the error)."""
+    if t.glue not in GLUE_TASKS:
+        raise ConfigError(f"{where}glue must be {' or '.join(GLUE_TASKS)} (or unset), got {t.glue!r}")
+    kind = GLUE_TASKS[t.glue].kind
+    if t.kind != kind:
+        raise ConfigError(f"{where}kind must be {kind} for glue={t.glue}, got {t.kind}")
+    for name in ("text_column", "text_pair_column", "label_column"):
+        if getattr(t, name) != TaskConfig.__dataclass_fields__[name].default:
+            raise ConfigError(
+                f"{where}{name}={getattr(t, name)!r}: glue={t.glue} reads the columns of GLUE's own file; "
+                "leave it unset"
+            )
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -153,7 +174,7 @@ def _targets(
 ) -> list:
     """Label indices (classification) or floats (regression) of one split's label column; ``train``:
     the training file (for a label vocabulary made from it)."""
-    if spec.kind is TaskKind.regression:
+    if spec.regression:
         out = []
         for value, n in zip(values, lines, strict=True):
             try:
@@ -188,7 +209,7 @@ def load_sentences(t: TaskConfig, tok: Tokenizer, max_len: int) -> SentenceData:
     train_ids, train_labels, train_lines = split(t.train, t.max_train)
     if train_labels is None:
         raise PipelineError(f"{t.train}: no {spec.label!r} column: training data must be labelled")
-    vocab = [] if spec.kind is TaskKind.regression else list(spec.labels) or sorted(set(train_labels))
+    vocab = [] if spec.regression else list(spec.labels) or sorted(set(train_labels))
 
     def labelled(path: str, ids: list, labels: list[str] | None, lines: list[int]) -> list | None:
         if labels is None:
@@ -210,7 +231,7 @@ def load_sentences(t: TaskConfig, tok: Tokenizer, max_len: int) -> SentenceData:
 def score(spec: SentenceTask, labels: list[str], pred: np.ndarray, gold: np.ndarray) -> dict[str, float]:
     """The task's metrics (:attr:`SentenceTask.reported`) of predictions ``pred`` (label indices,
     or scores for regression) against ``gold``."""
-    if spec.kind is TaskKind.regression:
+    if spec.regression:
         out = {name: metrics.REGRESSION[name](pred, gold) for name in spec.metrics}
     else:
         positive = labels.index(spec.positive) if spec.positive in labels else 1

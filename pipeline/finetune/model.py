@@ -12,16 +12,21 @@ after a sequence never changes its features. What the head reads (``head.feature
   top, after the final norm), and the head reads their :class:`ScalarMix`
   ``gamma · Σ_j softmax(s)_j · LN(h_j)``, ``s`` and ``gamma`` learned.
 
-A regression head (STS-B) is the classification head with one output, read as the predicted score.
+The head is the task kind's (:class:`~rnnpipe.pipeline.finetune.kinds.Head`): pooled logits, a
+pooled score (the classification head with one output: STS-B), logits at every token, or none (the
+LM itself). The model knows each head's loss and predictions; the kind, what they mean.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rnnpipe.pipeline.finetune.config import Features, FinetuneOptim, HeadConfig, Pooling, TaskKind
+from rnnpipe.pipeline.finetune import kinds
+from rnnpipe.pipeline.finetune.config import Features, FinetuneOptim, HeadConfig, Pooling
+from rnnpipe.pipeline.finetune.kinds import IGNORE, Head
 from rnnpipe.pipeline.models.lm import LanguageModel
 
 
@@ -85,20 +90,22 @@ class AttentivePooling(nn.Module):
 
 
 class FinetuneModel(nn.Module):
-    """``backbone`` + head: classification logits [B, C], regression scores [B], tagging logits
-    [B, T, C], or (lm) the LM. ``n_labels`` is 1 for regression. ``backward``: the backward LM of
-    ``head.features=elmo`` (a LanguageModel of the backbone's size and depth)."""
+    """``backbone`` + the head of the task kind ``kind`` (a registered name): pooled logits [B, C],
+    pooled scores [B] (``n_labels`` 1), logits at every token [B, T, C], or (lm) the LM itself.
+    ``backward``: the backward LM of ``head.features=elmo`` (a LanguageModel of the backbone's size
+    and depth)."""
 
     def __init__(
         self,
         backbone: LanguageModel,
-        kind: TaskKind,
+        kind: str,
         n_labels: int,
         head: HeadConfig,
         backward: LanguageModel | None = None,
     ):
         super().__init__()
-        self.backbone, self.kind, self.cfg = backbone, kind, head
+        self.backbone, self.cfg = backbone, head
+        self.output: Head = kinds.get(kind).head
         elmo = head.features is Features.elmo
         if elmo != (backward is not None):
             raise ValueError("a backward LM is for head.features=elmo, and elmo needs one")
@@ -121,7 +128,7 @@ class FinetuneModel(nn.Module):
         d = backbone.hidden_size * (1 if head.features is Features.last else 2)
         self.drop = nn.Dropout(head.dropout)
         self.pool = AttentivePooling(d) if head.pooling is Pooling.attentive else None
-        self.head = nn.Linear(d, n_labels) if kind is not TaskKind.lm else None
+        self.head = nn.Linear(d, n_labels) if self.output is not Head.lm else None
 
     def backbones(self) -> list[nn.Module]:
         """The LMs the features come from: the backbone, and elmo's backward LM."""
@@ -146,9 +153,10 @@ class FinetuneModel(nn.Module):
         return self.drop(h_BTD)
 
     def forward(self, ids_BT: Tensor, lengths_B: Tensor) -> Tensor:
-        assert self.head is not None, "the lm task uses the backbone directly"
+        """The head's outputs: logits [B, C] (classes), scores [B] (score), logits [B, T, C] (tokens)."""
+        assert self.head is not None, "the lm head is the backbone itself"
         h_BTD = self.features(ids_BT, lengths_B)
-        if self.kind is TaskKind.tagging:
+        if self.output is Head.tokens:
             return self.head(h_BTD)
         mask_BT = torch.arange(ids_BT.shape[1], device=ids_BT.device)[None] < lengths_B[:, None]
         if self.cfg.pooling is Pooling.last:
@@ -159,7 +167,20 @@ class FinetuneModel(nn.Module):
             assert self.pool is not None
             pooled_BD = self.pool(h_BTD, mask_BT)
         out = self.head(pooled_BD)
-        return out.squeeze(-1) if self.kind is TaskKind.regression else out
+        return out.squeeze(-1) if self.output is Head.score else out
+
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        """The head's training loss of its outputs ``out`` against targets ``y`` ([B] label indices
+        or float scores; [B, T] label indices, IGNORE where not scored): the mean squared error of
+        scores, else cross-entropy."""
+        if self.output is Head.score:
+            return F.mse_loss(out.float(), y)
+        return F.cross_entropy(out.flatten(0, -2) if y.dim() == 2 else out, y.flatten(), ignore_index=IGNORE)
+
+    def predict(self, out: Tensor) -> np.ndarray:
+        """The head's predictions from its outputs: scores [B] (float32), else label indices
+        ([B], or [B, T] for tokens)."""
+        return (out.float() if self.output is Head.score else out.argmax(-1)).cpu().numpy()
 
 
 def _layers(bb: nn.Module) -> tuple[list[nn.Module], nn.Module, list[nn.Module]]:

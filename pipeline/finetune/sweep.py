@@ -22,7 +22,9 @@ from typing import Any
 from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.config import config_key, override
 from rnnpipe.pipeline.errors import ConfigError, PipelineError
-from rnnpipe.pipeline.finetune.config import Features, JobConfig, JobSpec, TaskConfig, TaskKind
+from rnnpipe.pipeline.finetune import kinds
+from rnnpipe.pipeline.finetune.backward import check_backward
+from rnnpipe.pipeline.finetune.config import Features, JobConfig, JobSpec, TaskConfig
 
 log = logging.getLogger("rnnpipe.finetune")
 
@@ -47,6 +49,8 @@ class SweepConfig:
             raise ConfigError("pretrained: set it to an rnnpipe export directory or a pretrain run dir")
         if not self.tasks:
             raise ConfigError("tasks: name at least one task (tasks.<name>.kind/train/dev/...)")
+        for name, task in self.tasks.items():  # each against its kind: one of the registry's
+            kinds.check_task(task, f"{config_key('tasks')}.{name}.")
         for key, values in self.grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"grid.{key} must be a non-empty list of values")
@@ -82,8 +86,7 @@ def expand(sweep: SweepConfig, pretrained: str, backward: str | None = None) -> 
         if spec.task not in sweep.tasks:
             raise ConfigError(f"job task {spec.task!r} is not among tasks: {', '.join(sorted(sweep.tasks))}")
         spec = override(spec, sweep.tasks[spec.task].job_overrides, f"in tasks.{spec.task}.job_overrides")
-        if sweep.tasks[spec.task].kind is TaskKind.lm and spec.optim.freeze_steps:
-            raise ConfigError(f"task {spec.task} (lm) trains the backbone itself: set optim.freeze_steps=0")
+        kinds.get(sweep.tasks[spec.task].kind).check_job(spec.task, spec)
         elmo = spec.head.features is Features.elmo
         if elmo:
             _check_elmo(sweep, spec, pretrained, backward)
@@ -106,15 +109,11 @@ def expand(sweep: SweepConfig, pretrained: str, backward: str | None = None) -> 
 
 
 def _check_elmo(sweep: SweepConfig, spec: JobSpec, pretrained: str, backward: str) -> None:
-    """An elmo job: not the lm task, and a backward LM once the forward export exists (before
-    it does, a pipeline's pretrain stage may make both), with the forward LM's tokenizer."""
+    """An elmo job (its kind has a head to read the mix: ``Kind.check_job``): a backward LM once the
+    forward export exists (before it does, a pipeline's pretrain stage may make both), with the
+    forward LM's tokenizer."""
     from rnnpipe.pipeline.models.exported import is_export
 
-    if sweep.tasks[spec.task].kind is TaskKind.lm:
-        raise ConfigError(
-            f"task {spec.task} (lm) fine-tunes the forward LM itself: head.features=elmo is for "
-            "classification, regression and tagging tasks"
-        )
     if not is_export(pretrained):
         return
     if not backward:
@@ -125,46 +124,6 @@ def _check_elmo(sweep: SweepConfig, spec: JobSpec, pretrained: str, backward: st
         )
     if is_export(backward):
         check_backward(pretrained, backward)
-
-
-def _tokenizer_id(export: str) -> tuple[Any, ...]:
-    """(kind, vocabulary size, the sha256 of its file or None) of an export's tokenizer."""
-    from rnnpipe.pipeline.models.exported import export_meta
-
-    t = export_meta(export).get("tokenizer", {})
-    rel = t.get("model_file")
-    sha = fsio.sha256_of(fsio.join(fsio.absolute(export), rel))[0] if rel else None
-    return t.get("kind"), t.get("vocab_size"), sha
-
-
-_checked: set[tuple[str, str]] = set()
-
-
-def check_backward(forward: str, backward: str) -> None:
-    """ConfigError unless the export ``backward`` is of a backward LM (where its export records
-    a direction) with the forward one's tokenizer (its kind, its vocabulary size and the sha256 of
-    its file): ELMo reads one token sequence with both."""
-    if (forward, backward) in _checked:
-        return
-    from rnnpipe.pipeline.models import exported
-
-    if exported.export_direction(backward) != "backward":
-        raise ConfigError(
-            f"pretrained_backward={backward} is an export of a forward LM (its {exported.CONFIG} "
-            "records source.direction=forward, or none): name the export of a model pretrained "
-            "with data.direction=backward"
-        )
-    fwd, bwd = _tokenizer_id(forward), _tokenizer_id(backward)
-    if fwd != bwd:
-
-        def show(t: tuple[Any, ...]) -> str:
-            return f"{t[0]}, {t[1]} ids" + (f", file sha256 {t[2][:12]}" if t[2] else "")
-
-        raise ConfigError(
-            f"pretrained_backward={backward}: its tokenizer ({show(bwd)}) is not the forward LM's "
-            f"({show(fwd)}, {forward}): pretrain the backward LM on the same dataset, read backward"
-        )
-    _checked.add((forward, backward))
 
 
 def job_label(cfg: JobConfig) -> str:

@@ -1,4 +1,5 @@
-"""Recurrent language models: LRN, oLRN, minGRU, minLSTM, SRU, ATR, LSTM, GRU and attention.
+"""Recurrent language models: LRN, oLRN, minGRU, minLSTM, SRU, ATR, LSTM, GRU and attention, and
+any other :class:`Mixer` subclass with a ``kind`` (the mixer registry: ``mixer_class(kind)``).
 
 ``LanguageModel(ModelConfig(...), vocab_size)`` maps tokens and a state to logits and the next
 state; :mod:`rnnpipe.pipeline.models.flops` counts its parameters and FLOPs per token. Models know nothing
@@ -14,12 +15,14 @@ import importlib
 from typing import Any
 
 _WHERE = {
+    "Mixer": "rnnpipe.pipeline.models.mixers",
     "MixerKind": "rnnpipe.pipeline.models.config",
     "ModelConfig": "rnnpipe.pipeline.models.config",
     "NormKind": "rnnpipe.pipeline.models.config",
     "flops_per_token": "rnnpipe.pipeline.models.flops",
     "model_params": "rnnpipe.pipeline.models.flops",
     "training_flops_per_token": "rnnpipe.pipeline.models.flops",
+    "mixer_class": "rnnpipe.pipeline.models.registry",
     "LanguageModel": "rnnpipe.pipeline.models.lm",
     "AddedRecurrenceLM": "rnnpipe.pipeline.models.recurrence",
     "build_model": "rnnpipe.pipeline.models.backbone",

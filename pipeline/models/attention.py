@@ -1,4 +1,7 @@
-"""Causal multi-head attention with rotary positions; its state is the KV cache."""
+"""Causal multi-head attention with rotary positions; its state is the KV cache.
+
+Shapes: B batch, T positions, D width, H heads, K head width, L cached positions.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnnpipe.pipeline.models.config import ModelConfig
 from rnnpipe.pipeline.models.mixers import Mixer, State
 
 
@@ -29,6 +33,25 @@ class Attention(Mixer):
     before, so rotary offsets stay right after old positions are dropped. With memory 0, feeding a
     sequence in pieces gives what feeding it at once gives.
     """
+
+    kind = "attention"
+    param_coeffs = (4, 0)  # W_qkv, W_out; no biases
+    # rotary positions on q and k, 3 per element each (the context's part: flops_per_token)
+    flop_coeffs = (8, 6)
+    saved_activations = 5  # q, k, v and the outputs
+    state_batch_dims = (0, 0, None)  # keys [B, H, L, K], values [B, H, L, K], the position count
+    state_grows = True
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Attention:
+        return cls(cfg.d_model, cfg.n_heads, cfg.rope_base, cfg.attention_memory)
+
+    @classmethod
+    def flops_per_token(cls, cfg: ModelConfig, seq_len: int) -> tuple[int, int]:
+        """The projections and rotary positions, plus 4·d·T for the scores and the weighted sum over
+        a context of T = ``seq_len`` (not halved for causality: PaLM's convention) and the softmax."""
+        matmul, elementwise = super().flops_per_token(cfg, seq_len)
+        return matmul + 4 * cfg.d_model * seq_len, elementwise + 4 * cfg.n_heads * seq_len
 
     def __init__(self, d_model: int, n_heads: int, rope_base: float = 10000.0, memory: int = 0):
         super().__init__(d_model)

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 from rnnpipe.pipeline.config import _PREFIX, check_choice, check_range, config_key
 from rnnpipe.pipeline.errors import ConfigError
 
 
-class MixerKind(Enum):
+class MixerKind(StrEnum):
+    """The built-in mixers' names. ``model.mixer`` is a string, checked against the mixer registry
+    (:mod:`rnnpipe.pipeline.models.registry`, which says why): a plugin adds names, and each member
+    here equals its string (``MixerKind.lrn == "lrn"``)."""
+
     lrn = "lrn"  # Lightweight Recurrent Network (seed 001)
     olrn = "olrn"  # LRN with an output gate (seed 001, eq. 11–13)
     mingru = "mingru"  # minGRU (Feng et al. 2024)
@@ -22,6 +26,10 @@ class MixerKind(Enum):
     lstm = "lstm"  # torch.nn.LSTM (cuDNN on GPU)
     gru = "gru"  # torch.nn.GRU (cuDNN on GPU)
     attention = "attention"  # causal multi-head attention with rotary positions
+
+
+# Names a config check accepts without asking the registry (which would import torch).
+_BUILTIN_MIXERS = frozenset(k.value for k in MixerKind)
 
 
 class NormKind(Enum):
@@ -54,7 +62,6 @@ class EmbeddingFreeze(Enum):
 
 
 HF_INITS = ("pretrained", "random")
-SUMMARY_CELLS = ("lrn", "mingru", "gru")
 
 
 @dataclass
@@ -105,17 +112,17 @@ class RecurrenceConfig:
     # Segments a gradient flows back through (within one training window): at least 2 for the
     # variants that learn their carry (memory_tokens, recurrent_summary); ignored by the others.
     bptt_segments: int = 2
-    cell: str = "lrn"  # recurrent_summary: lrn | mingru | gru (rnnpipe's mixers)
+    # recurrent_summary: a mixer that may serve as a cell (Mixer.summary_cell): lrn | mingru | gru
+    cell: str = MixerKind.lrn.value
     cell_dim: int = 0  # recurrent_summary: the cell's width; 0 = the backbone's hidden size
     read_layer: int = -1  # recurrent_summary: hidden states after this many layers; -1 = the last
     inject_layer: int = 0  # recurrent_summary: the prefix enters before this layer (0 = as embeddings)
 
     def validate(self) -> None:
-        """Check every value's range."""
+        """Check every value's range (the cell: ``ModelConfig``, for kind huggingface)."""
         check_range("segment_len", self.segment_len, ge=0, note=" (0 = data.seq_len)")
         check_range("memory", self.memory, ge=0, note=" (0 = the variant's default)")
         check_range("bptt_segments", self.bptt_segments, ge=1)
-        check_choice("cell", self.cell, SUMMARY_CELLS)
         check_range("cell_dim", self.cell_dim, ge=0, note=" (0 = the backbone's hidden size)")
         check_range("read_layer", self.read_layer, ge=-1, note=" (-1 = the last layer)")
         check_range("inject_layer", self.inject_layer, ge=0)
@@ -162,7 +169,8 @@ class EmbeddingsConfig:
 @dataclass
 class ModelConfig:
     kind: ModelKind = ModelKind.rnnpipe
-    mixer: MixerKind = MixerKind.lrn
+    # A registered mixer's kind: a built-in (MixerKind) or one a plugin module defines (RNNPIPE_PLUGINS).
+    mixer: str = MixerKind.lrn.value
     n_layers: int = 4
     d_model: int = 512
     mlp_ratio: float = 0.0  # hidden width of the MLP after each mixer, × d_model; 0 = no MLP
@@ -171,7 +179,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # output layer = embedding matrix
     share_layers: bool = False  # one set of block parameters reused by every layer (per mixer kind)
     attention_every: int = 0  # hybrid: every k-th layer is attention (0 = none)
-    n_heads: int = 8  # attention layers
+    n_heads: int = 8  # attention layers (and any mixer with heads: its from_config reads it)
     rope_base: float = 10000.0
     # Attention layers keep at most this many past positions in their state (Transformer-XL style
     # memory); 0 = all of them. Pretraining in stream mode uses data.seq_len when this is 0.
@@ -184,8 +192,16 @@ class ModelConfig:
     # kind=rnnpipe: the embedding from pretrained word vectors (GloVe, word2vec), frozen or not.
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
 
+    def __post_init__(self) -> None:
+        self.mixer = str(self.mixer)  # MixerKind.lrn -> "lrn": one type whatever the caller passed
+
     def validate(self) -> None:
-        """Check every value's range and that attention heads split ``d_model`` evenly."""
+        """Check every value's range, that the mixer is registered, and that attention heads split
+        ``d_model`` evenly."""
+        if self.mixer not in _BUILTIN_MIXERS:  # a plugin's (its module imports torch anyway)
+            from rnnpipe.pipeline.models.registry import mixer_class
+
+            mixer_class(self.mixer, config_key("mixer"))
         if self.kind is ModelKind.huggingface:
             if self.embeddings != EmbeddingsConfig():
                 raise ConfigError(
@@ -216,7 +232,7 @@ class ModelConfig:
                 f"{config_key('mlp_ratio')}={self.mlp_ratio} gives an MLP of width 0 at "
                 f"{config_key('d_model')}={self.d_model}: use 0 for no MLP or a larger ratio"
             )
-        if MixerKind.attention in self.layer_kinds() and (
+        if MixerKind.attention.value in self.layer_kinds() and (
             self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2
         ):
             raise ConfigError(
@@ -236,6 +252,13 @@ class ModelConfig:
         finally:
             _PREFIX.reset(token)
         r = self.recurrence
+        # The cell's class says whether it may be one; a huggingface-kind model imports torch anyway.
+        from rnnpipe.pipeline.models.registry import find_mixer, mixer_kinds
+
+        cell = find_mixer(r.cell)
+        if cell is None or not cell.summary_cell:
+            cells = mixer_kinds(lambda c: c.summary_cell)
+            raise ConfigError(f"{config_key('recurrence.cell')} must be {' or '.join(cells)}, got {r.cell!r}")
         if self.freeze is FreezeKind.backbone and r.kind in (RecurrenceKind.none, RecurrenceKind.kv_memory):
             raise ConfigError(
                 f"{config_key('freeze')}=backbone with {config_key('recurrence.kind')}={r.kind.value} leaves "
@@ -269,7 +292,8 @@ class ModelConfig:
                         f"model.recurrence.{key}={value} is beyond the backbone's {layers} layers"
                     )
 
-    def layer_kinds(self) -> list[MixerKind]:
-        """The mixer of every layer: ``mixer``, with attention at every ``attention_every``-th."""
+    def layer_kinds(self) -> list[str]:
+        """The mixer kind of every layer: ``mixer``, with attention at every ``attention_every``-th."""
         k = self.attention_every
-        return [MixerKind.attention if k and (i + 1) % k == 0 else self.mixer for i in range(self.n_layers)]
+        attention = MixerKind.attention.value
+        return [attention if k and (i + 1) % k == 0 else self.mixer for i in range(self.n_layers)]

@@ -1,7 +1,11 @@
 """The language model: embedding → pre-norm residual blocks → norm → output layer.
 
 ``model(tokens_BT, state=None) -> (logits_BTV, state)``; the state is a list with one entry per
-layer (see the mixers), so long streams are fed in segments. Knows nothing of DeepSpeed or Slurm.
+layer (see the mixers), so long streams are fed in segments. Each layer's mixer is the class the
+mixer registry holds for its kind (:mod:`rnnpipe.pipeline.models.registry`). Knows nothing of
+DeepSpeed or Slurm.
+
+Shapes: B batch, T positions, D width, V vocabulary.
 """
 
 from __future__ import annotations
@@ -12,27 +16,16 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from rnnpipe.pipeline.models.attention import Attention
-from rnnpipe.pipeline.models.config import MixerKind, ModelConfig, NormKind
-from rnnpipe.pipeline.models.mixers import ATR, GRU, LRN, LSTM, OLRN, SRU, MinGRU, MinLSTM, Mixer, State
+from rnnpipe.pipeline.models.config import ModelConfig, NormKind
+from rnnpipe.pipeline.models.mixers import Mixer, State
+from rnnpipe.pipeline.models.registry import mixer_class
 from rnnpipe.pipeline.models.sampling import Sampler
 
-_RECURRENT = {
-    MixerKind.lrn: LRN,
-    MixerKind.olrn: OLRN,
-    MixerKind.mingru: MinGRU,
-    MixerKind.minlstm: MinLSTM,
-    MixerKind.sru: SRU,
-    MixerKind.atr: ATR,
-    MixerKind.lstm: LSTM,
-    MixerKind.gru: GRU,
-}
 
-
-def make_mixer(kind: MixerKind, cfg: ModelConfig) -> Mixer:
-    if kind is MixerKind.attention:
-        return Attention(cfg.d_model, cfg.n_heads, cfg.rope_base, cfg.attention_memory)
-    return _RECURRENT[kind](cfg.d_model)
+def make_mixer(kind: str, cfg: ModelConfig) -> Mixer:
+    """The layer of mixer ``kind`` for ``cfg``: a registered kind (``"lrn"``, ``MixerKind.lrn``, a
+    plugin's)."""
+    return mixer_class(kind).from_config(cfg)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -42,7 +35,7 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 class Block(nn.Module):
     """x + mixer(norm(x)), then x + mlp(norm(x)) when the config has an MLP."""
 
-    def __init__(self, kind: MixerKind, cfg: ModelConfig):
+    def __init__(self, kind: str, cfg: ModelConfig):
         super().__init__()
         self.kind = kind
         self.norm1 = make_norm(cfg)
@@ -138,8 +131,9 @@ class LanguageModel(Sampler):
         return out, new_state
 
     def state_kinds(self) -> list[str]:
-        """Per layer, the mixer whose state it holds (the elastic remap's batch dimensions)."""
-        return [k.value for k in self.kinds]
+        """Per layer, the mixer whose state it holds (where the elastic remap and the Hugging Face
+        cache find each state tensor's batch dimension: the mixer's ``state_batch_dims``)."""
+        return [str(k) for k in self.kinds]
 
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: matrices decay; the embedding, biases and norms do not. Frozen parameters

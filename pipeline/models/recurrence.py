@@ -38,13 +38,10 @@ import torch
 from torch import Tensor, nn
 
 from rnnpipe.pipeline.errors import ConfigError
-from rnnpipe.pipeline.models.config import FreezeKind, MixerKind, ModelConfig, RecurrenceKind
-from rnnpipe.pipeline.models.mixers import GRU, LRN, MinGRU, detach_state
+from rnnpipe.pipeline.models.config import FreezeKind, ModelConfig, RecurrenceKind
+from rnnpipe.pipeline.models.mixers import detach_state
+from rnnpipe.pipeline.models.registry import mixer_class
 from rnnpipe.pipeline.models.sampling import Sampler
-
-_CELLS = {"lrn": LRN, "mingru": MinGRU, "gru": GRU}
-# Where the remap finds each state entry's batch dimension (pipeline.train.remap.STATE_BATCH_DIM).
-_CELL_KIND = {"lrn": MixerKind.lrn.value, "mingru": MixerKind.mingru.value, "gru": MixerKind.gru.value}
 
 
 def backbone_from_config(
@@ -127,7 +124,7 @@ class AddedRecurrenceLM(Sampler):
         self.read_layer = self.n_layers if r.read_layer == -1 else r.read_layer
         self.inject_layer = r.inject_layer  # (both checked against the layers in __init__)
         self.cell_in = nn.Linear(self.d, width)
-        self.cell = _CELLS[r.cell](width)
+        self.cell = mixer_class(r.cell, "model.recurrence.cell")(width)  # a Mixer with summary_cell
         self.summary_out = nn.Linear(width, self.m * self.d)
         nn.init.normal_(self.summary_out.weight, std=0.02)
         nn.init.zeros_(self.summary_out.bias)
@@ -230,13 +227,16 @@ class AddedRecurrenceLM(Sampler):
         return fill, carried, cache
 
     def state_kinds(self) -> list[str]:
-        """Per state entry, the mixer kind whose batch dimension it has (for the elastic remap)."""
+        """Per state entry, what it is: the cell's mixer kind (whose class lays out its state), or a
+        name no mixer can have (a kind has no dot: the fill count, the memory and the KV cache,
+        batch-first). The elastic remap and the Hugging Face cache find each entry's batch
+        dimension through it (:func:`rnnpipe.pipeline.models.mixers.state_layout`)."""
         carried = []
         if self.kind in (RecurrenceKind.memory_tokens, RecurrenceKind.kv_memory):
-            carried = ["memory"]
+            carried = ["recurrence.memory"]
         elif self.kind is RecurrenceKind.recurrent_summary:
-            carried = [_CELL_KIND[self.cfg.recurrence.cell]]
-        return ["fill", *carried, *["cache"] * (2 * self.n_layers)]
+            carried = [self.cfg.recurrence.cell]
+        return ["recurrence.fill", *carried, *["recurrence.cache"] * (2 * self.n_layers)]
 
     # ---------------------------------------------------------------------------------- forward
 
@@ -307,7 +307,7 @@ class AddedRecurrenceLM(Sampler):
         if self.kind is RecurrenceKind.memory_tokens:
             return torch.cat([carried[0].to(x_BND.dtype), x_BND], dim=1), self.m
         if self.kind is RecurrenceKind.recurrent_summary:
-            s = carried[0][0] if self.cfg.recurrence.cell == "gru" else carried[0]
+            s = self.cell.summary_vector(carried[0])  # [B, cell width]
             summary = self.summary_out(s.to(self.summary_out.weight.dtype)).view(B, self.m, self.d)
             if self.inject_layer:
                 self._inject = summary

@@ -20,6 +20,7 @@ from rnnpipe.pipeline.config import (
     flatten,
     to_dict,
 )
+from rnnpipe.pipeline.engine.schedule import SCHEDULES, Schedule
 from rnnpipe.pipeline.errors import ConfigError
 from rnnpipe.pipeline.models.config import ModelConfig
 
@@ -73,8 +74,13 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # the cosine decays to lr × this
+    # The learning rate as a function of the step (pipeline.engine.schedule), after a linear
+    # warm-up: cosine | linear (each down to lr × min_lr_ratio at train.steps) | constant | wsd
+    # (warm-up, stable at lr, then linear down to lr × min_lr_ratio over the last decay_fraction)
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1  # the decay ends at lr × this (cosine, linear, wsd)
     warmup_steps: int = 100  # 0 = none: the schedule starts at lr
+    decay_fraction: float = 0.2  # wsd: the final decay's share of train.steps
     weight_decay: float = 0.1  # not on biases, norms and embeddings
     beta1: float = 0.9
     beta2: float = 0.95
@@ -84,13 +90,26 @@ class OptimConfig:
     def validate(self) -> None:
         """Check every value's range (a ConfigError names the key)."""
         check_range("lr", self.lr, gt=0)
+        check_choice("schedule", self.schedule, SCHEDULES)
         check_range("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+        check_range("decay_fraction", self.decay_fraction, gt=0, le=1)
         check_range("warmup_steps", self.warmup_steps, ge=0, note=" (0 = no warm-up)")
         check_range("weight_decay", self.weight_decay, ge=0)
         check_range("beta1", self.beta1, ge=0, lt=1)
         check_range("beta2", self.beta2, ge=0, lt=1)
         check_range("eps", self.eps, gt=0)
         check_range("grad_clip", self.grad_clip, ge=0, note=" (0 = no clipping)")
+
+    def build_schedule(self, total_steps: int) -> Schedule:
+        """The learning-rate schedule of a run of ``total_steps`` optimizer steps."""
+        return Schedule(
+            kind=self.schedule,
+            lr=self.lr,
+            total_steps=total_steps,
+            warmup_steps=self.warmup_steps,
+            min_ratio=self.min_lr_ratio,
+            decay_fraction=self.decay_fraction,
+        )
 
 
 @dataclass
@@ -245,6 +264,7 @@ class PretrainConfig:
 
         if not self.run_dir:
             raise ConfigError(f"{config_key('run_dir')} is empty: name the run's directory")
+        self._check_schedule()
         if self.model.kind is ModelKind.huggingface:
             self._resolve_recurrence()
         # Resolved here, not in the loop, so that the config a run records (and its fingerprint)
@@ -255,6 +275,25 @@ class PretrainConfig:
             and MixerKind.attention in self.model.layer_kinds()
         ):
             self.model.attention_memory = self.data.seq_len
+
+    def _check_schedule(self) -> None:
+        """The schedule against the run's length, and no second schedule in the DeepSpeed fragment."""
+        if "scheduler" in self.deepspeed:
+            raise ConfigError(
+                "deepspeed.scheduler: the learning-rate schedule is optim.schedule's (cosine, linear, "
+                "constant or wsd; pipeline.engine.schedule), passed to DeepSpeed as its client "
+                "scheduler: remove the scheduler block"
+            )
+        o = self.optim
+        if o.schedule == "wsd":
+            sched = o.build_schedule(self.train.steps)
+            if self.train.steps - sched.decay_steps < o.warmup_steps:
+                raise ConfigError(
+                    f"optim.schedule=wsd: optim.decay_fraction={o.decay_fraction} of train.steps="
+                    f"{self.train.steps} decays over the last {sched.decay_steps} steps, which would "
+                    f"start inside the {o.warmup_steps}-step warm-up (optim.warmup_steps): lower "
+                    "one of them or raise train.steps"
+                )
 
     def _resolve_recurrence(self) -> None:
         """A huggingface-kind model's segment length (recorded resolved: the export and fine-tuning
@@ -304,7 +343,9 @@ class PretrainConfig:
 
 
 def deepspeed_config(cfg: PretrainConfig, on_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed config for ``cfg``, with ``cfg.deepspeed`` merged over it.
+    """The DeepSpeed config for ``cfg``, with ``cfg.deepspeed`` merged over it. It has no
+    ``scheduler``: the schedule (``optim.schedule``) is DeepSpeed's client scheduler,
+    ``pipeline.engine.schedule.step_scheduler(cfg.optim.build_schedule(cfg.train.steps))``.
 
     The optimizer is torch's AdamW on every device (``torch_adam``): on a GPU its fused kernel
     (``fused``: one launch per step for every parameter), which ships with torch, where DeepSpeed's
@@ -331,18 +372,6 @@ def deepspeed_config(cfg: PretrainConfig, on_gpu: bool) -> dict[str, Any]:
                 "weight_decay": o.weight_decay,
                 "torch_adam": True,  # (DeepSpeed's FusedAdam would compile an extension)
                 **({"fused": True} if on_gpu else {}),
-            },
-        },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": t.steps,
-                # WarmupCosineLR refuses 0 warm-up steps (and warms up over at least 2): no warm-up
-                # is a warm-up that starts at the peak, so the schedule is lr, then the cosine.
-                "warmup_num_steps": max(1, o.warmup_steps),
-                "warmup_type": "linear",
-                "warmup_min_ratio": 0.0 if o.warmup_steps else 1.0,
-                "cos_min_ratio": o.min_lr_ratio,
             },
         },
         "steps_per_print": 1 << 30,  # rnnpipe logs; DeepSpeed stays quiet
@@ -393,9 +422,16 @@ NOT_CONTENT = (
 )
 # The data order in shuffle mode depends on these; stream mode reads every stream in order.
 SHUFFLE_ONLY = ("data.seed", "data.workers")
-# Keys a resumed run may change: the schedule is recomputed from them (WarmupCosineLR keeps only
-# its position in the checkpoint) and the clip norm is read from the config each step.
-RESUME_SCHEDULE = ("train.steps", "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps")
+# Keys a resumed run may change: the rate is a pure function of the step and of these (the
+# checkpoint keeps only the scheduler's position), and the clip norm is read from the config each step.
+RESUME_SCHEDULE = (
+    "train.steps",
+    "optim.lr",
+    "optim.schedule",
+    "optim.min_lr_ratio",
+    "optim.warmup_steps",
+    "optim.decay_fraction",
+)
 # A checkpoint resumes on another number of ranks (and data.batch_size): the optimizer state is
 # converted to DeepSpeed's universal checkpoint and the data position re-mapped (pipeline.train.elastic).
 RESUME_ELASTIC = ("world_size", "data.batch_size")
@@ -417,6 +453,8 @@ ADDED_KEYS: dict[str, Any] = {
     "data.verify": "sizes",
     "data.direction": Direction.forward.value,  # before it, every run read its text forward
     "train.compile": False,
+    "optim.schedule": OptimConfig.schedule,  # cosine: before the key, every run's schedule
+    "optim.decay_fraction": OptimConfig.decay_fraction,  # (wsd's only)
     **METRICS_DEFAULTS,
     **EVAL_DEFAULTS,
     # model.kind=huggingface and its keys (an rnnpipe-kind model has them at these values), and

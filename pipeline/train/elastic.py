@@ -24,7 +24,8 @@ The sequence, on every rank (``check_resume`` first: nothing is read before it p
     client = elastic.load_engine(engine, plan)                        # load + repair DeepSpeed's state
     mine, message = elastic.resume_state(ckpt, saved_world, saved_batch, rank, loader, kinds)
 
-Verified against DeepSpeed 0.19.8 on CPU (gloo, ``torch_adam``, two param groups, WarmupCosineLR):
+Verified against DeepSpeed 0.19.8 on CPU (gloo, ``torch_adam``, two param groups, WarmupCosineLR,
+whose state dict rnnpipe's client scheduler, :class:`rnnpipe.pipeline.engine.schedule.StepScheduler`, keeps):
 after 2 → 1 rank (ZeRO-0/1/2/3, fp32 and bf16) and 1 → 2 (ZeRO-0/2/3, fp32), the fp32 weights,
 both Adam moments, the step counts and the scheduler position are bit-identical to the saved ones
 (ZeRO-3 after :func:`repair_after_universal_load`). The steps after that are not bit-identical to
@@ -49,7 +50,6 @@ from rnnpipe.pipeline.errors import PipelineError
 
 # The train-state half (pipeline.train.remap), re-exported: the loop imports one module.
 from rnnpipe.pipeline.train.remap import (
-    STATE_BATCH_DIM,
     epoch_steps,
     remap_states,
     resume_state,
@@ -251,7 +251,9 @@ def repair_after_universal_load(engine: Any, before: list[dict[str, Any]]) -> li
 
 def load_engine(engine: Any, p: Plan) -> dict[str, Any]:
     """Load the weights, optimizer and scheduler as ``p`` says (every rank, a collective); returns
-    DeepSpeed's client state (``{"step": ...}`` as rnnpipe saved it)."""
+    DeepSpeed's client state (``{"step": ...}`` as rnnpipe saved it). The scheduler keeps only its
+    position; the rate is then set from the schedule at that position (the optimizer state brought
+    back the rate it was saved with, which differs when the resume changed the schedule)."""
     before = optimizer_hparams(engine) if p.universal else []
     _, client = engine.load_checkpoint(p.load_dir, tag=p.tag)
     if client is None:
@@ -260,6 +262,8 @@ def load_engine(engine: Any, p: Plan) -> dict[str, Any]:
         fixed = repair_after_universal_load(engine, before)
         if fixed:
             log.debug("after the universal load: %s", "; ".join(dict.fromkeys(fixed)))
+    if hasattr(engine.lr_scheduler, "apply"):  # (pipeline.engine.schedule.StepScheduler)
+        engine.lr_scheduler.apply()
     return client
 
 
@@ -269,7 +273,6 @@ def _base_optimizer(engine: Any) -> Any:
 
 
 __all__ = [
-    "STATE_BATCH_DIM",
     "Plan",
     "deepspeed_overrides",
     "epoch_steps",

@@ -5,32 +5,26 @@ weights, 2 for their gradients, and 12 for the fp32 master copy and AdamW's two 
 bytes per parameter, partitioned by ZeRO stage 1 (the 12), 2 (the 12 and the gradients) or 3
 (all 16) across the data-parallel ranks. fp32 training takes 4 + 4 + 8. Activations: what
 backward keeps per token and layer, estimated from the block's tensors (projection outputs,
-recurrence outputs, norms, MLP), times micro-batch × seq_len; activation checkpointing keeps
-one block input per layer plus one block's activations.
+recurrence outputs, norms, MLP; each mixer's as its class declares), times micro-batch × seq_len;
+activation checkpointing keeps one block input per layer plus one block's activations.
 """
 
 from __future__ import annotations
 
-from rnnpipe.pipeline.models.config import MixerKind
+from rnnpipe.pipeline.models.config import ModelConfig
 from rnnpipe.pipeline.models.flops import model_params
+from rnnpipe.pipeline.models.registry import mixer_class
 from rnnpipe.pipeline.train.config import Precision, PretrainConfig
 
-# Tensors of width d that one block keeps for backward, per token: projection outputs and the
-# recurrence's outputs (and SRU's cell states, attention's q, k, v and output).
-_MIXER_ACTS = {
-    MixerKind.lrn: 4,
-    MixerKind.olrn: 5,
-    MixerKind.mingru: 5,
-    MixerKind.minlstm: 7,
-    MixerKind.sru: 5,
-    MixerKind.atr: 6,
-    MixerKind.lstm: 10,
-    MixerKind.gru: 8,
-    MixerKind.attention: 5,
-}
-# Mixers whose gates and scan run in float32 whatever the model's dtype (pipeline/models/mixers.py):
-# in bf16 their recurrence tensors take twice the bytes.
-_FP32_RECURRENCE = (MixerKind.mingru, MixerKind.minlstm)
+
+def block_activation_values(kind: str, model: ModelConfig, bf16: bool) -> int:
+    """Values per token that one block of mixer ``kind`` keeps for backward, in the model's dtype:
+    its mixer's (``Mixer.activation_values``; twice as many for a recurrence that runs in float32
+    under bf16, ``Mixer.fp32_recurrence``), the norms' and residual's 3 of width d, and the MLP's."""
+    cls = mixer_class(kind)
+    d, m = model.d_model, round(model.mlp_ratio * model.d_model)
+    mixer = cls.activation_values(model) * (2 if bf16 and cls.fp32_recurrence else 1)
+    return mixer + 3 * d + (2 * m + d if m else 0)
 
 
 def estimate_memory(cfg: PretrainConfig, vocab_size: int, world_size: int) -> dict[str, float]:
@@ -43,12 +37,9 @@ def estimate_memory(cfg: PretrainConfig, vocab_size: int, world_size: int) -> di
     params = n * weight / (shard if stage >= 3 else 1)
     grads = n * grad / (shard if stage >= 2 else 1)
     optimizer = n * opt / (shard if stage >= 1 else 1)
-    d, m = cfg.model.d_model, round(cfg.model.mlp_ratio * cfg.model.d_model)
+    d = cfg.model.d_model
     width = 2 if bf16 else 4
-    per_block = [
-        (_MIXER_ACTS[k] * (2 if bf16 and k in _FP32_RECURRENCE else 1) * d + 3 * d + (2 * m + d if m else 0))
-        for k in cfg.model.layer_kinds()
-    ]
+    per_block = [block_activation_values(k, cfg.model, bf16) for k in cfg.model.layer_kinds()]
     tokens = cfg.data.batch_size * cfg.data.seq_len
     if cfg.train.activation_checkpointing:
         acts = tokens * width * (d * len(per_block) + max(per_block))

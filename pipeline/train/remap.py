@@ -2,8 +2,9 @@
 size (:mod:`rnnpipe.pipeline.train.elastic` converts and loads the weights and optimizer).
 
 In stream mode with world × batch unchanged, the streams keep their global order: their hidden
-states are concatenated over the old ranks along each mixer's batch dimension and split for the
-new ones, and the data position is unchanged. Otherwise the split is re-cut at the same fraction
+states are concatenated over the old ranks along each mixer's batch dimensions (its class's
+``state_batch_dims``: ``Mixer.join_states`` and ``split_state``) and split for the new ones, and
+the data position is unchanged. Otherwise the split is re-cut at the same fraction
 of the epoch and the hidden state reset; in shuffle mode the epoch continues at the same
 fraction. Counters come from old rank 0; each new rank takes the RNG of the old rank of its
 number, or a fresh seed.
@@ -20,12 +21,6 @@ from typing import Any
 import numpy as np
 
 from rnnpipe.pipeline.errors import PipelineError
-
-# The batch dimension of each mixer's recurrent state (pipeline/models/mixers.py, attention.py).
-# torch.nn.LSTM/GRU keep [layers × directions = 1, B, D]; every other mixer is batch-first: [B, D]
-# (LRN, oLRN, minGRU, minLSTM, SRU's c, ATR), or (k [B, H, L, K], v [B, H, L, K], position []) for
-# attention. A 0-d tensor (attention's position) is the same for every stream: it is not split.
-STATE_BATCH_DIM: dict[str, int] = {"lstm": 1, "gru": 1}
 
 
 def stream_steps_per_epoch(pairs: int, streams: int, seq_len: int) -> int:
@@ -68,10 +63,11 @@ def remap_states(
 
     Stream mode, ``old_world × old_batch == new_world × new_batch`` ("the same streams"): the
     streams keep their global index (rank r owns streams [r·batch, (r+1)·batch)) and their bounds,
-    so each layer's state is concatenated over the old ranks along its batch dimension
-    (:data:`STATE_BATCH_DIM`; ``layer_kinds`` names each layer's mixer, e.g. ``"lrn"``; without
-    it a 3-d tensor is taken as [1, B, D] and anything else as batch-first) and split into the new
-    ranks' ``new_batch`` rows. The position (epoch, step_in_epoch) is unchanged. Exact.
+    so each layer's state is concatenated over the old ranks along its batch dimensions (as the
+    class of its mixer lays them out: ``layer_kinds`` names each layer's, e.g. ``"lrn"``; without
+    it a state whose first tensor is 3-d is taken as [1, B, D], torch's LSTM and GRU, and anything
+    else as batch-first) and split into the new ranks' ``new_batch`` rows. The position (epoch,
+    step_in_epoch) is unchanged. Exact.
 
     Stream mode, another number of streams ("re-cut"): the epoch is kept, and the new epoch starts
     at step ``⌊k · P_new / P_old⌋``, where k is the old step_in_epoch and P the steps per epoch
@@ -189,8 +185,8 @@ def _split_hidden(
         raise PipelineError("the old ranks' hidden states have different numbers of layers")
     new: list[list[Any]] = [[] for _ in range(new_world)]
     for layer in range(layers):
-        kind = None if kinds is None else str(getattr(kinds[layer], "value", kinds[layer]))
-        parts = _split_leaf(
+        kind = None if kinds is None else str(kinds[layer])
+        parts = _split_layer(
             [h[layer] for h in per_rank], old_batch, new_world, new_batch, kind, f"layer {layer}"
         )
         for r in range(new_world):
@@ -198,42 +194,43 @@ def _split_hidden(
     return new
 
 
-def _split_leaf(
+def _split_layer(
     values: list[Any], old_batch: int, new_world: int, new_batch: int, kind: str | None, where: str
 ) -> list[Any]:
-    """One piece of state (a tensor, or a tuple/list of them, or None) over the old ranks → new."""
+    """One layer's state (a tensor, a tuple of them, or None) over the old ranks → new ranks',
+    laid out as the class of mixer ``kind`` declares (``Mixer.state_batch_dims``)."""
     import torch
 
-    v0 = values[0]
-    if v0 is None:
+    from rnnpipe.pipeline.models.mixers import state_layout
+
+    if values[0] is None:
         if any(v is not None for v in values):
             raise PipelineError(f"{where}: some old ranks have a state and others none")
         return [None] * new_world
-    if isinstance(v0, (tuple, list)):
-        if any(not isinstance(v, (tuple, list)) or len(v) != len(v0) for v in values):
-            raise PipelineError(f"{where}: the old ranks' states have different structures")
-        columns = [
-            _split_leaf([v[i] for v in values], old_batch, new_world, new_batch, kind, f"{where}[{i}]")
-            for i in range(len(v0))
-        ]
-        return [type(v0)(col[r] for col in columns) for r in range(new_world)]
-    if not isinstance(v0, torch.Tensor):
-        raise PipelineError(f"{where}: a hidden state holds a {type(v0).__name__}, not a tensor")
-    if v0.dim() == 0:  # attention's position: the same for every stream
-        if any(not torch.equal(v, v0) for v in values):
-            raise PipelineError(
-                f"{where}: the old ranks disagree on a per-run value ({[int(v) for v in values]})"
-            )
-        return [v0.clone() for _ in range(new_world)]
-    dim = STATE_BATCH_DIM.get(kind, 0) if kind is not None else (1 if v0.dim() == 3 else 0)
     for r, v in enumerate(values):
-        if v.dim() != v0.dim() or v.shape[dim] != old_batch:
+        tensors = [v] if isinstance(v, torch.Tensor) else v
+        if not isinstance(tensors, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in tensors):
             raise PipelineError(
-                f"{where}: old rank {r}'s state has shape {tuple(v.shape)}, expected {old_batch} "
+                f"{where}: old rank {r}'s hidden state holds a {type(v).__name__}, not tensors"
+            )
+    first = values[0] if isinstance(values[0], torch.Tensor) else values[0][0]
+    # Without the kinds (a checkpoint's states alone), torch's LSTM/GRU are the 3-d ones.
+    layout = state_layout(kind if kind is not None else "gru" if first.dim() == 3 else None)
+
+    def rows(t: torch.Tensor, dim: int, r: int) -> torch.Tensor:
+        if t.dim() <= dim or t.shape[dim] != old_batch:
+            raise PipelineError(
+                f"{where}: old rank {r}'s state has shape {tuple(t.shape)}, expected {old_batch} "
                 f"streams in dim {dim}"
             )
-    whole = torch.cat(values, dim=dim)  # streams in global order: old rank r's are r·batch ...
-    return [t.clone() for t in whole.split(new_batch, dim=dim)]
+        return t
+
+    for r, v in enumerate(values):
+        layout.map_state(v, lambda t, dim, r=r: rows(t, dim, r))
+    try:  # streams in global order: old rank r's are r·batch ... (r+1)·batch − 1
+        return layout.split_state(layout.join_states(values), new_world)  # new_batch rows each
+    except (ValueError, RuntimeError) as e:  # (torch.cat's RuntimeError: other sizes than the batch's)
+        raise PipelineError(f"{where}: the old ranks' states: {e}") from e
 
 
 def _remap_rng(old: list[Any], old_world: int, new_world: int, step: int) -> tuple[list[Any], str]:
@@ -287,8 +284,8 @@ def resume_state(
     ``loader`` (this run's :class:`~rnnpipe.pipeline.train.data.StreamBatches` or ``ShuffleBatches``: its
     world, batch, seq_len, reader and workers are the new ones). ``saved_batch`` is the
     checkpoint's data.batch_size (its header's config). Returns (the state dict, the message for
-    the log). Each rank reads all the files: they are small (counters, RNG and a hidden state of
-    batch × d_model per layer)."""
+    the log). Each rank reads all the files: they are small (counters, RNG and each layer's state
+    for its batch rows)."""
     from rnnpipe.pipeline.train.checkpoint import load_state
 
     old = []

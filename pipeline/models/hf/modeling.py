@@ -26,10 +26,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from rnnpipe.pipeline.config import config_from_dict
-from rnnpipe.pipeline.models.config import MixerKind, ModelConfig, ModelKind
+from rnnpipe.pipeline.models.config import ModelConfig, ModelKind
 from rnnpipe.pipeline.models.hf.configuration import RnnpipeConfig
 from rnnpipe.pipeline.models.lm import LanguageModel
-from rnnpipe.pipeline.models.mixers import State
+from rnnpipe.pipeline.models.mixers import State, state_layout
 
 # transformers 5 renamed the output's and forward's ``past_key_values`` to ``cache``: use the name
 # this version has, and take either on input.
@@ -37,33 +37,18 @@ _CACHE_FIELD = next(
     (f.name for f in dataclasses.fields(CausalLMOutputWithPast) if f.name in ("cache", "past_key_values")),
     "past_key_values",
 )
-# torch's LSTM/GRU states are [layers, B, D]; every other state entry has its batch first
-_BATCH_DIM_1 = (MixerKind.lstm.value, MixerKind.gru.value)
 
 
-def _batch_dim(kind: MixerKind | str) -> int:
-    """The batch dimension of a state entry of ``kind`` (a LanguageModel's layer kind, or an entry
-    of :meth:`AddedRecurrenceLM.state_kinds`)."""
-    return 1 if getattr(kind, "value", kind) in _BATCH_DIM_1 else 0
+def _map_batch(state: State, kind: str, fn: Any) -> State:
+    """``fn(tensor, batch_dim)`` on every batch-indexed tensor of one state entry of ``kind`` (a
+    LanguageModel's layer kind, or an entry of :meth:`AddedRecurrenceLM.state_kinds`), where the
+    class of its mixer puts the rows (``Mixer.state_batch_dims``); shared scalars as they are."""
+    return state_layout(kind).map_state(state, fn)
 
 
-def _map_batch(state: State, kind: MixerKind | str, fn: Any) -> State:
-    """``fn(tensor, batch_dim)`` on every batch-indexed tensor of one layer's state."""
-    if state is None:
-        return None
-    dim = _batch_dim(kind)
-    if isinstance(state, Tensor):  # (an added recurrence's fill count is a scalar shared by the batch)
-        return state if state.dim() == 0 else fn(state, dim)
-    # attention: (keys, values, position); the position is a scalar shared by the batch
-    return type(state)(t if t.dim() == 0 else fn(t, dim) for t in state)
-
-
-def _cat_rows(rows: list[State], kind: MixerKind) -> State:
-    """One layer's states of single rows, stacked along its batch dimension."""
-    dim = _batch_dim(kind)
-    if isinstance(rows[0], Tensor):
-        return torch.cat(rows, dim)
-    return type(rows[0])(torch.cat(parts, dim) for parts in zip(*rows, strict=True))
+def _cat_rows(rows: list[State], kind: str) -> State:
+    """One layer's states of single rows, stacked along its batch dimensions."""
+    return state_layout(kind).join_states(rows)
 
 
 def _left_padding(mask: Tensor | None, T: int) -> list[int] | None:
@@ -121,7 +106,7 @@ class RnnpipeCache:
     is_compileable = False
     is_linear: tuple[bool, ...] = ()
 
-    def __init__(self, kinds: list[Any], states: list[State] | None = None, seen: int = 0):
+    def __init__(self, kinds: list[str], states: list[State] | None = None, seen: int = 0):
         self.kinds = kinds
         self.states = states
         self.seen = seen
@@ -186,7 +171,8 @@ class RnnpipeForCausalLM(PreTrainedModel, GenerationMixin):
         """Whether the model is rnnpipe's own LanguageModel (not a backbone with recurrence)."""
         return isinstance(self.model, LanguageModel)
 
-    def _state_kinds(self) -> list[Any]:
+    def _state_kinds(self) -> list[str]:
+        """What each entry of the state is (a mixer's kind, or an added recurrence's entry name)."""
         return self.model.kinds if self._plain else self.model.state_kinds()
 
     def _logits(self, h_BTD: Tensor) -> Tensor:
@@ -283,11 +269,12 @@ class RnnpipeForCausalLM(PreTrainedModel, GenerationMixin):
         self, input_ids: Tensor, starts: list[int], state: list[State] | None
     ) -> tuple[Tensor, list[State]]:
         """Each row read from its first real token (``starts[b]``), the states stacked again."""
-        if not self._plain or MixerKind.attention in self.model.kinds:
+        if not self._plain or any(state_layout(k).state_grows for k in self.model.kinds):
             raise ValueError(
                 "a left-padded batch (attention_mask with zeros before the prompt) cannot be read by a "
-                "model with attention layers: their caches would differ in length; generate each "
-                "prompt on its own (lm-eval: --batch_size 1)"
+                "model with attention layers (or another state that grows with the positions read): "
+                "their caches would differ in length; generate each prompt on its own (lm-eval: "
+                "--batch_size 1)"
             )
         B, T = input_ids.shape
         kinds = self.model.kinds
