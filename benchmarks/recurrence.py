@@ -426,8 +426,8 @@ def main() -> None:
     import torch
     import yaml
 
+    from rnnpipe.pipeline.data.reader import SplitReader
     from rnnpipe.pipeline.models.pretrained import load_pretrained
-    from rnnpipe.pipeline.train.data import SplitReader
 
     reader = SplitReader(str(data), "valid")
     prompt = torch.from_numpy(reader.read(0, PROMPT))

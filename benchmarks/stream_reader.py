@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RNNPIPE_PROGRESS", "0")
 
 from rnnpipe.launch.cli import main as cli  # noqa: E402
+from rnnpipe.pipeline.data.reader import SplitReader  # noqa: E402
 from rnnpipe.pipeline.train import data as train_data  # noqa: E402
 
 
@@ -116,7 +117,7 @@ def crossings(batches, steps: range) -> int:
 
 
 def measure(root: Path, streams: int, seq_len: int, steps: int, step_ms: float) -> dict[str, float]:
-    reader = train_data.SplitReader(str(root), "train")
+    reader = SplitReader(str(root), "train")
     batches = train_data.StreamBatches(reader, 0, 1, streams, seq_len)
     steps = min(steps, batches.steps_per_epoch - 1)
     next(batches)  # every stream's first sample
@@ -134,9 +135,7 @@ def measure(root: Path, streams: int, seq_len: int, steps: int, step_ms: float) 
     }
     prefetched = getattr(train_data, "PrefetchedBatches", None)
     if prefetched is not None and step_ms > 0:
-        loader = prefetched(
-            train_data.StreamBatches(train_data.SplitReader(str(root), "train"), 0, 1, streams, seq_len)
-        )
+        loader = prefetched(train_data.StreamBatches(SplitReader(str(root), "train"), 0, 1, streams, seq_len))
         next(loader)
         waits = []
         for _ in range(steps):
@@ -154,7 +153,7 @@ def open_cost(root: Path, repeats: int) -> tuple[float, int, int, int]:
     for _ in range(repeats):
         with Opens() as opens:
             t = time.perf_counter()
-            reader = train_data.SplitReader(str(root), "train")
+            reader = SplitReader(str(root), "train")
             best = min(best, time.perf_counter() - t)
     return 1e3 * best, len(opens.paths), opens.count(".tar"), reader.sample_count()
 

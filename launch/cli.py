@@ -34,8 +34,8 @@ import time
 from rnnpipe import __version__
 from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.config import load_config, to_yaml
+from rnnpipe.pipeline.engine.signals import early, wants_early_flag
 from rnnpipe.pipeline.errors import ConfigError, PipelineError
-from rnnpipe.pipeline.train.signals import early, wants_early_flag
 
 log = logging.getLogger("rnnpipe")
 

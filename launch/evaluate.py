@@ -109,9 +109,9 @@ def evaluate_window(
     with the state reset every ``window`` tokens: ``{"loss", "bpb", "ppl", "tokens"}``; at most
     ``streams`` × ``seq_len`` tokens per forward pass. The tokenizer check is
     :func:`rnnpipe.pipeline.train.dynamic_eval.evaluate_export`'s, which runs first."""
+    from rnnpipe.pipeline.data.reader import open_split
     from rnnpipe.pipeline.models.exported import export_direction, export_source
     from rnnpipe.pipeline.models.pretrained import load_pretrained
-    from rnnpipe.pipeline.train.data import open_split
     from rnnpipe.pipeline.train.evaluate import evaluate
 
     reader = open_split(data or export_source(str(export))["data"], split, "sizes", export_direction(export))

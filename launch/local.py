@@ -24,9 +24,9 @@ def launch_local(config_file: str, nproc: int) -> int:
     wait for it forever). A signal this launcher gets is forwarded to every rank, also one that
     came while they were being started."""
     from rnnpipe.launch.distributed import LOG_LEVEL_ENV, child_log_level, free_port
+    from rnnpipe.pipeline.engine.signals import current, is_stop_status
     from rnnpipe.pipeline.errors import PipelineError
     from rnnpipe.pipeline.locking import inherited
-    from rnnpipe.pipeline.train.signals import current, is_stop_status
 
     if nproc == 0:
         import torch

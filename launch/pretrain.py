@@ -50,8 +50,8 @@ from rnnpipe.launch.stage import (
 )
 from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.config import to_dict, to_yaml
+from rnnpipe.pipeline.engine.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, early
 from rnnpipe.pipeline.errors import ConfigError, PipelineError
-from rnnpipe.pipeline.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED, early
 
 log = logging.getLogger("rnnpipe")
 NAME = "pretrain"

@@ -21,16 +21,16 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from rnnpipe.pipeline.engine.signals import StopFlag
     from rnnpipe.pipeline.train.config import PretrainConfig
-    from rnnpipe.pipeline.train.signals import StopFlag
 
 
 def run_rank(cfg: PretrainConfig, stop: StopFlag | None = None, timeout_min: float | None = None) -> int:
     """This process's part of the run; returns the exit status (0; 75 or 130 after a signal).
     ``timeout_min``: the process group's (``distributed.timeout_min``; its default when None)."""
     from rnnpipe.launch import distributed, preflight
+    from rnnpipe.pipeline.engine.signals import ignore_late_warnings
     from rnnpipe.pipeline.train.loop import train
-    from rnnpipe.pipeline.train.signals import ignore_late_warnings
 
     preflight.check_node(cfg)  # before DeepSpeed and the process group: seconds, not a timeout
     distributed.init(distributed.DEFAULT_TIMEOUT_MIN if timeout_min is None else timeout_min)
@@ -46,7 +46,7 @@ def start_rank() -> StopFlag:
     """What a rank does first: the stop flag, installed before torch and DeepSpeed load so that a
     signal arriving meanwhile is kept (and not taken by submitit's own handler, which would end the
     job as failed); then, under Slurm, the node-local caches, threads and logging."""
-    from rnnpipe.pipeline.train.signals import early
+    from rnnpipe.pipeline.engine.signals import early
 
     stop = early()  # the entry point may have installed it already
     if "SLURM_JOB_ID" in os.environ:
@@ -63,9 +63,9 @@ def slurm_task(cfg: PretrainConfig, export: bool = False, timeout_min: float | N
     run dir's lock over the training and the export (the loop re-enters it); a refused rank 0
     fails the job step, and srun stops the other tasks."""
     from rnnpipe.launch.pretrain_job import export_final
+    from rnnpipe.pipeline.engine.signals import EXIT_PREEMPTED
     from rnnpipe.pipeline.locking import exclusive
     from rnnpipe.pipeline.train.checkpoint import RUN_LOCK
-    from rnnpipe.pipeline.train.signals import EXIT_PREEMPTED
 
     stop = start_rank()
     rank0 = os.environ.get("SLURM_PROCID") == "0"
@@ -82,7 +82,7 @@ def slurm_task(cfg: PretrainConfig, export: bool = False, timeout_min: float | N
 def main(argv: list[str]) -> int:
     """Run the rank of the config file ``argv[0]``; returns its exit status (0; 75 or 130 after a
     signal, with a checkpoint)."""
-    from rnnpipe.pipeline.train.signals import STOP_SIGNALS, early
+    from rnnpipe.pipeline.engine.signals import STOP_SIGNALS, early
 
     stop = early()
     # The launcher starts ranks with these blocked (so that one forwarded before this point waits):

@@ -47,7 +47,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if os.environ.get("RNNPIPE_EARLY_STOP") == "1":  # a training job: keep a signal that comes early
-    from rnnpipe.pipeline.train.signals import early
+    from rnnpipe.pipeline.engine.signals import early
 
     early()
 args = sys.argv[1:]

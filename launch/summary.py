@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rnnpipe.pipeline.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from rnnpipe.pipeline.engine.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 
 @dataclass
@@ -91,7 +91,7 @@ def checkpoint_step(run_dir: str | Path) -> int:
 
 def duration(seconds: float) -> str:
     """``3h05m``, ``4m02s``, ``12.3s``."""
-    from rnnpipe.pipeline.train.metrics import duration as minutes  # (the console's ETA format)
+    from rnnpipe.pipeline.engine.metrics import duration as minutes  # (the console's ETA format)
 
     return f"{seconds:.1f}s" if seconds < 60 else minutes(seconds)
 

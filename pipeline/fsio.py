@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import posixpath
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -148,3 +149,19 @@ def sha256_of(url: str, chunk: int = 1 << 22) -> tuple[str, int]:
             h.update(block)
             n += len(block)
     return h.hexdigest(), n
+
+
+def path_problem(rel: Any) -> str | None:
+    """What is wrong with ``rel`` as a path inside a dataset (None: nothing): it must be a
+    non-empty relative POSIX path, normalised, without ``..`` components or a URL scheme."""
+    if not isinstance(rel, str) or not rel:
+        return "is not a non-empty string"
+    if "\0" in rel or "\\" in rel:
+        return "holds a NUL or a backslash"
+    if rel.startswith("/") or "://" in rel or "::" in rel or rel.startswith("~"):
+        return "is absolute (or a URL)"
+    if ".." in rel.split("/"):
+        return "has a '..' component"
+    if posixpath.normpath(rel) != rel or rel == ".":
+        return f"is not normalised (it would be {posixpath.normpath(rel)!r})"
+    return None

@@ -22,16 +22,10 @@ import torch
 from harness import CLI, REPO, TINY_PRETRAIN, prepare, rnnpipe
 
 from rnnpipe.pipeline.config import to_dict
+from rnnpipe.pipeline.data.reader import ReversedReader, SplitReader, open_split
 from rnnpipe.pipeline.errors import ConfigError
 from rnnpipe.pipeline.train.config import resume_changes, run_fingerprint, run_view
-from rnnpipe.pipeline.train.data import (
-    IGNORE,
-    ReversedReader,
-    ShuffleBatches,
-    SplitReader,
-    StreamBatches,
-    open_split,
-)
+from rnnpipe.pipeline.train.data import IGNORE, ShuffleBatches, StreamBatches
 
 CONFIG = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"
 T = 16  # segment length of the data tests

@@ -17,7 +17,7 @@ from harness import REPO, prepare
 
 from rnnpipe.launch import distributed
 from rnnpipe.launch.summary import read_run, summary
-from rnnpipe.pipeline.train.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from rnnpipe.pipeline.engine.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 TEXT = REPO / "configs" / "prepare" / "tinyshakespeare.yaml"
 
@@ -171,10 +171,10 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 def test_evaluation_logs_its_progress_and_the_results_do_not_change(tiny_dataset, caplog, request):
+    from rnnpipe.pipeline.data.reader import SplitReader
     from rnnpipe.pipeline.models import LanguageModel
     from rnnpipe.pipeline.models.config import MixerKind
     from rnnpipe.pipeline.train.config import ModelConfig
-    from rnnpipe.pipeline.train.data import SplitReader
     from rnnpipe.pipeline.train.evaluate import eval_batch_count, evaluate
 
     reader = SplitReader(str(tiny_dataset), "valid")

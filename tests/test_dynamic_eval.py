@@ -246,8 +246,8 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
     """(an export of a byte-level LM trained briefly, the dataset it was trained on, whose test split
     is one passage twice)."""
     from rnnpipe.pipeline.data.manifest import read_manifest
+    from rnnpipe.pipeline.data.reader import SplitReader
     from rnnpipe.pipeline.models.pretrained import save_pretrained
-    from rnnpipe.pipeline.train.data import SplitReader
 
     root = tmp_path_factory.mktemp("dyn")
     words = str.split("the river stone winter garden of and to in a is that for it as was with be by on")
@@ -303,9 +303,9 @@ def test_an_export_evaluated_on_its_dataset_and_from_the_command_line(exported, 
 
 
 def test_the_loops_helper_reports_beside_the_static_figures(exported, caplog):
+    from rnnpipe.pipeline.data.reader import SplitReader
     from rnnpipe.pipeline.models.pretrained import load_pretrained
     from rnnpipe.pipeline.train.config import PretrainConfig
-    from rnnpipe.pipeline.train.data import SplitReader
 
     export, data = exported
     model = load_pretrained(export)

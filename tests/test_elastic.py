@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
+from rnnpipe.pipeline.engine.state import TrainState, rng_state, set_rng_state
+from rnnpipe.pipeline.engine.statefile import load_state, save_state
 from rnnpipe.pipeline.errors import PipelineError
 from rnnpipe.pipeline.train import elastic
-from rnnpipe.pipeline.train.checkpoint import load_state, save_state
 from rnnpipe.pipeline.train.data import StreamBatches
-from rnnpipe.pipeline.train.state import TrainState, rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ["lrn", "gru", "lstm", "attention"]  # batch-first, [1, B, D], ([1, B, D], [1, B, D]), KV cache

@@ -103,7 +103,7 @@ def test_window_zero_is_the_carried_evaluation_and_a_whole_split_window_equals_i
 
 
 class Recorder:
-    """The :class:`rnnpipe.pipeline.train.metrics.Metrics` calls the final evaluation makes."""
+    """The :class:`rnnpipe.pipeline.engine.metrics.Metrics` calls the final evaluation makes."""
 
     def __init__(self) -> None:
         self.scalar: dict[str, float] = {}
@@ -146,7 +146,7 @@ def exported(tmp_path_factory) -> tuple[Path, Path, LanguageModel]:
 
 
 def test_the_final_evaluation_reports_it_beside_the_carried_figures(exported):
-    from rnnpipe.pipeline.train.data import SplitReader
+    from rnnpipe.pipeline.data.reader import SplitReader
 
     _, data, model = exported
     cfg = PretrainConfig(run_dir="r")
@@ -177,7 +177,7 @@ def test_the_final_evaluation_reports_it_beside_the_carried_figures(exported):
 
 def test_the_command_line_prints_and_writes_it(exported, tmp_path, capsys):
     export, data, model = exported
-    from rnnpipe.pipeline.train.data import SplitReader
+    from rnnpipe.pipeline.data.reader import SplitReader
 
     argv = [export, "--seq-len", "32", "--split", "valid", "--device", "cpu", "eval.dynamic=false"]
     assert rnnpipe("evaluate", *argv, "eval.window=16", "--json", tmp_path / "r.json") == 0

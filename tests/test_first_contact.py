@@ -109,7 +109,7 @@ def test_a_task_seeing_too_few_gpus_is_told_what_to_ask_slurm_for(monkeypatch):
 
 def test_the_rng_state_resumes_under_another_gpu_binding(monkeypatch):
     """Saved on a node where the task saw 8 GPUs (device 3), resumed where it sees one."""
-    from rnnpipe.pipeline.train.state import rng_state, set_rng_state
+    from rnnpipe.pipeline.engine.state import rng_state, set_rng_state
 
     fake = FakeCuda(8)
     fake.install(monkeypatch)

@@ -23,9 +23,9 @@ from rnnpipe.launch import prepare as prepare_stage
 from rnnpipe.pipeline.config import load_config
 from rnnpipe.pipeline.data.manifest import inside, read_manifest
 from rnnpipe.pipeline.data.prepare import LOCK
+from rnnpipe.pipeline.data.reader import SplitReader
 from rnnpipe.pipeline.data.tokenizers import tokenizer_from_manifest
 from rnnpipe.pipeline.errors import ConfigError, PipelineError
-from rnnpipe.pipeline.train.data import SplitReader
 
 TEXT = REPO / "configs" / "prepare" / "tinyshakespeare.yaml"
 WIKI = REPO / "configs" / "prepare" / "wikipedia.yaml"

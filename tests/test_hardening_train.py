@@ -351,8 +351,9 @@ def test_a_non_finite_gradient_norm_skips_the_update_like_a_non_finite_loss(tmp_
 
 
 def test_init_from_starts_a_new_run_from_the_exported_weights(tmp_path, dataset):
+    from rnnpipe.pipeline.data.reader import SplitReader
     from rnnpipe.pipeline.models.pretrained import load_pretrained
-    from rnnpipe.pipeline.train.data import SplitReader, StreamBatches
+    from rnnpipe.pipeline.train.data import StreamBatches
 
     first = tmp_path / "first"
     done = subprocess.run(

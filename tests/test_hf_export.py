@@ -283,7 +283,7 @@ def test_lm_eval_loglikelihood_equals_rnnpipe(datasets, tmp_path):
 def test_lm_eval_rolling_equals_rnnpipes_evaluation(datasets, tmp_path):
     """lm-eval's loglikelihood_rolling of a split's text (prefixed by its first token) is the
     negative of the nats rnnpipe's evaluation sums over that split with the state carried."""
-    from rnnpipe.pipeline.train.data import SplitReader
+    from rnnpipe.pipeline.data.reader import SplitReader
     from rnnpipe.pipeline.train.evaluate import evaluate
 
     dataset = datasets["char"]

@@ -16,11 +16,11 @@ from harness import REPO, data_file
 
 from rnnpipe.launch.pretrain import PretrainJob, stage_config
 from rnnpipe.pipeline.config import load_config, to_dict
+from rnnpipe.pipeline.engine.metrics import PRETRAIN_HPARAMS, PRETRAIN_TAGS, WANDB_ID, Metrics
 from rnnpipe.pipeline.errors import ConfigError
 from rnnpipe.pipeline.finetune.collect import collect, hparams_metrics, markdown, table
 from rnnpipe.pipeline.finetune.config import TaskKind
 from rnnpipe.pipeline.train.config import resume_changes, run_fingerprint, run_view
-from rnnpipe.pipeline.train.metrics import PRETRAIN_HPARAMS, PRETRAIN_TAGS, WANDB_ID, Metrics
 
 PRETRAIN = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"
 

@@ -18,9 +18,10 @@ import torch
 from harness import CLI, REPO, data_file, prepare
 
 from rnnpipe.launch.distributed import detect, first_host
+from rnnpipe.pipeline.data.reader import SplitReader
 from rnnpipe.pipeline.errors import PipelineError
 from rnnpipe.pipeline.train.config import PretrainConfig, deepspeed_config
-from rnnpipe.pipeline.train.data import IGNORE, ShuffleBatches, SplitReader, StreamBatches
+from rnnpipe.pipeline.train.data import IGNORE, ShuffleBatches, StreamBatches
 
 pytest.importorskip("deepspeed")
 CONFIG = REPO / "configs" / "pretrain" / "tiny-lrn.yaml"

@@ -22,8 +22,9 @@ from fsspec.implementations.local import LocalFileSystem
 from harness import REPO, prepare, rnnpipe
 
 from rnnpipe.pipeline.data.manifest import read_manifest
+from rnnpipe.pipeline.data.reader import SplitReader, open_split
 from rnnpipe.pipeline.errors import PipelineError
-from rnnpipe.pipeline.train.data import PrefetchedBatches, SplitReader, StreamBatches, open_split
+from rnnpipe.pipeline.train.data import PrefetchedBatches, StreamBatches
 
 CONFIG = REPO / "configs" / "prepare" / "enwik8-head.yaml"
 # 256-token samples, 16 a shard: 120 kB of text gives 422 training samples in 27 shards, enough for
@@ -192,7 +193,7 @@ def test_a_dataset_without_the_index_reads_and_prepare_adds_it(built, dataset, c
     corpus, original = built
     before = read_manifest(str(dataset))
     _without_index(dataset)
-    with caplog.at_level(logging.INFO, logger="rnnpipe.pipeline.train.data"):
+    with caplog.at_level(logging.INFO, logger="rnnpipe.pipeline.data.reader"):
         reader = SplitReader(str(dataset), "train")
         SplitReader(str(dataset), "valid")
     told = [r.getMessage() for r in caplog.records if "no sample index" in r.getMessage()]
@@ -233,7 +234,7 @@ def test_verify_checks_the_index_and_a_damaged_one_falls_back_to_the_headers(dat
     index.write_bytes(bytes(data))
     assert rnnpipe("verify", dataset, "--quick") == 1
     assert "train/train-index.npy: " in capsys.readouterr().err
-    with caplog.at_level(logging.WARNING, logger="rnnpipe.pipeline.train.data"):
+    with caplog.at_level(logging.WARNING, logger="rnnpipe.pipeline.data.reader"):
         reader = SplitReader(str(dataset), "train")
     assert any("reading the train shards' tar headers instead" in r.getMessage() for r in caplog.records)
     assert reader._places[20, 1] == rows[20, 1] - 512

@@ -11,6 +11,15 @@ from rnnpipe.pipeline.config import check_range, config_key
 from rnnpipe.pipeline.errors import ConfigError
 
 
+class Direction(Enum):
+    forward = "forward"  # the text as written
+    backward = "backward"  # the split's whole token stream reversed: a backward LM (ELMo's second one)
+
+
+# How much the training reader checks each shard against the manifest when it opens it.
+VERIFY_LEVELS = ("sizes", "full")  # sizes: size, sample and token counts; full: also the sha256
+
+
 class SourceKind(Enum):
     enwik8 = "enwik8"  # raw bytes, split 90/5/5 contiguously
     wikipedia = "wikipedia"  # a MediaWiki pages-articles XML dump

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import posixpath
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -172,24 +171,8 @@ def _check_file_entry(entry: Any, spec: dict[str, Any], at: str, root: str, url:
     _inside(root, entry["path"], f"{at}.path", url)
 
 
-def path_problem(rel: Any) -> str | None:
-    """What is wrong with ``rel`` as a path inside a dataset (None: nothing): it must be a
-    non-empty relative POSIX path, normalised, without ``..`` components or a URL scheme."""
-    if not isinstance(rel, str) or not rel:
-        return "is not a non-empty string"
-    if "\0" in rel or "\\" in rel:
-        return "holds a NUL or a backslash"
-    if rel.startswith("/") or "://" in rel or "::" in rel or rel.startswith("~"):
-        return "is absolute (or a URL)"
-    if ".." in rel.split("/"):
-        return "has a '..' component"
-    if posixpath.normpath(rel) != rel or rel == ".":
-        return f"is not normalised (it would be {posixpath.normpath(rel)!r})"
-    return None
-
-
 def _inside(root: str, rel: Any, key: str, where: str) -> str:
-    problem = path_problem(rel)
+    problem = fsio.path_problem(rel)
     url = "" if problem else fsio.join(root, rel)
     if problem is None and fsio.is_local(root):
         # A symlink inside the dataset may still point out of it: resolve both and compare.

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.data.tokenizer_base import RoundTripError as RoundTripError  # (re-exported)
 from rnnpipe.pipeline.data.tokenizer_base import Tokenizer, _utf8_lengths
 from rnnpipe.pipeline.data.word_tokenizer import WORD_VOCAB_FILE as WORD_VOCAB_FILE  # (re-exported)
@@ -209,7 +210,6 @@ def tokenizer_from_manifest(manifest: dict[str, Any], read_file: Callable[[str],
     manifest describes (no absolute path, no ``..``): :class:`PipelineError` otherwise, before
     ``read_file`` sees it."""
     # manifest.py imports this module: its path rule is imported here, when it is needed.
-    from rnnpipe.pipeline.data.manifest import path_problem
 
     t = manifest.get("tokenizer")
     if not isinstance(t, dict) or not isinstance(t.get("kind"), str):
@@ -219,7 +219,7 @@ def tokenizer_from_manifest(manifest: dict[str, Any], read_file: Callable[[str],
     if t["kind"] not in ("char", "sentencepiece", "huggingface", "word"):
         raise PipelineError(f"unknown tokenizer kind {t['kind']!r} in manifest")
     rel = t.get("model_file")
-    problem = path_problem(rel)
+    problem = fsio.path_problem(rel)
     if problem:
         raise PipelineError(
             f"tokenizer.model_file={rel!r} {problem}: it must be a relative path inside the dataset"

@@ -229,8 +229,8 @@ def hparams_metrics(res: dict[str, Any]) -> dict[str, float]:
 
 def _hparams_view(root: str, results: list[dict[str, Any]]) -> None:
     """``DIR/tensorboard-hparams/<job>``: one hparams session per job (see
-    :func:`rnnpipe.pipeline.train.metrics.write_session`), rebuilt from the results every time."""
-    from rnnpipe.pipeline.train.metrics import write_session
+    :func:`rnnpipe.pipeline.engine.metrics.write_session`), rebuilt from the results every time."""
+    from rnnpipe.pipeline.engine.metrics import write_session
 
     base = fsio.join(fsio.absolute(root), "tensorboard-hparams")
     if fsio.exists(base):

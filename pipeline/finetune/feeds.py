@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from rnnpipe.pipeline.engine.state import FinetuneState
 from rnnpipe.pipeline.finetune import tasks
 from rnnpipe.pipeline.finetune.config import JobConfig
 from rnnpipe.pipeline.finetune.kinds import ExampleKind, Head, Kind, TaskData
@@ -27,7 +28,6 @@ from rnnpipe.pipeline.finetune.model import FinetuneModel
 from rnnpipe.pipeline.models.mixers import detach_state
 from rnnpipe.pipeline.train.data import StreamBatches
 from rnnpipe.pipeline.train.evaluate import evaluate as evaluate_stream
-from rnnpipe.pipeline.train.state import FinetuneState
 
 EVAL_BATCH, EVAL_STREAMS = 64, 8
 

@@ -8,7 +8,7 @@ steps, keeps the best weights (better as the kind says), stops after ``patience`
 without improvement, and scores the best weights on dev and test.
 
 Resumable: every evaluation writes ``checkpoint.pt`` (weights, optimiser, schedule, best weights and
-the job's :class:`~rnnpipe.pipeline.train.state.FinetuneState`: counters, data position, LM state, RNG
+the job's :class:`~rnnpipe.pipeline.engine.state.FinetuneState`: counters, data position, LM state, RNG
 states) atomically; a job started again (a requeue, a re-run) continues from it and ends with the
 same result as an uninterrupted run. ``result.json`` is written last and records what the result
 was made from (:mod:`rnnpipe.pipeline.finetune.identity`: the backbone's sha256, the task files' sha256,
@@ -36,7 +36,11 @@ import torch
 
 from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.config import fingerprint, flatten, to_dict
+from rnnpipe.pipeline.engine.metrics import Metrics, Tags
 from rnnpipe.pipeline.engine.schedule import lambda_lr, warmup_linear_decay
+from rnnpipe.pipeline.engine.signals import StopFlag
+from rnnpipe.pipeline.engine.state import FinetuneState
+from rnnpipe.pipeline.engine.statefile import load_state, save_state
 from rnnpipe.pipeline.errors import PipelineError
 from rnnpipe.pipeline.finetune import kinds
 from rnnpipe.pipeline.finetune.backward import check_backward
@@ -49,10 +53,6 @@ from rnnpipe.pipeline.finetune.model import FinetuneModel, parameter_groups
 from rnnpipe.pipeline.models.exported import CONFIG, WEIGHTS
 from rnnpipe.pipeline.models.pretrained import load_pretrained_tokenizer
 from rnnpipe.pipeline.provenance import provenance
-from rnnpipe.pipeline.train.checkpoint import load_state, save_state
-from rnnpipe.pipeline.train.metrics import Metrics, Tags
-from rnnpipe.pipeline.train.signals import StopFlag
-from rnnpipe.pipeline.train.state import FinetuneState
 
 __all__ = ["LOG", "METRICS", "TaskData", "build_model", "run_job", "tensorboard_tags"]
 

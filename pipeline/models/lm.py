@@ -16,6 +16,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from rnnpipe.pipeline.models import attention as attention  # registers the attention mixer
 from rnnpipe.pipeline.models.config import ModelConfig, NormKind
 from rnnpipe.pipeline.models.mixers import Mixer, State
 from rnnpipe.pipeline.models.registry import mixer_class

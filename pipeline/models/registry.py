@@ -25,6 +25,7 @@ on the first name they do not hold; ``ModelConfig.validate`` knows the built-in 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from rnnpipe.pipeline.errors import ConfigError
@@ -64,9 +65,10 @@ def _load_builtins() -> None:
     """Import the built-in mixers' modules (they register themselves), once."""
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
-        # Import statements, not importlib: an export's bundled code holds what transformers finds
-        # imported this way (pipeline/models/hf/bundle.py).
-        from rnnpipe.pipeline.models import attention, mixers  # noqa: F401
+        # By name, so that the registry imports no mixer module (they import it to register). An
+        # export's bundled code has both modules: lm.py imports them (pipeline/models/hf/bundle.py).
+        importlib.import_module("rnnpipe.pipeline.models.mixers")
+        importlib.import_module("rnnpipe.pipeline.models.attention")
 
         _BUILTINS_LOADED = True
 

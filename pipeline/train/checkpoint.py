@@ -23,7 +23,6 @@ and checking checkpoints needs no torch (a preflight stays fast); saving and loa
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -35,11 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.config import describe_diff
+from rnnpipe.pipeline.engine.statefile import load_state, save_state
 from rnnpipe.pipeline.errors import ConfigError, PipelineError
 from rnnpipe.pipeline.train.config import resume_changes, run_view
 
 if TYPE_CHECKING:
-    from rnnpipe.pipeline.train.state import TrainState
+    from rnnpipe.pipeline.engine.state import TrainState
 
 log = logging.getLogger("rnnpipe.train")
 COMPLETE = "COMPLETE"
@@ -52,26 +52,6 @@ class CheckpointError(PipelineError):
 
 def tag_of(step: int) -> str:
     return f"step{step:08d}"
-
-
-def save_state(path: str | Path, state: dict[str, Any]) -> None:
-    """Write a state dict (plain values and tensors) atomically, readable with ``weights_only``."""
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    fsio.write_bytes_atomic(str(path), buf.getvalue())
-
-
-def load_state(path: str | Path, device: Any = "cpu") -> dict[str, Any]:
-    """Read what :func:`save_state` wrote. ``weights_only``: a state file holds numbers, strings,
-    lists, dicts and tensors, never code, so a crafted file cannot run anything."""
-    import torch
-
-    try:
-        return torch.load(io.BytesIO(fsio.read_bytes(str(path))), map_location=device, weights_only=True)
-    except Exception as e:  # the unpickler raises many kinds; all mean the same here
-        raise PipelineError(f"{path}: not a readable rnnpipe state file ({type(e).__name__}: {e})") from e
 
 
 def _dist() -> Any:
@@ -320,7 +300,7 @@ def load(
     state is re-mapped onto this run's
     (:func:`rnnpipe.pipeline.train.elastic.resume_state`; ``layer_kinds`` say where each hidden state's
     batch dimension is) and the log says how."""
-    from rnnpipe.pipeline.train import elastic
+    from rnnpipe.pipeline.train import elastic  # (elastic builds on this module)
 
     dist = _dist()
     header = read_header(path)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -20,6 +18,8 @@ from rnnpipe.pipeline.config import (
     flatten,
     to_dict,
 )
+from rnnpipe.pipeline.data.config import VERIFY_LEVELS, Direction
+from rnnpipe.pipeline.engine.metrics import WandbConfig
 from rnnpipe.pipeline.engine.schedule import SCHEDULES, Schedule
 from rnnpipe.pipeline.errors import ConfigError
 from rnnpipe.pipeline.models.config import ModelConfig
@@ -30,18 +30,10 @@ class DataMode(Enum):
     shuffle = "shuffle"  # independent shuffled windows, state reset per window
 
 
-class Direction(Enum):
-    forward = "forward"  # the text as written
-    backward = "backward"  # the split's whole token stream reversed: a backward LM (ELMo's second one)
-
-
 class Precision(Enum):
     fp32 = "fp32"
     bf16 = "bf16"
 
-
-# How much the training reader checks each shard against the manifest when it opens it.
-VERIFY_LEVELS = ("sizes", "full")  # sizes: size, sample and token counts; full: also the sha256
 
 # numpy's and torch's generators take seeds in [0, 2**32) (numpy refuses negative ones).
 SEED_LIMIT = 2**32
@@ -57,7 +49,7 @@ class DataConfig:
     workers: int = 0  # shuffle mode: DataLoader worker processes per rank
     verify: str = "sizes"  # sizes | full (also each shard's sha256): see VERIFY_LEVELS
     # backward: train, evaluate (and export) on every split's token stream read in reverse
-    # (pipeline.train.data.ReversedReader): the backward LM of an ELMo pair
+    # (pipeline.data.reader.ReversedReader): the backward LM of an ELMo pair
     direction: Direction = Direction.forward
 
     def validate(self) -> None:
@@ -199,42 +191,6 @@ class EvalConfig:
         check_range("dynamic_seq_len", self.dynamic_seq_len, ge=0, note=" (0 = data.seq_len)")
         check_range("window", self.window, ge=0, note=" (0 = no windowed evaluation)")
         check_range("max_tokens", self.max_tokens, ge=0, note=" (0 = the whole splits)")
-
-
-WANDB_MODES = ("online", "offline", "disabled")
-
-
-@dataclass
-class WandbConfig:
-    """Weights & Biases beside TensorBoard (rank 0): the same scalars and text, the config, the
-    final results in the run's summary. Needs ``pip install 'rnnpipe[wandb]'``."""
-
-    project: str = ""  # "" = off
-    entity: str = ""  # "" = W&B's default (your user)
-    name: str = ""  # "" = the run dir's name
-    group: str = ""
-    tags: list[str] = field(default_factory=list)
-    mode: str = "online"  # online | offline (a local run for `wandb sync`) | disabled; $WANDB_MODE wins
-    dir: str = ""  # where W&B writes its files (under wandb/); "" = the run dir
-
-    def effective_mode(self) -> str:
-        """The mode W&B runs in: ``$WANDB_MODE`` when set to one of :data:`WANDB_MODES` (so a
-        cluster without internet can force offline), else ``mode``."""
-        env = os.environ.get("WANDB_MODE", "")
-        return env if env in WANDB_MODES else self.mode
-
-    def active(self) -> bool:
-        """Whether a W&B run is to be started."""
-        return bool(self.project) and self.effective_mode() != "disabled"
-
-    def validate(self) -> None:
-        """Check the mode, and that wandb is installed when a project is set (before any work)."""
-        check_choice("mode", self.mode, WANDB_MODES)
-        if self.active() and importlib.util.find_spec("wandb") is None:
-            raise ConfigError(
-                f"{config_key('project')}={self.project!r} logs to Weights & Biases, but wandb is not "
-                "installed: pip install 'rnnpipe[wandb]' (or leave the project empty)"
-            )
 
 
 @dataclass

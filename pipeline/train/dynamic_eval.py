@@ -37,10 +37,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from rnnpipe.pipeline.data.reader import SplitReader, open_split
 from rnnpipe.pipeline.errors import PipelineError
 from rnnpipe.pipeline.models.mixers import detach_state
 from rnnpipe.pipeline.train.config import DYNAMIC_METHODS, EvalConfig, PretrainConfig
-from rnnpipe.pipeline.train.data import IGNORE, Batch, SplitReader, StreamBatches, eval_batches, open_split
+from rnnpipe.pipeline.train.data import IGNORE, Batch, StreamBatches, eval_batches
 from rnnpipe.pipeline.train.evaluate import (
     PROGRESS_FRACTION,
     PROGRESS_MIN_S,

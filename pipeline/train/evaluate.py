@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from rnnpipe.pipeline.train.data import IGNORE, Batch, SplitReader, eval_batches, stream_bounds
-from rnnpipe.pipeline.train.metrics import duration
+from rnnpipe.pipeline.data.reader import SplitReader
+from rnnpipe.pipeline.engine.metrics import duration
+from rnnpipe.pipeline.train.data import IGNORE, Batch, eval_batches, stream_bounds
 
 log = logging.getLogger("rnnpipe.train")
 PROGRESS_FRACTION = 0.1  # a progress line per this share of the batches ...

@@ -46,7 +46,11 @@ from rnnpipe import __version__
 from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.config import flatten, to_dict
 from rnnpipe.pipeline.data.manifest import dataset_digest
+from rnnpipe.pipeline.data.reader import SplitReader, open_split
+from rnnpipe.pipeline.engine.metrics import Metrics
 from rnnpipe.pipeline.engine.schedule import step_scheduler
+from rnnpipe.pipeline.engine.signals import StopFlag
+from rnnpipe.pipeline.engine.state import TrainState
 from rnnpipe.pipeline.errors import PipelineError
 from rnnpipe.pipeline.locking import exclusive
 from rnnpipe.pipeline.models import embeddings
@@ -63,19 +67,9 @@ from rnnpipe.pipeline.train.config import (
     deepspeed_config,
     run_fingerprint,
 )
-from rnnpipe.pipeline.train.data import (
-    IGNORE,
-    PrefetchedBatches,
-    ShuffleBatches,
-    SplitReader,
-    StreamBatches,
-    open_split,
-)
+from rnnpipe.pipeline.train.data import IGNORE, PrefetchedBatches, ShuffleBatches, StreamBatches
 from rnnpipe.pipeline.train.evaluate import evaluate
-from rnnpipe.pipeline.train.metrics import Metrics
 from rnnpipe.pipeline.train.report import final_evaluation, report
-from rnnpipe.pipeline.train.signals import StopFlag
-from rnnpipe.pipeline.train.state import TrainState
 
 log = logging.getLogger("rnnpipe.train")
 
@@ -239,7 +233,7 @@ class Trainer:
         initialised from the seeded generator; resume and conversion are collectives)."""
         cfg, ctx, t = self.cfg, self.ctx, self.t
         # Model: identical on every rank (same seed), then each rank its own random stream (dropout).
-        # (data.direction=backward: every split read in reverse, pipeline.train.data.ReversedReader)
+        # (data.direction=backward: every split read in reverse, pipeline.data.reader.ReversedReader)
         self.train_reader = open_split(cfg.data.path, "train", cfg.data.verify, cfg.data.direction)
         self.valid_reader = open_split(cfg.data.path, "valid", cfg.data.verify, cfg.data.direction)
         self.vocab = vocab = int(self.train_reader.manifest["tokenizer"]["vocab_size"])

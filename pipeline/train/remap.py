@@ -257,9 +257,9 @@ def _ranks(a: int, b: int) -> str:
 
 
 def _fresh_rng(step: int, rank: int) -> dict[str, Any]:
-    """An RNG state in :func:`rnnpipe.pipeline.train.state.rng_state`'s format, without touching this
+    """An RNG state in :func:`rnnpipe.pipeline.engine.state.rng_state`'s format, without touching this
     process's generators. No ``cuda`` entry: the loop seeds the device generators per rank itself,
-    and :func:`~rnnpipe.pipeline.train.state.set_rng_state` leaves them as they are when it is absent."""
+    and :func:`~rnnpipe.pipeline.engine.state.set_rng_state` leaves them as they are when it is absent."""
     import torch
 
     seed = int(np.random.SeedSequence([step, rank, 0x5EED]).generate_state(1)[0])
@@ -286,7 +286,7 @@ def resume_state(
     checkpoint's data.batch_size (its header's config). Returns (the state dict, the message for
     the log). Each rank reads all the files: they are small (counters, RNG and each layer's state
     for its batch rows)."""
-    from rnnpipe.pipeline.train.checkpoint import load_state
+    from rnnpipe.pipeline.engine.statefile import load_state
 
     old = []
     for r in range(saved_world):

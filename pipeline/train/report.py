@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from rnnpipe.pipeline.data.manifest import load_tokenizer
+from rnnpipe.pipeline.data.reader import SplitReader, open_split
+from rnnpipe.pipeline.engine.metrics import Metrics
 from rnnpipe.pipeline.train.config import Direction, PretrainConfig
-from rnnpipe.pipeline.train.data import SplitReader, open_split
 from rnnpipe.pipeline.train.dynamic_eval import dynamic_results
 from rnnpipe.pipeline.train.evaluate import evaluate
-from rnnpipe.pipeline.train.metrics import Metrics
 
 log = logging.getLogger("rnnpipe.train")
 

@@ -14,6 +14,12 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from rnnpipe.pipeline.config import config_from_dict
+
+# The built-in mixers, registered before a config is checked (its mixer and cell name registered
+# classes). Imported by name here so that an export's bundled code, which transformers copies by
+# following import statements from this file, holds their modules (pipeline/models/hf/bundle.py).
+from rnnpipe.pipeline.models import attention as attention
+from rnnpipe.pipeline.models import mixers as mixers
 from rnnpipe.pipeline.models.config import ModelConfig, ModelKind
 
 MODEL_TYPE = "rnnpipe"

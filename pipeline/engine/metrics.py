@@ -18,9 +18,11 @@ every fine-tune job) shows each one's metrics in columns of their own.
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -29,13 +31,49 @@ from pathlib import Path
 from typing import Any
 
 from rnnpipe.pipeline import fsio
-from rnnpipe.pipeline.config import flatten
-from rnnpipe.pipeline.train.config import WandbConfig
+from rnnpipe.pipeline.config import check_choice, config_key, flatten
+from rnnpipe.pipeline.errors import ConfigError
 
 log = logging.getLogger("rnnpipe.train")
 
 HPARAMS_DIR = "hparams"  # <run_dir>/tensorboard/hparams: the run's session in the hparams view
 WANDB_ID = "wandb-id"  # <run_dir>/wandb-id: the W&B run a resumed run continues
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases beside TensorBoard (rank 0): the same scalars and text, the config, the
+    final results in the run's summary. Needs ``pip install 'rnnpipe[wandb]'``."""
+
+    project: str = ""  # "" = off
+    entity: str = ""  # "" = W&B's default (your user)
+    name: str = ""  # "" = the run dir's name
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
+    mode: str = "online"  # online | offline (a local run for `wandb sync`) | disabled; $WANDB_MODE wins
+    dir: str = ""  # where W&B writes its files (under wandb/); "" = the run dir
+
+    def effective_mode(self) -> str:
+        """The mode W&B runs in: ``$WANDB_MODE`` when set to one of :data:`WANDB_MODES` (so a
+        cluster without internet can force offline), else ``mode``."""
+        env = os.environ.get("WANDB_MODE", "")
+        return env if env in WANDB_MODES else self.mode
+
+    def active(self) -> bool:
+        """Whether a W&B run is to be started."""
+        return bool(self.project) and self.effective_mode() != "disabled"
+
+    def validate(self) -> None:
+        """Check the mode, and that wandb is installed when a project is set (before any work)."""
+        check_choice("mode", self.mode, WANDB_MODES)
+        if self.active() and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                f"{config_key('project')}={self.project!r} logs to Weights & Biases, but wandb is not "
+                "installed: pip install 'rnnpipe[wandb]' (or leave the project empty)"
+            )
 
 
 @dataclass(frozen=True)
@@ -198,7 +236,7 @@ class Metrics:
         if tag not in declared:
             raise ValueError(
                 f"{what} tag {tag!r} is not declared: add it to the run's Tags "
-                "(pipeline/train/metrics.py or pipeline/finetune/job.py) and to the docs' list"
+                "(pipeline/engine/metrics.py or pipeline/finetune/job.py) and to the docs' list"
             )
 
     def _to_wandb(self, step: int, data: dict[str, Any]) -> None:
