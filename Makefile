@@ -59,7 +59,7 @@ lock:
 FINETUNE_DATA := $(and $(wildcard $(DATA)/sst2),$(wildcard $(DATA)/conll2003),$(wildcard $(DATA)/ptb))
 DEMO_PROMPT ?= The history of
 DEMO_FIGURE ?= $(DEMO_OUT)/loss-curves.png
-# More overrides of the pipeline (stage.key=value): tests/test_demo.py runs a smaller demo with them.
+# More overrides of the pipeline (stage.key=value): tests/package/test_demo.py runs a smaller demo with them.
 DEMO_ARGS ?=
 
 demo: $(VENV)/.installed-demo

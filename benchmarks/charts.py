@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from rnnpipe.launch.plot import check_png, new_figure, save_png  # noqa: E402
+from rnnpipe.launch.commands.plot import check_png, new_figure, save_png  # noqa: E402
 
 
 def _finish(fig, ax, title: str | None, note: str | None, grid: str = "both") -> None:

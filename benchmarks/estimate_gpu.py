@@ -28,8 +28,8 @@ from pathlib import Path
 
 from kernel_speed import replace_section
 
-from rnnpipe.launch.pretrain_job import PretrainJob
-from rnnpipe.launch.shipped import find_shipped
+from rnnpipe.launch.processes.shipped import find_shipped
+from rnnpipe.launch.stages.pretrain_job import PretrainJob
 from rnnpipe.pipeline.config import load_config
 from rnnpipe.pipeline.models.flops import flops_per_token, model_params, training_flops_per_token
 from rnnpipe.pipeline.train.memory import block_activation_values

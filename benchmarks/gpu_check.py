@@ -12,7 +12,7 @@ start, the peers' imports and the report). The nominal seconds are estimates unt
 replaces them (each DeepSpeed run: about 15-20 s to start, its steps, a checkpoint of 0.8 GB):
 
 - ``start`` (15 s): a rank started as a Slurm task's second (LOCAL_RANK=1, SLURM_LOCALID=1, one
-  GPU in CUDA_VISIBLE_DEVICES) runs ``rnnpipe.launch.distributed.init`` with an explicit timeout:
+  GPU in CUDA_VISIBLE_DEVICES) runs ``rnnpipe.launch.processes.distributed.init`` with an explicit timeout:
   the device it chose, the process group's backend and timeout, an all-reduce; the compute-node
   preflight's ``check_gpus``, ``check_triton_launcher`` and ``check_nccl`` with their findings;
 - ``kernels`` (45 s): the Triton kernels, compiled, against the PyTorch reference

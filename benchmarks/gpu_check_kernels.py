@@ -30,7 +30,7 @@ GPU_SHAPES = [(64, 512, 1024), (8, 2048, 2048), (16, 4096, 1024), (64, 256, 4096
 ACCURACY_SHAPES = [(64, 512, 1024), (8, 2048, 2048), (64, 256, 4096)]
 REFERENCE_REPEATS = 3  # the reference scan's speed row (for scale): a few of its slow loops
 # Dry run (Triton's interpreter takes about 10 ms per step of a program): T not a multiple of any
-# block; D over one 128-wide block. tests/test_kernels_triton.py covers more shapes.
+# block; D over one 128-wide block. tests/unit/kernels/test_kernels_triton.py covers more shapes.
 DRY_SHAPES = [(2, 11, 20), (1, 5, 130)]
 DRY_SPEED_SHAPES = [(1, 8, 16)]
 # Max |triton − reference| / max |reference| per tensor, against the reference at the same dtype

@@ -230,7 +230,8 @@ def loop_row(run_dir: Path, every: int, profile: Path, skip: tuple[int, int]) ->
 
 def resume_section(ctx: dict[str, Any], out: dict[str, Any]) -> None:
     """(g): N steps uninterrupted against N/2 steps, killed after its checkpoint, then resumed to
-    N: the losses of steps N/2 + 1 .. N bit for bit (tests/test_pretrain.py's CPU test, on CUDA)."""
+    N: the losses of steps N/2 + 1 .. N bit for bit (tests/integration/train/test_pretrain.py's CPU
+    test, on CUDA)."""
     dry, work = ctx["dry_run"], Path(ctx["work"]).resolve()
     n = RESUME_STEPS_DRY if dry else RESUME_STEPS
     half = n // 2

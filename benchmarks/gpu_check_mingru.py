@@ -1,5 +1,5 @@
 """Section (c) of benchmarks/gpu_check.py: minGRU and minLSTM in bf16 keep forgetting over a long
-carried stream, through Triton's scan (tests/test_models.py's CPU test, on the GPU).
+carried stream, through Triton's scan (tests/unit/models/test_models.py's CPU test, on the GPU).
 
 A decay of 1 − σ(−7) = 0.99909 is exactly 1.0 in bf16: a layer that computed its gates in bf16
 stopped forgetting and its state grew with the stream (mean |h| 3x fp32's after 10k tokens). The
@@ -17,7 +17,7 @@ from torch import Tensor
 from rnnpipe import kernels
 
 # (batch, d_model, chunk, chunks): 10,240 carried tokens on a GPU (the test's stream,
-# tests/test_models.py::test_a_bf16_min_rnn_keeps_forgetting_over_a_long_carried_stream); a few
+# tests/unit/models/test_models.py::test_a_bf16_min_rnn_keeps_forgetting_over_a_long_carried_stream); a few
 # steps in the dry run (Triton's interpreter runs each time step in Python).
 MIN_RNN_STREAM, MIN_RNN_STREAM_DRY = (4, 256, 512, 20), (1, 8, 8, 2)
 

@@ -196,7 +196,7 @@ def main(argv: list[str]) -> int:
     from rnnpipe.launch.cli import main as rnnpipe
     from rnnpipe.pipeline.train import loop
 
-    # The CLI's rank imports the loop's train() when it runs (launch/rank.py): this one instead.
+    # The CLI's rank imports the loop's train() when it runs (launch/stages/rank.py): this one instead.
     loop.train = profiled_train(out, warmup_step, active, loop.train)
     return rnnpipe(argv[4:])
 

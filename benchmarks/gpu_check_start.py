@@ -4,11 +4,11 @@ gives each task one GPU, and the compute-node preflight's findings.
 The rank runs in a subprocess (``python benchmarks/gpu_check_start.py --probe OUT.json``) whose
 environment is a Slurm task's: ``SLURM_LOCALID=1`` and ``LOCAL_RANK=1`` (the node's second task of
 two), ``CUDA_VISIBLE_DEVICES`` naming one GPU (``--gpus-per-task=1``), alone in its step (world 1)
-so that its process group forms without peers. It calls ``rnnpipe.launch.distributed.init`` with an
+so that its process group forms without peers. It calls ``rnnpipe.launch.processes.distributed.init`` with an
 explicit ``timeout_min`` (one no default has) and reports the device it chose
 (``cuda_device(local_rank, visible)``), the process group's backend and timeout (as
 ``init_process_group`` received it and as the group holds it), an all-reduce through the group, and
-``rnnpipe.launch.preflight``'s ``check_gpus``, ``check_triton_launcher`` and ``check_nccl`` on that
+``rnnpipe.launch.processes.preflight``'s ``check_gpus``, ``check_triton_launcher`` and ``check_nccl`` on that
 environment. The probe writes what it found even when a part fails.
 """
 
@@ -30,9 +30,9 @@ RANK_VARS += ("MASTER_PORT", "TORCHELASTIC_RUN_ID", "RNNPIPE_LAUNCHER_PID")
 
 
 def slurm_port_job() -> str:
-    """A SLURM_JOB_ID whose rendezvous port (launch/distributed.py: PORT_BASE + id % PORT_SPAN) is
+    """A SLURM_JOB_ID whose rendezvous port (launch/processes/distributed.py: PORT_BASE + id % PORT_SPAN) is
     free on this machine now."""
-    from rnnpipe.launch.distributed import PORT_BASE, PORT_SPAN
+    from rnnpipe.launch.processes.distributed import PORT_BASE, PORT_SPAN
 
     for _ in range(50):
         port = random.randrange(PORT_BASE, PORT_BASE + PORT_SPAN)
@@ -99,7 +99,7 @@ def _preflight(found: dict[str, Any]) -> None:
     """The preflight's parts on this environment, each with its findings and seconds."""
     import torch
 
-    from rnnpipe.launch import preflight
+    from rnnpipe.launch.processes import preflight
 
     env = dict(os.environ)
     cuda = torch.cuda.is_available()
@@ -123,7 +123,7 @@ def probe(out: Path) -> None:
     import torch
     import torch.distributed as dist
 
-    from rnnpipe.launch import distributed
+    from rnnpipe.launch.processes import distributed
     from rnnpipe.pipeline.errors import PipelineError
 
     found: dict[str, Any] = {"env": {k: os.environ.get(k) for k in ("LOCAL_RANK", "SLURM_LOCALID")}}
@@ -196,7 +196,8 @@ def start_section(ctx: dict[str, Any], out: dict[str, Any]) -> None:
     out["notes"] = [
         "a subprocess with a Slurm task's environment: LOCAL_RANK=1, SLURM_LOCALID=1 (the second "
         f"of 2 tasks per node), CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} (one GPU per task), "
-        f"alone in its step (world 1); rnnpipe.launch.distributed.init(timeout_min={TIMEOUT_MIN}) then "
+        f"alone in its step (world 1); rnnpipe.launch.processes.distributed.init(timeout_min={TIMEOUT_MIN}) "
+        "then "
         "the preflight's check_gpus, check_triton_launcher (a C extension built as Triton builds its "
         "launcher) and check_nccl on that environment",
     ]

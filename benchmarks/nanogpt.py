@@ -184,7 +184,7 @@ def run_recipe(work: Path, text: Path) -> dict:
 def read_recipe(run: Path, data: Path, t0: float) -> dict:
     """The recipe run's final valid figures, model and startup (seconds from ``t0``, the pretrain
     process's start, to its first training step) from its run dir."""
-    from rnnpipe.launch.pretrain import PretrainJob
+    from rnnpipe.launch.stages.pretrain import PretrainJob
     from rnnpipe.pipeline.config import load_config
     from rnnpipe.pipeline.models.flops import model_params
 

@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RNNPIPE_PROGRESS", "0")
 
-from rnnpipe.launch.executors import make_executor  # noqa: E402
-from rnnpipe.launch.prepare import PrepareJob, stage_config  # noqa: E402
+from rnnpipe.launch.processes.executors import make_executor  # noqa: E402
+from rnnpipe.launch.stages.prepare import PrepareJob, stage_config  # noqa: E402
 from rnnpipe.pipeline.config import load_config  # noqa: E402
 from rnnpipe.pipeline.data.prepare import prepare  # noqa: E402
 

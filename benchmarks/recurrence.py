@@ -258,7 +258,7 @@ def plot_convergence(
     """Train bits per byte against tokens seen, one panel per setting, one line per variant."""
     from charts import _finish
 
-    from rnnpipe.launch.plot import check_png, new_figure, save_png
+    from rnnpipe.launch.commands.plot import check_png, new_figure, save_png
 
     check_png(out)
     fig = new_figure()

@@ -51,7 +51,7 @@ def _load_job(schema: type, args: argparse.Namespace):
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from rnnpipe.launch import prepare
+    from rnnpipe.launch.stages import prepare
 
     job = _load_job(prepare.PrepareJob, args)
     if job is None:
@@ -80,7 +80,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from rnnpipe.launch import pretrain
+    from rnnpipe.launch.stages import pretrain
 
     job = _load_job(pretrain.PretrainJob, args)
     if job is None:
@@ -102,25 +102,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from rnnpipe.launch import sample
+    from rnnpipe.launch.commands import sample
 
     return sample.run(args)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from rnnpipe.launch import evaluate
+    from rnnpipe.launch.commands import evaluate
 
     return evaluate.run(args)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from rnnpipe.launch import plot
+    from rnnpipe.launch.commands import plot
 
     return plot.run(args)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from rnnpipe.launch import finetune
+    from rnnpipe.launch.stages import finetune
 
     job = _load_job(finetune.FinetuneJob, args)
     if job is None:
@@ -128,7 +128,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.only is not None:
         finetune.run_only(job, args.only)
         return 0
-    from rnnpipe.launch.stage import Decision
+    from rnnpipe.launch.stages.stage import Decision
 
     exported = fsio.exists(fsio.join(fsio.absolute(job.pretrained), "config.json"))
     finetune.check(job, None if exported else {"pretrain": Decision(True, "a run dir: exported first")})
@@ -141,8 +141,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     target = args.dir
     if target.endswith((".yaml", ".yml", ".json")) and fsio.exists(target):  # a sweep: its grid's table
-        from rnnpipe.launch import collect as collect_stage
-        from rnnpipe.launch.finetune import FinetuneJob
+        from rnnpipe.launch.stages import collect as collect_stage
+        from rnnpipe.launch.stages.finetune import FinetuneJob
 
         collect_stage.run(collect_stage.CollectJob(load_config(FinetuneJob, target)))
         return 0
@@ -153,7 +153,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rnnpipe.launch import workflow
+    from rnnpipe.launch.chain import workflow
 
     p = workflow.load(args.config, list(args.overrides), args.executor)
     if args.print_config:
@@ -171,14 +171,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from rnnpipe.launch import sbatch, workflow
+    from rnnpipe.launch.chain import sbatch, workflow
 
     print(sbatch.shell_plan(workflow.load(args.config, list(args.overrides), "slurm")), end="")
     return 0
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
-    from rnnpipe.launch import shipped
+    from rnnpipe.launch.processes import shipped
 
     if args.slurm_dir:
         print(shipped.shipped_dir("slurm"))
@@ -205,7 +205,8 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from rnnpipe.launch import record, status
+    from rnnpipe.launch.chain import status
+    from rnnpipe.launch.processes import record
 
     run_dir = fsio.absolute(args.run_dir)
     if args.record:
@@ -220,7 +221,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         record.record(run_dir, stage, entry)
         return 0
     if args.wait:
-        from rnnpipe.launch.workflow import wait_for
+        from rnnpipe.launch.chain.workflow import wait_for
 
         return wait_for(run_dir, args.poll)
     return status.show(run_dir)
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     sm.set_defaults(func=cmd_sample)
 
-    from rnnpipe.launch.evaluate import add_arguments as add_evaluate_arguments
+    from rnnpipe.launch.commands.evaluate import add_arguments as add_evaluate_arguments
 
     ev = sub.add_parser("evaluate", help="an export's static and dynamic evaluation on a dataset split")
     add_evaluate_arguments(ev)
@@ -422,12 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.verbose:  # fsspec logs every file it opens at DEBUG: one line per shard read
         logging.getLogger("fsspec").setLevel(logging.INFO)
-    from rnnpipe.launch.distributed import quiet_deepspeed
+    from rnnpipe.launch.processes.distributed import quiet_deepspeed
 
     quiet_deepspeed()  # before DeepSpeed loads (export, fine-tune): its warnings go below our level
     try:
         if args.command in ("prepare", "pretrain", "finetune", "run", "plan"):
-            from rnnpipe.launch.shipped import resolve_config
+            from rnnpipe.launch.processes.shipped import resolve_config
 
             args.config = resolve_config(args.config, "run" if args.command == "plan" else args.command)
         return args.func(args)

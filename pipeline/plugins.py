@@ -11,7 +11,7 @@ task kind's class is a kind a sweep's task can name (docs/finetune.md).
 When: on the first name a registry does not know (a mixer's kind, a task kind's name), in
 whatever process meets it, from the environment it inherited. So every process of a run finds
 them without being told: the ``rnnpipe`` command as it checks a config, every rank of a pretrain
-run (a local launch's ``python -m rnnpipe.launch.rank``, each task of a Slurm job: sbatch passes
+run (a local launch's ``python -m rnnpipe.launch.stages.rank``, each task of a Slurm job: sbatch passes
 the submitter's environment on), a sweep's workers, ``rnnpipe export``, and a Python session's
 ``load_pretrained`` or ``transformers``' ``from_pretrained`` after ``import rnnpipe``. A run of
 built-in names only never imports them.

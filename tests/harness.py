@@ -120,6 +120,17 @@ def prepare_enwik8_head(out: Path, limit_bytes: int = 0) -> Path:
     return out
 
 
+def test_module(relative: str):
+    """A test module of another folder, imported as pytest imports it (by its name, with its folder
+    on ``sys.path``), for the helpers it defines: ``test_module("integration/finetune/test_finetune")``."""
+    import importlib
+
+    path = REPO / "tests" / f"{relative}.py"
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    return importlib.import_module(path.stem)
+
+
 def benchmark(name: str):
     """The module ``benchmarks/NAME.py`` as its script sees its siblings: benchmarks are scripts
     (``python benchmarks/NAME.py``), which import each other by their plain names."""

@@ -2,7 +2,7 @@
 
     python helpers_pretrain.py CONFIG LOGITS_OUT [key=value ...]    (RANK/WORLD_SIZE/... set)
 
-Run by tests/test_pretrain.py to compare an export's logits with the training model's.
+Run by tests/integration/train/test_pretrain.py to compare an export's logits with the training model's.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from rnnpipe.launch import distributed
-from rnnpipe.launch.pretrain import PretrainJob, stage_config
+from rnnpipe.launch.processes import distributed
+from rnnpipe.launch.stages.pretrain import PretrainJob, stage_config
 from rnnpipe.pipeline.config import load_config
 from rnnpipe.pipeline.train.loop import train
 

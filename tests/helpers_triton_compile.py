@@ -1,6 +1,6 @@
 """Compile every Triton kernel variant the launchers use, for real GPU targets, without a GPU.
 
-Run by tests/test_kernels_triton.py in a process without TRITON_INTERPRET (the interpreter runs
+Run by tests/unit/kernels/test_kernels_triton.py in a process without TRITON_INTERPRET (the interpreter runs
 kernels but never compiles them, so it cannot catch what only the compiler rejects). Triton ships
 its own LLVM and ptxas: TTIR → TTGIR → LLVM IR → PTX → cubin works on a CPU-only machine.
 Prints one line per compiled variant and exits non-zero on the first failure.

@@ -1,9 +1,9 @@
 """One rank of a 2-process DeepSpeed ZeRO-3 run (gloo, CPU): python helpers_zero3.py MIXER OUT.
 
 Trains a small LM for a few SGD steps on half of a fixed batch per rank; rank 0 writes the
-gathered final parameters to OUT. Run by tests/test_zero3.py. SGD, not Adam: Adam's first steps
-are lr·g/(|g| + eps), which turns float32 roundoff in near-zero gradients (a different summation
-order across ranks) into visible parameter differences; SGD keeps them at roundoff.
+gathered final parameters to OUT. Run by tests/integration/train/test_zero3.py. SGD, not Adam:
+Adam's first steps are lr·g/(|g| + eps), which turns float32 roundoff in near-zero gradients (a
+different summation order across ranks) into visible parameter differences; SGD keeps them at roundoff.
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ def main(mixer: str, out: str) -> None:
     with deepspeed.zero.GatheredParameters(params):
         if rank == 0:
             torch.save({n: p.detach().clone() for n, p in engine.module.named_parameters()}, out)
-    from rnnpipe.launch.distributed import shutdown
+    from rnnpipe.launch.processes.distributed import shutdown
 
     shutdown()
 
 
 if __name__ == "__main__":
-    from rnnpipe.launch.distributed import exit_now
+    from rnnpipe.launch.processes.distributed import exit_now
 
     main(sys.argv[1], sys.argv[2])
     exit_now(0)

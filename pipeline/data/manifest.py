@@ -356,7 +356,10 @@ def load_tokenizer(root: str) -> Tokenizer:
 
 
 def iter_split(root: str, split: str) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
-    """A split's samples in stream order: ``(tokens, meta)``; concatenated, they are the split."""
+    """A split's samples as the manifest lists them, ``(tokens, meta)``: concatenated, they are the
+    forward token stream a run reads (``data.direction=backward`` reads it reversed:
+    :class:`rnnpipe.pipeline.data.reader.ReversedReader`). Each shard is checked as it is parsed,
+    not against the manifest's sizes and hashes (``rnnpipe verify`` does that)."""
     root = fsio.absolute(root)
     manifest = read_manifest(root)
     if split not in manifest["splits"]:

@@ -461,8 +461,10 @@ def resume_changes(
     :func:`run_identity` plus config and a new one, as ``{dotted key: (old, new)}``. Everything not
     in :data:`RESUME_SAFE` that differs forbids it: the model and its shapes, the optimizer state's
     hyper-parameters (the checkpoint's would silently win), the precision and ZeRO stage, the seed
-    (the RNG state comes from the checkpoint), the data stream, the dataset and the world size.
-    Both sides are :func:`run_view` s."""
+    (the RNG state comes from the checkpoint), the data stream and the dataset. A resume may change
+    the schedule (:data:`RESUME_SCHEDULE`: the rate is a function of the step and the config) and,
+    elastically, the world size and the micro-batch (:data:`RESUME_ELASTIC`: the streams are
+    remapped). Both sides are :func:`run_view` s."""
     safe = set(RESUME_SAFE)
     if new.get("data.mode") != DataMode.shuffle.value:
         safe |= set(SHUFFLE_ONLY)

@@ -1,7 +1,7 @@
 """The pretrain loop, top to bottom: model, DeepSpeed engine, data, resume, then steps.
 
 ``train(cfg)`` runs in every rank's process after the process group is set up (see
-:mod:`rnnpipe.launch.distributed`); it knows nothing of Slurm. Its result says ``"done"`` or
+:mod:`rnnpipe.launch.processes.distributed`); it knows nothing of Slurm. Its result says ``"done"`` or
 ``"preempted"`` (a signal arrived: checkpointed, run again to continue) and holds the model.
 Inside, a :class:`Trainer` sets up (model, engine, data, resume), then takes steps
 (:meth:`Trainer.step`), each followed by :meth:`Trainer.after_step` (log, evaluate, checkpoint,

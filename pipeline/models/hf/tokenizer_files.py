@@ -14,7 +14,7 @@ tokenizer, giving the same ids as rnnpipe's own ``encode``:
   rewritten only where it must be: its eos token marked special when it is not, and a
   post-processor that adds tokens (a BOS) dropped, since rnnpipe encodes without them.
 
-Checked against rnnpipe's tokenizers in tests/test_hf_export.py.
+Checked against rnnpipe's tokenizers in tests/integration/models/test_hf_export.py.
 """
 
 from __future__ import annotations
