@@ -9,6 +9,7 @@ reader or writer leave the dataset. ``verify`` re-hashes every shard and re-read
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -84,11 +85,24 @@ def dataset_fingerprint_keys(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The manifests this process has read and validated, by path: (its size and mtime, the manifest).
+# A command asks for one dataset's manifest many times (each stage's check and plan, the preflight,
+# the reader); it is read again only when the file changed (prepare rewrote it).
+_READ: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+
 def read_manifest(root: str) -> dict[str, Any]:
     """The manifest of the dataset at ``root``, validated (:func:`validate_manifest`); a
     :class:`PipelineError` naming the manifest and the key when it is missing, unreadable, too
-    new, lacks a key or holds a path that leaves the dataset root."""
+    new, lacks a key or holds a path that leaves the dataset root. A local manifest is read and
+    validated once per process while it is unchanged (a copy each call)."""
     url = fsio.join(fsio.absolute(root), MANIFEST)
+    try:
+        st = os.stat(url) if fsio.is_local(url) else None
+    except OSError:
+        st = None
+    if st is not None and url in _READ and _READ[url][0] == (st.st_size, st.st_mtime_ns):
+        return copy.deepcopy(_READ[url][1])
     if not fsio.exists(url):
         raise PipelineError(
             f"{url} does not exist: {root} is not a finished rnnpipe dataset "
@@ -99,6 +113,8 @@ def read_manifest(root: str) -> dict[str, Any]:
     except ValueError as e:
         raise PipelineError(f"{url} is not valid JSON: {e}") from e
     validate_manifest(manifest, fsio.absolute(root))
+    if st is not None:
+        _READ[url] = ((st.st_size, st.st_mtime_ns), copy.deepcopy(manifest))
     return manifest
 
 
