@@ -82,11 +82,12 @@ test: install
 	@if [ "$(SLURM_TESTS)" = 1 ] && [ "$$(id -u)" = 0 ]; then \
 		slurm/local-cluster.sh start 2 || echo "make test: no local Slurm cluster; the Slurm tests will skip"; \
 	fi
-	RNNPIPE_DATA=$(DATA) $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
+	RNNPIPE_DATA=$(DATA) $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
-# Every tier on TEST_WORKERS pytest-xdist workers: much of the suite's time is processes starting,
-# Slurm scheduling and sleeps, which a second worker overlaps (on 2 cores, about 1.5x faster). The
-# Slurm tests share one worker (one local cluster), as do the package tests (tests/conftest.py).
+# Every tier on TEST_WORKERS pytest-xdist workers, a test file to a worker: much of the suite's time
+# is processes starting, Slurm scheduling and sleeps, which a second worker overlaps. The Slurm
+# tests (one file) thus run one after another on the one local cluster. (Not --dist loadgroup:
+# pytest 9 ignores the group xdist 3.8 writes into a test's id.)
 TEST_WORKERS ?= 2
 
 # The unit tier, for the inner loop (a few minutes): tests/unit without what is marked slow

@@ -4,8 +4,8 @@ absent; the helpers they share are in harness.py.
 The tiers are the folders (docs/contributing.md, "Tests"): a test under ``integration/`` is
 marked ``multiprocess``, under ``cluster/`` ``slurm``, under ``package/`` ``wheel``; ``unit/``
 holds the rest. ``make test-fast`` runs the unit tier without the ``slow`` tests; ``make test``
-runs everything, on every core (pytest-xdist): the Slurm tests share one worker (one local
-cluster of two nodes), as do the package tests (they build in the repository).
+runs everything on two pytest-xdist workers, a file to a worker (``--dist loadfile``): the Slurm
+tests, one file, run one after another on the one local cluster of two nodes.
 """
 
 from __future__ import annotations
@@ -27,20 +27,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 TESTS = Path(__file__).resolve().parent
 TIER_MARKS = {"integration": ("multiprocess",), "cluster": ("slurm", "multiprocess"), "package": ("wheel",)}
-# What tests in these tiers share, so that pytest-xdist keeps each on one worker.
-SHARED = {"cluster": "local-slurm", "package": "repository-build"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test with its folder's tier (and xdist group, where xdist runs)."""
-    xdist = config.pluginmanager.hasplugin("xdist")
+    """Mark every test with its folder's tier."""
     for item in items:
         parts = Path(item.path).resolve().relative_to(TESTS).parts
         tier = parts[0] if len(parts) > 1 else ""
         for name in TIER_MARKS.get(tier, ()):
             item.add_marker(getattr(pytest.mark, name))
-        if xdist and tier in SHARED:
-            item.add_marker(pytest.mark.xdist_group(SHARED[tier]))
 
 
 @pytest.fixture(autouse=True)
