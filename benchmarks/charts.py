@@ -1,6 +1,6 @@
 """The benchmarks' charts: small tables drawn as PNGs of a fixed pixel size.
 
-Built on ``launch.plot``'s figure helpers (an Agg canvas, FIGSIZE × DPI = 800 × 450 pixels, the
+Built on ``launch.commands.plot``'s figure helpers (an Agg canvas, FIGSIZE × DPI = 800 × 450 pixels, the
 file written atomically), so ``rnnpipe plot`` and the benchmark figures look alike. matplotlib is
 the optional ``rnnpipe[plot]`` extra.
 """

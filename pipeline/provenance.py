@@ -29,7 +29,7 @@ from rnnpipe import __version__
 
 # The folders of a checkout that hold the code a run's results depend on (the rnnpipe package).
 PACKAGES = ("rnnpipe", "launch", "pipeline", "kernels")
-# Written into a code snapshot (launch.snapshot) beside the packages.
+# Written into a code snapshot (launch.processes.snapshot) beside the packages.
 SNAPSHOT_MARKER = "SNAPSHOT.json"
 
 

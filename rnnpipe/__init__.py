@@ -5,7 +5,7 @@ Everything rnnpipe installs is under this one import name:
 - :mod:`rnnpipe.pipeline`: the stages (data, models, train, finetune); nothing in it knows Slurm;
 - :mod:`rnnpipe.kernels`: the recurrence kernels (Triton, CPU) and their loop references;
 - :mod:`rnnpipe.launch`: the ``rnnpipe`` command, the executors and the Slurm glue;
-- the shipped ``configs/`` and ``slurm/`` scripts (:mod:`rnnpipe.shipped`).
+- the shipped ``configs/`` and ``slurm/`` scripts (:mod:`rnnpipe.launch.processes.shipped`).
 
 In the repository they are the top-level folders ``pipeline/``, ``kernels/``, ``launch/``,
 ``configs/`` and ``slurm/``; ``pyproject.toml`` maps them under this package, so no generic name

@@ -120,9 +120,22 @@ def prepare_enwik8_head(out: Path, limit_bytes: int = 0) -> Path:
     return out
 
 
-def test_module(relative: str):
+def forget_plugin(module: str, registry: dict) -> None:
+    """Undo what importing the plugin ``module`` registered in ``registry`` (kind -> class), and the
+    import itself: a test that loads a plugin leaves the registries of its worker as it found them."""
+    from rnnpipe.pipeline import plugins
+
+    for kind, cls in list(registry.items()):
+        if cls.__module__ == module:
+            del registry[kind]
+    sys.modules.pop(module, None)
+    plugins._loaded.discard(module)
+
+
+def import_test_module(relative: str):
     """A test module of another folder, imported as pytest imports it (by its name, with its folder
-    on ``sys.path``), for the helpers it defines: ``test_module("integration/finetune/test_finetune")``."""
+    on ``sys.path``), for the helpers it defines:
+    ``import_test_module("integration/finetune/test_finetune").sweep_yaml``."""
     import importlib
 
     path = REPO / "tests" / f"{relative}.py"

@@ -6,7 +6,7 @@ with overrides, and one run dir that the pipeline lays out itself:
 
     <run_dir>/pipeline.yaml      the resolved pipeline config
     <run_dir>/stages/*.yaml      each stage's resolved config
-    <run_dir>/pipeline.json      the run record: each stage's job id(s), state, logs (launch.record)
+    <run_dir>/pipeline.json      the run record: each stage's job id(s), state, logs (launch.processes.record)
     <run_dir>/data/              the dataset (prepare)
     <run_dir>/pretrain/          the pretrain run: checkpoints/, tensorboard/, export/
     <run_dir>/pretrain-backward/ with backward_lm: true, the backward LM's run (ELMo)
@@ -41,7 +41,7 @@ from rnnpipe.pipeline import fsio
 from rnnpipe.pipeline.config import load_config, to_yaml
 from rnnpipe.pipeline.errors import ConfigError, PipelineError
 
-# The stages, in order: each a module with the protocol of launch.stage.
+# The stages, in order: each a module with the protocol of launch.stages.stage.
 STAGES: tuple[ModuleType, ...] = (prepare, pretrain, pretrain_backward, finetune, collect)
 CONFIGURED = ("prepare", "pretrain", "finetune")  # the stages a pipeline file names a YAML for
 # The stages with a resolved config in <run_dir>/stages/ (the backward LM's is the pretrain one's).

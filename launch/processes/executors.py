@@ -365,7 +365,7 @@ class SlurmExecutor(Executor):
         self.cfg = cfg
         self.log_dir = cfg.log_dir or log_dir
         self.requeue = requeue
-        self._code = code  # the launch.snapshot.Snapshot the jobs run; taken at the first submission
+        self._code = code  # the processes.snapshot.Snapshot the jobs run; taken at the first submission
 
     @property
     def code(self) -> Any:

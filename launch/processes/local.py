@@ -1,4 +1,4 @@
-"""A local pretrain launch: ``nproc`` ranks on this machine, each ``python -m launch.rank
+"""A local pretrain launch: ``nproc`` ranks on this machine, each ``python -m launch.stages.rank
 RUN_DIR/config.yaml`` (:mod:`rnnpipe.launch.stages.rank`) with RANK/WORLD_SIZE/MASTER_* set.
 
 The ranks run in their own session (a terminal's Ctrl-C reaches only the launcher, which forwards

@@ -57,7 +57,7 @@ from rnnpipe.pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger("rnnpipe")
 NAME = "pretrain"
-Job = PretrainJob  # the stage protocol's config class (launch.stage)
+Job = PretrainJob  # the stage protocol's config class (launch.stages.stage)
 # What overwrite=true removes: everything a pretrain run writes into its run dir.
 RUN_OUTPUTS = (
     *("checkpoints", "export", "tensorboard", "metrics.jsonl", "provenance.json"),
@@ -373,7 +373,7 @@ def slurm_executor(job: PretrainJob, folder: str, dependency: str = "", code: An
     # A rank that exits with an error ends the step at once: the others would otherwise wait in
     # their next collective until the process group's timeout, holding every GPU of the job.
     params["srun_args"] = [*params.get("srun_args", []), "--kill-on-bad-exit=1"]
-    # The job's bootstrap installs the stop flag before submitit and torch load (launch.snapshot);
+    # The job's bootstrap installs the stop flag before submitit and torch load (launch.processes.snapshot);
     # Its tasks log at INFO into the job's log file, or as the submitter asked with -v or
     # RNNPIPE_LOG_LEVEL (-q quiets the submitting console, not the log a user reads afterwards).
     exports = ["export RNNPIPE_EARLY_STOP=1"]

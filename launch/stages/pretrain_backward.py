@@ -22,7 +22,7 @@ from rnnpipe.launch.stages.pretrain_job import PretrainJob
 from rnnpipe.launch.stages.stage import Decision, SlurmContext, SlurmShape, Submitted, Upstream, Wiring
 
 NAME = "pretrain-backward"
-Job = PretrainJob  # the stage protocol's config class (launch.stage)
+Job = PretrainJob  # the stage protocol's config class (launch.stages.stage)
 RUN_DIR = "pretrain-backward"  # under the pipeline's run dir
 
 

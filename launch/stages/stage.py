@@ -71,7 +71,7 @@ class SlurmContext:
 
     folder: str  # this submission's folder: submitit's scripts and logs
     after: str  # an sbatch dependency ("afterok:123"), or ""
-    code: Any  # the launch.snapshot.Snapshot of the code the jobs run
+    code: Any  # the launch.processes.snapshot.Snapshot of the code the jobs run
     small: Any = None  # the SlurmConfig of the pipeline's one-CPU jobs (prepare driver, collect)
 
 
@@ -112,7 +112,7 @@ class Wiring:
     where the pipeline names none; ``jobs`` holds the jobs of the stages before, by name."""
 
     run_dir: str
-    executor: Any  # launch.executors.ExecutorKind: every stage runs on the pipeline's executor
+    executor: Any  # launch.processes.executors.ExecutorKind: every stage runs on the pipeline's executor
     backward_lm: bool
     jobs: dict[str, Any]
     load: Callable[..., Any]
@@ -129,7 +129,7 @@ class SlurmShape:
     (``slurm/pipeline.sh``, with the options :meth:`sbatch_options` gives)."""
 
     script: str  # the slurm/*.sbatch file plain sbatch runs, with the stage's resolved config
-    resources: Any  # launch.executors.SlurmConfig: partition, account, cpus, memory, time, setup
+    resources: Any  # launch.processes.executors.SlurmConfig: partition, account, cpus, memory, time, setup
     nodes: int = 1
     ntasks_per_node: int = 1
     gpus_per_node: int = 0  # 0: as the resources say

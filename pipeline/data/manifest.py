@@ -85,10 +85,11 @@ def dataset_fingerprint_keys(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# The manifests this process has read and validated, by path: (its size and mtime, the manifest).
+# The manifests this process has read and validated, by path: (the file's identity, the manifest).
 # A command asks for one dataset's manifest many times (each stage's check and plan, the preflight,
-# the reader); it is read again only when the file changed (prepare rewrote it).
-_READ: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+# the reader); it is read and validated again only when the file changed. The identity holds the
+# inode and ctime: prepare replaces the file (a new inode), and no copy can set a ctime.
+_READ: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {}
 
 
 def read_manifest(root: str) -> dict[str, Any]:
@@ -101,7 +102,8 @@ def read_manifest(root: str) -> dict[str, Any]:
         st = os.stat(url) if fsio.is_local(url) else None
     except OSError:
         st = None
-    if st is not None and url in _READ and _READ[url][0] == (st.st_size, st.st_mtime_ns):
+    key = None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key is not None and url in _READ and _READ[url][0] == key:
         return copy.deepcopy(_READ[url][1])
     if not fsio.exists(url):
         raise PipelineError(
@@ -113,8 +115,8 @@ def read_manifest(root: str) -> dict[str, Any]:
     except ValueError as e:
         raise PipelineError(f"{url} is not valid JSON: {e}") from e
     validate_manifest(manifest, fsio.absolute(root))
-    if st is not None:
-        _READ[url] = ((st.st_size, st.st_mtime_ns), copy.deepcopy(manifest))
+    if key is not None:
+        _READ[url] = (key, copy.deepcopy(manifest))
     return manifest
 
 

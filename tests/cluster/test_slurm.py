@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import CLI, DATA, REPO, data_file, test_module
+from harness import CLI, DATA, REPO, data_file, import_test_module
 
-sweep_yaml = test_module("integration/finetune/test_finetune").sweep_yaml
+sweep_yaml = import_test_module("integration/finetune/test_finetune").sweep_yaml
 
 
 def _cluster_nodes() -> int:

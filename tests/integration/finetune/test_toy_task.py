@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import REPO, rnnpipe
+from harness import REPO, forget_plugin, rnnpipe
 
 from rnnpipe.pipeline.config import to_dict
 from rnnpipe.pipeline.errors import ConfigError
@@ -27,6 +27,8 @@ def plugins(monkeypatch):
     monkeypatch.setenv("RNNPIPE_PLUGINS", "toy_task")
     path = os.environ.get("PYTHONPATH", "")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO / "tests"), path) if p))
+    yield
+    forget_plugin("toy_task", kinds.base._KINDS)  # the registry as the other tests of this worker know it
 
 
 def test_the_registry_imports_the_module_that_defines_a_kind(plugins):

@@ -387,9 +387,9 @@ def test_prepare_and_pretrain_gpt2_recurrence_from_the_command_line(enwik8_head,
     tokenizer's."""
     transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
     model_dir = tmp_path / "tiny-gpt2"
-    from harness import test_module
+    from harness import import_test_module
 
-    hf_tokenizer_tests = test_module("unit/models/test_hf_tokenizer")
+    hf_tokenizer_tests = import_test_module("unit/models/test_hf_tokenizer")
     ENWIK8, EOS, _byte_level = (
         hf_tokenizer_tests.ENWIK8,
         hf_tokenizer_tests.EOS,

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import REPO, pretrain_args, run_cli
+from harness import REPO, forget_plugin, pretrain_args, run_cli
 from torch.utils.flop_counter import FlopCounterMode
 
 from rnnpipe.pipeline.errors import ConfigError
-from rnnpipe.pipeline.models import LanguageModel, ModelConfig, load_pretrained
+from rnnpipe.pipeline.models import LanguageModel, ModelConfig, load_pretrained, registry
 from rnnpipe.pipeline.models.flops import flops_per_token, model_params
 from rnnpipe.pipeline.models.registry import find_mixer, mixer_class
 from rnnpipe.pipeline.train import elastic
@@ -31,6 +31,8 @@ def plugins(monkeypatch):
     monkeypatch.setenv("RNNPIPE_PLUGINS", "toy_mixer")
     path = os.environ.get("PYTHONPATH", "")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO / "tests"), path) if p))
+    yield
+    forget_plugin("toy_mixer", registry._CLASSES)  # the registry as the other tests of this worker know it
 
 
 def _cfg(**extra) -> ModelConfig:

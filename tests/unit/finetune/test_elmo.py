@@ -298,9 +298,9 @@ def test_elmo_needs_a_backward_lm_of_the_same_tokenizer_and_depth(tmp_path):
         expand(sweep, str(forward))
     sweep.grid = {"task": ["cls"]}
     # another tokenizer
-    from harness import test_module
+    from harness import import_test_module
 
-    word_export = test_module("unit/finetune/test_finetune_embeddings").word_export
+    word_export = import_test_module("unit/finetune/test_finetune_embeddings").word_export
 
     sweep.pretrained_backward = str(word_export(tmp_path / "word", 0, "backward"))
     with pytest.raises(

@@ -144,7 +144,7 @@ def test_glue_task_configs_are_checked():
         kinds.check_task(TaskConfig(train="a", dev="b", glue="rte", text_column="s1"))
     with pytest.raises(ConfigError, match="text_pair_column is for classification and regression"):
         kinds.check_task(TaskConfig(kind=TaskKind.tagging, train="a", dev="b", text_pair_column="s2"))
-    with pytest.raises(ConfigError, match=r"kind='tagger' is not a task kind: classification, lm, "):
+    with pytest.raises(ConfigError, match=r"kind='tagger' is not a task kind: classification, (\w+, )*lm, "):
         kinds.check_task(TaskConfig(kind="tagger", train="a", dev="b"))
 
 
