@@ -29,13 +29,41 @@ TESTS = Path(__file__).resolve().parent
 TIER_MARKS = {"integration": ("multiprocess",), "cluster": ("slurm", "multiprocess"), "package": ("wheel",)}
 
 
+# The files that take longest in CI (`make test` durations, worker-seconds, longest first): they
+# are handed to the xdist workers first, so that the last file a worker runs is a short one and
+# neither worker idles for minutes at the end (--dist loadfile hands files out in collection order).
+LONGEST_FIRST = (
+    "integration/train/test_hardening_train.py",
+    "integration/train/test_pretrain.py",
+    "cluster/test_slurm.py",
+    "integration/launch/test_rerun.py",
+    "integration/train/test_elastic.py",
+    "unit/kernels/test_kernels_triton.py",
+    "integration/finetune/test_finetune.py",
+    "integration/train/test_recurrence_train.py",
+    "package/test_wheel.py",
+    "package/test_demo.py",
+    "integration/train/test_zero3.py",
+    "unit/data/test_prepare_wikipedia.py",
+    "integration/launch/test_gpu_check.py",
+    "integration/train/test_resume.py",
+    "integration/models/test_hf_export.py",
+    "unit/finetune/test_word_inputs.py",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test with its folder's tier."""
-    for item in items:
+    """Mark every test with its folder's tier; put the longest files first (:data:`LONGEST_FIRST`,
+    the rest in their order)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    order = {}
+    for i, item in enumerate(items):
         parts = Path(item.path).resolve().relative_to(TESTS).parts
         tier = parts[0] if len(parts) > 1 else ""
         for name in TIER_MARKS.get(tier, ()):
             item.add_marker(getattr(pytest.mark, name))
+        order[item.nodeid] = (rank.get("/".join(parts), len(rank)), i)
+    items.sort(key=lambda item: order[item.nodeid])
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from rnnpipe.pipeline.engine.rank import RankContext
 from rnnpipe.pipeline.engine.state import FinetuneState
 from rnnpipe.pipeline.finetune import tasks
 from rnnpipe.pipeline.finetune.config import JobConfig
@@ -132,7 +133,7 @@ class StreamFeed(Feed):
     def predictions(self, model: FinetuneModel, examples: tasks.LMText, device: torch.device) -> dict:
         """The stream evaluation's ``loss`` (nats per token) and ``tokens``."""
         reader = tasks.ArrayReader(examples)
-        return evaluate_stream(model.backbone, reader, 0, 1, EVAL_STREAMS, 256, device)
+        return evaluate_stream(model.backbone, reader, RankContext.single(device), EVAL_STREAMS, 256)
 
 
 def feed_for(kind: Kind, data: TaskData, cfg: JobConfig) -> Feed:

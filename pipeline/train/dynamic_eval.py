@@ -37,7 +37,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from rnnpipe.pipeline.data.config import DEFAULT_VERIFY
 from rnnpipe.pipeline.data.reader import SplitReader, open_split
+from rnnpipe.pipeline.engine.rank import RankContext
 from rnnpipe.pipeline.errors import PipelineError
 from rnnpipe.pipeline.models.mixers import detach_state
 from rnnpipe.pipeline.train.config import DYNAMIC_METHODS, EvalConfig, PretrainConfig
@@ -45,7 +47,6 @@ from rnnpipe.pipeline.train.data import IGNORE, Batch, StreamBatches, eval_batch
 from rnnpipe.pipeline.train.evaluate import (
     PROGRESS_FRACTION,
     PROGRESS_MIN_S,
-    _anyone,
     _Progress,
     eval_batch_count,
     evaluate,
@@ -167,11 +168,10 @@ def gradient_mean_square(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
     reader: SplitReader,
-    rank: int,
-    world: int,
+    ctx: RankContext,
     streams: int,
     seq_len: int,
-    device: torch.device,
+    *,
     batches: int = 100,
     should_stop: Callable[[], bool] | None = None,
     check_every: int = 16,
@@ -179,15 +179,17 @@ def gradient_mean_square(
     """MS: per parameter of ``params`` (fp32, its shape), the mean over the first ``batches`` batches
     of ``reader`` (the training split; 0 or more than an epoch = one epoch) of the squared gradient of
     each batch's mean loss, at the model's current weights, which it leaves as they are. The split is
-    read as training reads it in stream mode: world × ``streams`` streams of ``seq_len`` tokens, the
-    state carried. None when ``should_stop`` said to stop (asked every ``check_every`` batches)."""
+    read as training reads it in stream mode: ``ctx.world`` × ``streams`` streams of ``seq_len``
+    tokens per batch, the state carried; the model runs on ``ctx.device``. None when ``should_stop``
+    said to stop (asked every ``check_every`` batches, all ranks agreeing)."""
+    rank, world, device = ctx.rank, ctx.world, ctx.device
     loader = StreamBatches(reader, rank, world, streams, seq_len)
     n = min(batches, loader.steps_per_epoch) if batches else loader.steps_per_epoch
     mean_square = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     progress = _Progress("train (gradient statistics)", n, world, PROGRESS_MIN_S, PROGRESS_FRACTION)
     state = None
     for i in range(n):
-        if should_stop is not None and i % check_every == check_every - 1 and _anyone(should_stop(), device):
+        if should_stop is not None and i % check_every == check_every - 1 and ctx.any(should_stop()):
             return None
         batch = next(loader)
         _, grads, state = _segment(model, params, batch, None if batch.reset else state, device)
@@ -201,48 +203,46 @@ def gradient_mean_square(
 def evaluate_dynamic(
     model: torch.nn.Module,
     reader: SplitReader,
-    rank: int,
-    world: int,
+    ctx: RankContext,
     streams: int,
     seq_len: int,
-    device: torch.device,
+    *,
     max_tokens: int = 0,
     should_stop: Callable[[], bool] | None = None,
     check_every: int = 16,
     progress_every_s: float = PROGRESS_MIN_S,
-    *,
     options: EvalConfig | None = None,
     stats_reader: SplitReader | None = None,
     mean_square: list[torch.Tensor] | None = None,
 ) -> dict[str, float] | None:
     """:func:`~rnnpipe.pipeline.train.evaluate.evaluate` with the model adapting as it reads: the same
-    arguments and result (loss in nats per token, bpb, ppl, tokens; None when ``should_stop`` cut it
-    short), each segment scored before the step on it. ``model`` is left untouched (a copy adapts).
+    arguments (``ctx``: this rank, of ``ctx.world``, on ``ctx.device``; ``streams`` × ``seq_len``
+    tokens per rank per segment; ``max_tokens``: the split's first this many tokens, 0 = all) and
+    result (loss in nats per token, bpb, ppl, tokens; None when ``should_stop`` cut it short), each
+    segment scored before the step on it. ``model`` is left untouched (a copy adapts).
 
     ``options``: the rule and its settings (``eval.dynamic_*``; by default ``EvalConfig()``'s). The
     ``rms`` rule needs the gradients' mean square: ``mean_square`` (from :func:`gradient_mean_square`
     on a copy of the same model) or ``stats_reader``, the training split it is computed from
     (``options.dynamic_stat_batches`` batches of ``streams`` × ``seq_len`` per rank). Every rank
-    must call it (the gradients are all-reduced when ``world`` > 1).
+    must call it (the gradients are all-reduced when ``ctx.world`` > 1).
     """
+    rank, world, device = ctx.rank, ctx.world, ctx.device
     opts = options or EvalConfig()
     work, params = working_copy(model)
     if opts.dynamic_method == "rms" and mean_square is None:
         if stats_reader is None:
             raise PipelineError("eval.dynamic_method=rms needs training data for its gradient statistics")
-        batches = opts.dynamic_stat_batches
         mean_square = gradient_mean_square(
             work,
             params,
             stats_reader,
-            rank,
-            world,
+            ctx,
             streams,
             seq_len,
-            device,
-            batches,
-            should_stop,
-            check_every,
+            batches=opts.dynamic_stat_batches,
+            should_stop=should_stop,
+            check_every=check_every,
         )
         if mean_square is None:
             return None
@@ -257,7 +257,7 @@ def evaluate_dynamic(
         progress = _Progress(name, total, world, progress_every_s, PROGRESS_FRACTION)
     state, skipped = None, 0
     for i, batch in enumerate(eval_batches(reader, rank, world, streams, seq_len, max_tokens)):
-        if should_stop is not None and i % check_every == check_every - 1 and _anyone(should_stop(), device):
+        if should_stop is not None and i % check_every == check_every - 1 and ctx.any(should_stop()):
             return None
         nats, grads, state = _segment(work, params, batch, state, device)
         totals[0] += nats
@@ -281,22 +281,22 @@ def dynamic_results(
     module: torch.nn.Module,
     cfg: PretrainConfig,
     splits: list[str],
-    rank: int,
-    world: int,
-    device: torch.device,
+    ctx: RankContext,
     train_reader: SplitReader,
+    *,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, dict[str, float]] | None:
     """The pretrain loop's final dynamic figures: per split of ``splits`` of the run's dataset,
-    ``{"loss_dynamic": ..., "bpb_dynamic": ..., "ppl_dynamic": ...}`` (merged into the static
-    results, they are logged as ``test/bpb_dynamic`` ...). ``{}`` when ``eval.dynamic`` is off, or
-    under ZeRO-3 (a warning says to run it on the export); None when a signal cut it short. The
+    ``{"loss_dynamic": ..., "bpb_dynamic": ..., "ppl_dynamic": ...}`` (nats per token, bits per
+    byte, perplexity; merged into the static results, they are logged as ``test/bpb_dynamic`` ...).
+    ``{}`` when ``eval.dynamic`` is off, or under ZeRO-3 (a warning says to run it on the export);
+    None when a signal cut it short (``should_stop``). Every rank of ``ctx.world`` calls it. The
     ``rms`` rule's statistics come from ``train_reader`` once, for every split."""
     e = cfg.eval
     if not e.dynamic:
         return {}
     if cfg.train.zero_stage == 3:
-        if rank == 0:
+        if ctx.main:
             log.warning(
                 "eval.dynamic: skipped under ZeRO-3 (the weights are partitioned); run it on the "
                 "export: rnnpipe evaluate %s/export",
@@ -311,13 +311,11 @@ def dynamic_results(
             work,
             params,
             train_reader,
-            rank,
-            world,
+            ctx,
             streams,
             seq_len,
-            device,
-            e.dynamic_stat_batches,
-            should_stop,
+            batches=e.dynamic_stat_batches,
+            should_stop=should_stop,
         )
         del work, params
         if mean_square is None:
@@ -328,19 +326,17 @@ def dynamic_results(
         result = evaluate_dynamic(
             module,
             reader,
-            rank,
-            world,
+            ctx,
             streams,
             seq_len,
-            device,
-            0,
-            should_stop,
+            max_tokens=0,
+            should_stop=should_stop,
             options=e,
             mean_square=mean_square,
         )
         if result is None:
             return None
-        if rank == 0:
+        if ctx.main:
             log.info(
                 "%s, dynamic evaluation (%s): loss %.4f, %.4f bits per byte, perplexity %.2f",
                 split,
@@ -361,7 +357,7 @@ def evaluate_export(
     streams: int = 1,
     seq_len: int = 512,
     device: str | torch.device = "cpu",
-    verify: str = "sizes",
+    verify: str = DEFAULT_VERIFY,
 ) -> dict[str, float]:
     """An export's static evaluation of ``split`` of a prepared dataset (``data``; by default the
     one it was trained on, from its header rnnpipe.json) and, with ``options.dynamic``, its dynamic one
@@ -392,16 +388,14 @@ def evaluate_export(
             f"the export {path} by {mine.get('kind')} (vocabulary {mine.get('vocab_size')}): "
             "evaluate it on a dataset prepared with its tokenizer"
         )
-    device = torch.device(device)
-    model = load_pretrained(path, device)
-    result = evaluate(model, reader, 0, 1, streams, seq_len, device)
+    ctx = RankContext.single(torch.device(device))
+    model = load_pretrained(path, ctx.device)
+    result = evaluate(model, reader, ctx, streams, seq_len)
     assert result is not None  # (no should_stop)
     if opts.dynamic:
         stats = open_split(data, "train", verify, direction) if opts.dynamic_method == "rms" else None
         dyn_len = opts.dynamic_seq_len or seq_len
-        dyn = evaluate_dynamic(
-            model, reader, 0, 1, streams, dyn_len, device, options=opts, stats_reader=stats
-        )
+        dyn = evaluate_dynamic(model, reader, ctx, streams, dyn_len, options=opts, stats_reader=stats)
         assert dyn is not None
         result.update({f"{k}{SUFFIX}": v for k, v in dyn.items() if k != "tokens"})
     return result

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from rnnpipe.pipeline.data.reader import SplitReader
 from rnnpipe.pipeline.engine.metrics import duration
+from rnnpipe.pipeline.engine.rank import RankContext
 from rnnpipe.pipeline.train.data import IGNORE, Batch, eval_batches, stream_bounds
 
 log = logging.getLogger("rnnpipe.train")
@@ -82,36 +83,44 @@ class _Progress:
 def evaluate(
     model: torch.nn.Module,
     reader: SplitReader,
-    rank: int,
-    world: int,
+    ctx: RankContext,
     streams: int,
     seq_len: int,
-    device: torch.device,
+    *,
     max_tokens: int = 0,
     should_stop: Callable[[], bool] | None = None,
     check_every: int = 16,
     progress_every_s: float = PROGRESS_MIN_S,
     window: int = 0,
 ) -> dict[str, float] | None:
-    """Loss (nats per token), bits per byte and perplexity of ``model`` on a split.
+    """Loss (nats per token), bits per byte and perplexity of ``model`` on a split, and the number
+    of target tokens scored: ``{"loss", "bpb", "ppl", "tokens"}``.
 
-    ``window`` > 0 (``eval.window``) scores the same targets with the state reset every ``window``
-    tokens instead (:func:`window_batches`: every target predicted from at most ``window`` tokens
-    of context, as a fixed-context model of that block size scores them); ``streams`` × ``seq_len``
-    then bounds the tokens per forward pass.
+    ``ctx``: this rank (its index ``ctx.rank`` of ``ctx.world`` ranks, and ``ctx.device``, where
+    the model runs); :meth:`RankContext.single() <rnnpipe.pipeline.engine.rank.RankContext.single>`
+    for one process. ``streams``: the streams per rank (rows of a batch); ``seq_len``: the tokens
+    per stream per forward pass, so a batch is ``streams`` × ``seq_len`` tokens. ``max_tokens``:
+    only the split's first this many tokens (0: all of it).
 
-    The split is cut into world × ``streams`` contiguous streams; each is read from its start with
-    the state carried from segment to segment. Every rank runs the same number of forward passes
-    (ZeRO-3 gathers parameters collectively). Bits per byte use the split's UTF-8 byte count from
-    the shards, so they compare across tokenizers.
+    ``window`` > 0 (``eval.window``, in tokens) scores the same targets with the state reset every
+    ``window`` tokens instead (:func:`window_batches`: every target predicted from at most
+    ``window`` tokens of context, as a fixed-context model of that block size scores them);
+    ``streams`` × ``seq_len`` then bounds the tokens per forward pass.
 
-    ``should_stop`` is asked every ``check_every`` batches (all ranks agree): when it says yes —
-    a preemption signal arrived — the evaluation is abandoned and ``None`` returned, so that the
-    job can still checkpoint and requeue within the signal's grace period.
+    The split is cut into ``ctx.world`` × ``streams`` contiguous streams; each is read from its
+    start with the state carried from segment to segment. Every rank runs the same number of
+    forward passes (ZeRO-3 gathers parameters collectively), and the sums are all-reduced when a
+    process group is set up. Bits per byte use the split's UTF-8 byte count from the shards, so
+    they compare across tokenizers.
+
+    ``should_stop`` is asked every ``check_every`` batches (all ranks agree: :meth:`RankContext.any`):
+    when it says yes — a preemption signal arrived — the evaluation is abandoned and ``None``
+    returned, so that the job can still checkpoint and requeue within the signal's grace period.
 
     Rank 0 logs its progress (:class:`_Progress`; ``progress_every_s``: the least time between two
-    lines); the results do not depend on it.
+    lines, in seconds); the results do not depend on it.
     """
+    rank, world, device = ctx.rank, ctx.world, ctx.device
     was_training = model.training
     model.eval()
     state = None
@@ -129,7 +138,7 @@ def evaluate(
     for i, batch in enumerate(batches):
         if batch.reset and window:  # (carried: StreamBatches' only reset is the first batch)
             state = None
-        if should_stop is not None and i % check_every == check_every - 1 and _anyone(should_stop(), device):
+        if should_stop is not None and i % check_every == check_every - 1 and ctx.any(should_stop()):
             model.train(was_training)
             return None
         if delay:
@@ -227,10 +236,3 @@ def summarize(nats: float, targets: float, reader: SplitReader) -> dict[str, flo
         "ppl": math.exp(min(loss, 50.0)),
         "tokens": targets,
     }
-
-
-def _anyone(flag: bool, device: torch.device) -> bool:
-    x = torch.tensor([float(flag)], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return bool(x.item())

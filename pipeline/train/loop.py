@@ -6,7 +6,8 @@
 Inside, a :class:`Trainer` sets up (model, engine, data, resume), then takes steps
 (:meth:`Trainer.step`), each followed by :meth:`Trainer.after_step` (log, evaluate, checkpoint,
 stop); a :class:`StepGuard` keeps a non-finite step from updating the weights, and a
-:class:`RankContext` says where the process sits (rank, world, device, run dir).
+:class:`~rnnpipe.pipeline.engine.rank.RankContext` says where the process sits (rank, world,
+device, run dir).
 
 A step costs the host one synchronisation outside logging, evaluation and checkpoint steps: what
 the loop needs to know of it is read in one go at its end (:mod:`rnnpipe.pipeline.train.stepsync`). A step
@@ -48,6 +49,7 @@ from rnnpipe.pipeline.config import flatten, to_dict
 from rnnpipe.pipeline.data.manifest import dataset_digest
 from rnnpipe.pipeline.data.reader import SplitReader, open_split
 from rnnpipe.pipeline.engine.metrics import Metrics
+from rnnpipe.pipeline.engine.rank import RankContext
 from rnnpipe.pipeline.engine.schedule import step_scheduler
 from rnnpipe.pipeline.engine.signals import StopFlag
 from rnnpipe.pipeline.engine.state import TrainState
@@ -69,7 +71,7 @@ from rnnpipe.pipeline.train.config import (
 )
 from rnnpipe.pipeline.train.data import IGNORE, PrefetchedBatches, ShuffleBatches, StreamBatches
 from rnnpipe.pipeline.train.evaluate import evaluate
-from rnnpipe.pipeline.train.report import final_evaluation, report
+from rnnpipe.pipeline.train.report import FinalReaders, final_evaluation, report
 
 log = logging.getLogger("rnnpipe.train")
 
@@ -80,25 +82,6 @@ class TrainResult:
     model: torch.nn.Module  # the trained module (partitioned under ZeRO-3 outside a forward)
     step: int
     exit_status: int = 0  # 0; 75 (USR2/TERM) or 130 (Ctrl-C) when preempted
-
-
-@dataclass(frozen=True)
-class RankContext:
-    """Where this process sits: its rank, the number of ranks, its device and the run dir."""
-
-    rank: int
-    world: int
-    device: torch.device  # the launcher's for this rank (its local rank's GPU, or the CPU)
-    run_dir: Path
-
-    @property
-    def main(self) -> bool:
-        """Rank 0: the one that logs and writes the run's files."""
-        return self.rank == 0
-
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` is true on any rank (a collective)."""
-        return _any(flag, self.device)
 
 
 def train(cfg: PretrainConfig, stop: StopFlag | None = None) -> TrainResult:
@@ -525,12 +508,10 @@ class Trainer:
         return evaluate(
             self.engine.module,
             reader,
-            ctx.rank,
-            ctx.world,
+            ctx,
             t.eval_batch_size,
             self.cfg.data.seq_len,
-            ctx.device,
-            self.cfg.eval.max_tokens if full else t.eval_max_tokens,
+            max_tokens=self.cfg.eval.max_tokens if full else t.eval_max_tokens,
             should_stop=lambda: bool(self.stop),
         )
 
@@ -546,9 +527,18 @@ class Trainer:
             "world_size": ctx.world,
             "fingerprint": self.header["fingerprint"][:12],
         }
-        readers = (self.train_reader, self.valid_reader)
-        args = (self.engine, self.cfg, ctx.rank, ctx.world, ctx.device, *readers, self.evaluate_split)
-        if not final_evaluation(*args, lambda: bool(self.stop), self.metrics, params):
+        readers = FinalReaders(train=self.train_reader, valid=self.valid_reader)
+        done = final_evaluation(
+            self.engine,
+            self.cfg,
+            ctx,
+            readers,
+            self.evaluate_split,
+            should_stop=lambda: bool(self.stop),
+            metrics=self.metrics,
+            params=params,
+        )
+        if not done:
             self.status, self.exit_status = "preempted", self.stop.exit_status()
             if ctx.main:
                 log.warning("signal %s during the final evaluation: exiting to be requeued", self.stop.signal)
@@ -616,12 +606,6 @@ def _memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return psutil.Process().memory_info().rss / 2**30
-
-
-def _any(flag: bool, device: torch.device) -> bool:
-    x = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return bool(x.item())
 
 
 def _first_known(*values: Any) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from rnnpipe.pipeline.data.manifest import load_tokenizer
 from rnnpipe.pipeline.data.reader import SplitReader, open_split
 from rnnpipe.pipeline.engine.metrics import Metrics
+from rnnpipe.pipeline.engine.rank import RankContext
 from rnnpipe.pipeline.train.config import Direction, PretrainConfig
 from rnnpipe.pipeline.train.dynamic_eval import dynamic_results
 from rnnpipe.pipeline.train.evaluate import evaluate
@@ -74,15 +76,24 @@ def report(
     return {f"{split}/{k}": v for k, v in result.items() if k != "tokens"}
 
 
+@dataclass(frozen=True)
+class FinalReaders:
+    """The run's readers the final evaluation needs: ``train`` (the manifest of its dataset lists
+    the splits; ``eval.dynamic``'s ``rms`` statistics are computed on it) and ``valid`` (evaluated
+    whole; the prompt of the sample reported with it is read from its start). Both in the run's
+    ``data.direction``."""
+
+    train: SplitReader
+    valid: SplitReader
+
+
 def final_evaluation(
     engine: Any,
     cfg: PretrainConfig,
-    rank: int,
-    world: int,
-    device: torch.device,
-    train_reader: SplitReader,
-    valid_reader: SplitReader,
+    ctx: RankContext,
+    readers: FinalReaders,
     evaluate_split: EvaluateSplit,
+    *,
     should_stop: Callable[[], bool],
     metrics: Metrics,
     params: dict[str, Any],
@@ -90,33 +101,38 @@ def final_evaluation(
     """The finished run's final evaluation: valid and (when the dataset has one) test, whole, each
     read in the run's ``data.direction``; with ``eval.window`` the windowed figures
     (:func:`window_results`) and with ``eval.dynamic`` the dynamic ones beside the static ones.
-    Reported (:func:`report`) and recorded with ``params`` as the run's hparams session. False,
-    and nothing recorded, when a signal cut it short (the job is then requeued and evaluates
-    again)."""
-    readers = {"valid": valid_reader}
-    if "test" in train_reader.manifest["splits"]:
-        readers["test"] = open_split(cfg.data.path, "test", cfg.data.verify, cfg.data.direction)
+    Reported (:func:`report`, on ``ctx.rank`` 0's log) and recorded with ``params`` as the run's
+    hparams session. False, and nothing recorded, when a signal cut it short (the job is then
+    requeued and evaluates again).
+
+    ``ctx``: this rank (every rank calls it: the evaluations are collectives). ``readers``: the
+    run's train and valid splits (test is opened here). ``evaluate_split(reader, whole)``: the
+    static evaluation of a split (loss in nats per token, bpb, ppl, tokens; None when cut short).
+    ``should_stop``: asked during the windowed and dynamic evaluations (a signal arrived).
+    ``metrics``: where the figures are recorded."""
+    splits = {"valid": readers.valid}
+    if "test" in readers.train.manifest["splits"]:
+        splits["test"] = open_split(cfg.data.path, "test", cfg.data.verify, cfg.data.direction)
     results: dict[str, dict[str, float] | None] = {}
-    for split, reader in readers.items():
+    for split, reader in splits.items():
         result = evaluate_split(reader, True)
         if result is not None and cfg.eval.window:  # eval.window: beside the carried figures
-            extra = window_results(engine.module, cfg, split, reader, rank, world, device, should_stop)
+            extra = window_results(engine.module, cfg, split, reader, ctx, should_stop=should_stop)
             result = None if extra is None else {**result, **extra}
         results[split] = result
         if result is None:
             break
     if all(r is not None for r in results.values()):  # eval.dynamic: beside the static figures
         extra = dynamic_results(
-            engine.module, cfg, list(results), rank, world, device, train_reader, should_stop
+            engine.module, cfg, list(results), ctx, readers.train, should_stop=should_stop
         )
         results = {k: None if extra is None else {**r, **extra.get(k, {})} for k, r in results.items()}
     if any(r is None for r in results.values()):
         return False
     final: dict[str, float] = {}
     for split, result in results.items():
-        final.update(
-            report(engine, cfg, split, engine.global_steps, result, metrics, rank, device, valid_reader)
-        )
+        step = engine.global_steps
+        final.update(report(engine, cfg, split, step, result, metrics, ctx.rank, ctx.device, readers.valid))
     metrics.hparams(params, final)
     return True
 
@@ -126,23 +142,21 @@ def window_results(
     cfg: PretrainConfig,
     split: str,
     reader: SplitReader,
-    rank: int,
-    world: int,
-    device: torch.device,
+    ctx: RankContext,
+    *,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float] | None:
-    """``eval.window``'s figures of a split: ``{"loss_window", "bpb_window", "ppl_window"}``, the
-    whole split scored with the state reset every ``cfg.eval.window`` tokens
-    (:func:`rnnpipe.pipeline.train.evaluate.window_batches`), ``train.eval_batch_size`` × ``data.seq_len``
-    tokens per forward pass; logged on rank 0. None when a signal cut it short."""
+    """``eval.window``'s figures of a split: ``{"loss_window", "bpb_window", "ppl_window"}`` (nats
+    per token, bits per byte, perplexity), the whole split scored with the state reset every
+    ``cfg.eval.window`` tokens (:func:`rnnpipe.pipeline.train.evaluate.window_batches`),
+    ``train.eval_batch_size`` × ``data.seq_len`` tokens per forward pass on each of ``ctx.world``
+    ranks; logged on rank 0. None when a signal cut it short (``should_stop``)."""
     n = cfg.eval.window
     streams, seq_len = cfg.train.eval_batch_size, cfg.data.seq_len
-    result = evaluate(
-        module, reader, rank, world, streams, seq_len, device, should_stop=should_stop, window=n
-    )
+    result = evaluate(module, reader, ctx, streams, seq_len, should_stop=should_stop, window=n)
     if result is None:
         return None
-    if rank == 0:
+    if ctx.main:
         log.info(
             "%s in %d-token windows (the state reset at each): loss %.4f, %.4f bits per byte, "
             "perplexity %.2f",

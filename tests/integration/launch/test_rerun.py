@@ -208,15 +208,15 @@ def test_one_changed_finetune_key_reruns_only_its_jobs(run_dir):
 def test_a_model_change_on_a_run_dir_stops_before_any_rank_and_keeps_it(run_dir, change):
     pre = run_dir / "pretrain"
     before = {p: p.read_bytes() for p in pre.rglob("*") if p.is_file()}
-    t0 = time.time()
+    cpu0 = _children_cpu_s()
     done = rnnpipe("pretrain", run_dir / "stages" / "pretrain.yaml", f"run_dir={pre}", change)
-    elapsed = time.time() - t0
+    cpu = _children_cpu_s() - cpu0  # (wall time doubles when the other test worker is busy)
     assert done.returncode == 2, done.stderr[-3000:]
     key, value = change.split("=")
     old = {"model.d_model": "32", "model.mixer": "lrn"}[key]
     assert f"{key}: {old} → {value}" in done.stderr and "a new run_dir" in done.stderr
     assert "overwrite=true" in done.stderr and "Traceback" not in done.stderr
-    assert "DeepSpeed" not in done.stderr and elapsed < 10  # no rank started
+    assert "DeepSpeed" not in done.stderr and cpu < 5, cpu  # no rank started
     assert {p: p.read_bytes() for p in pre.rglob("*") if p.is_file()} == before  # config.yaml too
     # through the pipeline: the same refusal, exit 2, before any stage runs
     piped = pipeline(run_dir, f"pretrain.{change}")

@@ -284,6 +284,7 @@ def test_lm_eval_rolling_equals_rnnpipes_evaluation(datasets, tmp_path):
     """lm-eval's loglikelihood_rolling of a split's text (prefixed by its first token) is the
     negative of the nats rnnpipe's evaluation sums over that split with the state carried."""
     from rnnpipe.pipeline.data.reader import SplitReader
+    from rnnpipe.pipeline.engine.rank import RankContext
     from rnnpipe.pipeline.train.evaluate import evaluate
 
     dataset = datasets["char"]
@@ -291,7 +292,7 @@ def test_lm_eval_rolling_equals_rnnpipes_evaluation(datasets, tmp_path):
     _export(dataset, "mingru", 0, export)
     ours, tok = load_pretrained(export), load_pretrained_tokenizer(export)
     reader = SplitReader(str(dataset), "test")
-    result = evaluate(ours, reader, rank=0, world=1, streams=1, seq_len=256, device=torch.device("cpu"))
+    result = evaluate(ours, reader, RankContext.single(torch.device("cpu")), streams=1, seq_len=256)
     from harness import read_split
 
     tokens, _ = read_split(dataset, "test")

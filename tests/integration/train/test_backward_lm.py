@@ -202,6 +202,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 def test_a_backward_run_learns_and_its_export_says_backward(runs, data, tmp_path):
+    from rnnpipe.pipeline.engine.rank import RankContext
     from rnnpipe.pipeline.models import load_pretrained
     from rnnpipe.pipeline.models.exported import backward_export, export_direction
     from rnnpipe.pipeline.train.dynamic_eval import evaluate_export
@@ -237,7 +238,7 @@ def test_a_backward_run_learns_and_its_export_says_backward(runs, data, tmp_path
     # rnnpipe evaluate reads a backward export's split in reverse, as its run did.
     result = evaluate_export(bwd, split="valid", options=_static(), seq_len=32)
     reversed_valid = open_split(str(data), "valid", direction="backward")
-    expected = evaluate(model, reversed_valid, 0, 1, 1, 32, torch.device("cpu"))
+    expected = evaluate(model, reversed_valid, RankContext.single(torch.device("cpu")), 1, 32)
     assert result == pytest.approx(expected, rel=1e-9)
 
 

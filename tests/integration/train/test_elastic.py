@@ -414,11 +414,14 @@ def _run(mode: str, stage: int, root: Path, world: int) -> None:
     from rnnpipe.launch.processes.distributed import free_port
 
     port = free_port()
+    # Each rank's output to a file of its own: read through pipes one after the other, a rank that
+    # fills its pipe would stall while the other waits for it in a collective.
+    logs = [(root / f"{mode}-rank{r}.log").open("w+") for r in range(world)]
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, mode, str(stage), str(root)],
             cwd=REPO,
-            stdout=subprocess.PIPE,
+            stdout=logs[r],
             stderr=subprocess.STDOUT,
             text=True,
             env={
@@ -434,9 +437,12 @@ def _run(mode: str, stage: int, root: Path, world: int) -> None:
         )
         for r in range(world)
     ]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-4000:]
+    for p in procs:
+        p.wait(timeout=300)
+    for p, log in zip(procs, logs, strict=True):
+        log.seek(0)
+        assert p.returncode == 0, log.read()[-4000:]
+        log.close()
 
 
 @pytest.mark.slow

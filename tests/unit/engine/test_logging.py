@@ -372,6 +372,7 @@ def test_docs_pretrain_lists_exactly_the_tags_the_loop_may_log():
 def test_the_loop_logs_only_declared_tags(tmp_path):
     """Metrics refuses an undeclared tag on every rank; the loop's literal tags are declared, and
     its evaluation tags (split/metric, built from evaluate's result) too."""
+    from rnnpipe.pipeline.engine.rank import RankContext
     from rnnpipe.pipeline.finetune.tasks import ArrayReader, LMText
     from rnnpipe.pipeline.models import LanguageModel, ModelConfig
     from rnnpipe.pipeline.train.evaluate import evaluate
@@ -395,7 +396,7 @@ def test_the_loop_logs_only_declared_tags(tmp_path):
     cfg = stage_config(load_config(PretrainJob, str(PRETRAIN), ["train.sample_tokens=0"]))
     m = Metrics(tmp_path, True, 0, 1, jsonl=False)
     for split in ("valid", "test"):
-        result = evaluate(model, reader, 0, 1, 2, 16, torch.device("cpu"))
+        result = evaluate(model, reader, RankContext.single(), 2, 16)
         logged = report(None, cfg, split, 1, result, m, 1, torch.device("cpu"), reader)
         assert set(logged) <= PRETRAIN_TAGS.scalars
     m.close()

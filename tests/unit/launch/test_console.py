@@ -172,6 +172,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 def test_evaluation_logs_its_progress_and_the_results_do_not_change(tiny_dataset, caplog, request):
     from rnnpipe.pipeline.data.reader import SplitReader
+    from rnnpipe.pipeline.engine.rank import RankContext
     from rnnpipe.pipeline.models import LanguageModel
     from rnnpipe.pipeline.models.config import MixerKind
     from rnnpipe.pipeline.train.config import ModelConfig
@@ -184,6 +185,7 @@ def test_evaluation_logs_its_progress_and_the_results_do_not_change(tiny_dataset
         int(reader.manifest["tokenizer"]["vocab_size"]),
     )
     cpu = torch.device("cpu")
+    one, second = RankContext.single(cpu), RankContext(1, 2, cpu)  # rank 0 of 1; rank 1 of 2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: more threads only contend (10x slower on 2 cores)
     request.addfinalizer(lambda: torch.set_num_threads(threads))
@@ -191,10 +193,10 @@ def test_evaluation_logs_its_progress_and_the_results_do_not_change(tiny_dataset
     assert total >= 20  # enough for ten lines
 
     with caplog.at_level(logging.INFO, logger="rnnpipe.train"):
-        quiet = evaluate(model, reader, 0, 1, 2, 16, cpu)  # under 30 s: no line
+        quiet = evaluate(model, reader, one, 2, 16)  # under 30 s: no line
         assert not [r for r in caplog.records if "batches" in r.getMessage()]
-        logged = evaluate(model, reader, 0, 1, 2, 16, cpu, progress_every_s=0.0)
-        others = evaluate(model, reader, 1, 2, 1, 16, cpu, progress_every_s=0.0)  # rank 1 of 2: silent
+        logged = evaluate(model, reader, one, 2, 16, progress_every_s=0.0)
+        others = evaluate(model, reader, second, 1, 16, progress_every_s=0.0)  # rank 1 of 2: silent
     lines = [r.getMessage() for r in caplog.records if r.name == "rnnpipe.train"]
     assert len(lines) == 9, lines  # every tenth but the last (the result's line follows it)
     pattern = rf"valid: (\d+)/{total} batches \((\d+)%\) \| [\d,]+ tok/s \| eta \d+m\d\ds"

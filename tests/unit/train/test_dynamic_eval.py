@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from harness import REPO, prepare, rnnpipe
 
 from rnnpipe.pipeline.config import to_dict
+from rnnpipe.pipeline.engine.rank import RankContext
 from rnnpipe.pipeline.errors import ConfigError, PipelineError
 from rnnpipe.pipeline.models import LanguageModel, ModelConfig
 from rnnpipe.pipeline.models.mixers import detach_state
@@ -30,6 +31,7 @@ from rnnpipe.pipeline.train.dynamic_eval import (
 from rnnpipe.pipeline.train.evaluate import evaluate
 
 CPU = torch.device("cpu")
+ONE = RankContext.single(CPU)  # rank 0 of 1
 V, T, L = 64, 32, 512  # vocabulary, segment length, one copy of the repeated text (L = 16 segments)
 
 
@@ -90,9 +92,9 @@ def test_dynamic_evaluation_lowers_the_loss_on_a_repeated_text_and_leaves_the_mo
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opts = EvalConfig(dynamic=True, dynamic_method=method, dynamic_lr=lr, dynamic_stat_batches=50)
 
-    static = [evaluate(model, Tokens(t), 0, 1, 1, T, CPU) for t in (whole, whole[: L + 1])]
+    static = [evaluate(model, Tokens(t), ONE, 1, T) for t in (whole, whole[: L + 1])]
     dynamic = [
-        evaluate_dynamic(model, Tokens(t), 0, 1, 1, T, CPU, options=opts, stats_reader=train)
+        evaluate_dynamic(model, Tokens(t), ONE, 1, T, options=opts, stats_reader=train)
         for t in (whole, whole[: L + 1])
     ]
     static_second, dynamic_second = second_copy(*static), second_copy(*dynamic)
@@ -112,8 +114,8 @@ def test_a_zero_step_gives_the_static_figures(lm, method):
     model, train = lm
     text = Tokens(markov_text(700, 5))
     opts = EvalConfig(dynamic_method=method, dynamic_lr=0.0, dynamic_decay=0.0, dynamic_stat_batches=3)
-    dyn = evaluate_dynamic(model, text, 0, 1, 2, T, CPU, options=opts, stats_reader=train)
-    static = evaluate(model, text, 0, 1, 2, T, CPU)
+    dyn = evaluate_dynamic(model, text, ONE, 2, T, options=opts, stats_reader=train)
+    static = evaluate(model, text, ONE, 2, T)
     assert dyn == pytest.approx(static, rel=1e-6)
 
 
@@ -157,7 +159,7 @@ def test_the_update_rules_against_a_hand_computation():
 def test_the_gradient_statistics_are_the_mean_squared_gradient_of_each_batch(lm):
     model, train = lm
     work, params = working_copy(model)
-    ms = gradient_mean_square(work, params, train, 0, 1, 2, T, CPU, batches=3)
+    ms = gradient_mean_square(work, params, train, ONE, 2, T, batches=3)
     # By hand: 2 streams over the training split, the state carried, the batch's mean loss.
     bounds = [0, (train.tokens - 1) // 2, train.tokens - 1]
     state, expected = None, [torch.zeros_like(p) for p in params]
@@ -177,13 +179,13 @@ def test_a_signal_stops_it_and_partitioned_weights_are_refused(lm):
     model, _ = lm
     text = Tokens(markov_text(2000, 3))
     opts = EvalConfig(dynamic_method="sgd")
-    assert evaluate_dynamic(model, text, 0, 1, 1, 16, CPU, should_stop=lambda: True, options=opts) is None
+    assert evaluate_dynamic(model, text, ONE, 1, 16, should_stop=lambda: True, options=opts) is None
     with pytest.raises(PipelineError, match="gradient statistics"):
-        evaluate_dynamic(model, text, 0, 1, 1, 16, CPU, options=EvalConfig(dynamic_method="rms"))
+        evaluate_dynamic(model, text, ONE, 1, 16, options=EvalConfig(dynamic_method="rms"))
     z3 = LanguageModel(ModelConfig(n_layers=1, d_model=8), V)
     z3.embed.weight.ds_id = 0  # what ZeRO-3 marks its partitioned parameters with
     with pytest.raises(PipelineError, match=r"ZeRO-3.*rnnpipe evaluate"):
-        evaluate_dynamic(z3, text, 0, 1, 1, 16, CPU, options=opts)
+        evaluate_dynamic(z3, text, ONE, 1, 16, options=opts)
 
 
 def _rank(rank: int, init: str, state: dict, text: np.ndarray, train: np.ndarray, out: str) -> None:
@@ -192,9 +194,8 @@ def _rank(rank: int, init: str, state: dict, text: np.ndarray, train: np.ndarray
     model = LanguageModel(ModelConfig(n_layers=1, d_model=32, mlp_ratio=2.0), V)
     model.load_state_dict(state)
     opts = EvalConfig(dynamic_method="rms", dynamic_lr=1e-3, dynamic_decay=0.01, dynamic_stat_batches=4)
-    result = evaluate_dynamic(
-        model, Tokens(text), rank, 2, 1, T, CPU, options=opts, stats_reader=Tokens(train)
-    )
+    ctx = RankContext(rank, 2, CPU)
+    result = evaluate_dynamic(model, Tokens(text), ctx, 1, T, options=opts, stats_reader=Tokens(train))
     if rank == 0:
         Path(out).write_text(json.dumps(result))
     torch.distributed.destroy_process_group()
@@ -207,7 +208,7 @@ def test_two_ranks_adapt_as_one_rank_reading_both_streams(lm, tmp_path):
     args = (f"file://{tmp_path / 'pg'}", model.state_dict(), text, train.ids, str(out))
     torch.multiprocessing.spawn(_rank, args=args, nprocs=2)
     opts = EvalConfig(dynamic_method="rms", dynamic_lr=1e-3, dynamic_decay=0.01, dynamic_stat_batches=4)
-    one = evaluate_dynamic(model, Tokens(text), 0, 1, 2, T, CPU, options=opts, stats_reader=train)
+    one = evaluate_dynamic(model, Tokens(text), ONE, 2, T, options=opts, stats_reader=train)
     assert json.loads(out.read_text()) == pytest.approx(one, rel=1e-5)
 
 
@@ -312,11 +313,11 @@ def test_the_loops_helper_reports_beside_the_static_figures(exported, caplog):
     train = SplitReader(str(data), "train")
     cfg = PretrainConfig(run_dir="r")
     cfg.data.path, cfg.data.seq_len = str(data), 64
-    assert dynamic_results(model, cfg, ["valid", "test"], 0, 1, CPU, train) == {}  # eval.dynamic off
+    assert dynamic_results(model, cfg, ["valid", "test"], ONE, train) == {}  # eval.dynamic off
     cfg.eval.dynamic, cfg.eval.dynamic_lr, cfg.eval.dynamic_stat_batches = True, 1e-3, 5
     # What the loop does with it (docs/pretrain.md: the final evaluation).
-    results = {s: evaluate(model, SplitReader(str(data), s), 0, 1, 1, 64, CPU) for s in ("valid", "test")}
-    extra = dynamic_results(model, cfg, list(results), 0, 1, CPU, train)
+    results = {s: evaluate(model, SplitReader(str(data), s), ONE, 1, 64) for s in ("valid", "test")}
+    extra = dynamic_results(model, cfg, list(results), ONE, train)
     results = {s: None if extra is None else {**r, **extra.get(s, {})} for s, r in results.items()}
     for split in ("valid", "test"):
         assert set(results[split]) == {
@@ -331,7 +332,7 @@ def test_the_loops_helper_reports_beside_the_static_figures(exported, caplog):
     assert results["test"]["bpb_dynamic"] < results["test"]["bpb"]
     cfg.train.zero_stage = 3
     with caplog.at_level(logging.WARNING, logger="rnnpipe.train"):
-        assert dynamic_results(model, cfg, ["test"], 0, 1, CPU, train) == {}
+        assert dynamic_results(model, cfg, ["test"], ONE, train) == {}
     assert "skipped under ZeRO-3" in caplog.text and "rnnpipe evaluate r/export" in caplog.text
     cfg.train.zero_stage, cfg.eval.dynamic_seq_len = 2, 16  # (59 segments: asked at the 16th)
-    assert dynamic_results(model, cfg, ["test"], 0, 1, CPU, train, should_stop=lambda: True) is None
+    assert dynamic_results(model, cfg, ["test"], ONE, train, should_stop=lambda: True) is None

@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from harness import REPO, prepare, rnnpipe
 
 from rnnpipe.pipeline.config import to_dict
+from rnnpipe.pipeline.engine.rank import RankContext
 from rnnpipe.pipeline.models import LanguageModel, MixerKind, ModelConfig
 from rnnpipe.pipeline.train.config import PretrainConfig
 from rnnpipe.pipeline.train.evaluate import evaluate, window_batch_count, window_batches
-from rnnpipe.pipeline.train.report import final_evaluation, window_results
+from rnnpipe.pipeline.train.report import FinalReaders, final_evaluation, window_results
 
 CPU = torch.device("cpu")
+ONE = RankContext.single(CPU)  # rank 0 of 1
 V = 16
 
 
@@ -68,11 +70,11 @@ def test_the_windowed_evaluation_is_a_loop_over_windows_from_the_zero_state(
     lm, split, window, streams, seq_len
 ):
     nats, targets = manual_windows(lm, split.ids, window)
-    got = evaluate(lm, split, 0, 1, streams, seq_len, CPU, window=window)
+    got = evaluate(lm, split, ONE, streams, seq_len, window=window)
     assert got["tokens"] == targets == split.tokens - 1
     assert got["loss"] == pytest.approx(nats / targets, rel=1e-6)
     assert got["bpb"] == pytest.approx(nats / targets / math.log(2) / 2, rel=1e-6)
-    carried = evaluate(lm, split, 0, 1, streams, seq_len, CPU)
+    carried = evaluate(lm, split, ONE, streams, seq_len)
     # The resets matter at the precision claimed: this is not the carried evaluation.
     assert abs(got["loss"] - carried["loss"]) > 1e-5 * carried["loss"]
     batches = list(window_batches(split, 0, 1, streams, seq_len, window))
@@ -82,22 +84,22 @@ def test_the_windowed_evaluation_is_a_loop_over_windows_from_the_zero_state(
 
 def test_ranks_share_the_windows_and_max_tokens_cuts_the_split(lm, split):
     nats, targets = manual_windows(lm, split.ids, 40)
-    parts = [evaluate(lm, split, r, 3, 2, 64, CPU, window=40) for r in range(3)]  # (no process group)
+    parts = [evaluate(lm, split, RankContext(r, 3, CPU), 2, 64, window=40) for r in range(3)]  # (no group)
     assert sum(p["tokens"] for p in parts) == targets
     assert sum(p["loss"] * p["tokens"] for p in parts) == pytest.approx(nats, rel=1e-6)
     counts = {window_batch_count(split.tokens, 3, 2, 64, 40)}
     counts |= {len(list(window_batches(split, r, 3, 2, 64, 40))) for r in range(3)}
     assert len(counts) == 1  # every rank runs as many forward passes (ZeRO-3 gathers collectively)
     head = manual_windows(lm, split.ids[:301], 40)
-    got = evaluate(lm, split, 0, 1, 2, 64, CPU, max_tokens=301, window=40)
+    got = evaluate(lm, split, ONE, 2, 64, max_tokens=301, window=40)
     assert got["tokens"] == head[1] == 300 and got["loss"] == pytest.approx(head[0] / head[1], rel=1e-6)
 
 
 def test_window_zero_is_the_carried_evaluation_and_a_whole_split_window_equals_it(lm, split):
-    carried = evaluate(lm, split, 0, 1, 1, 64, CPU)
-    assert evaluate(lm, split, 0, 1, 1, 64, CPU, window=0) == carried
+    carried = evaluate(lm, split, ONE, 1, 64)
+    assert evaluate(lm, split, ONE, 1, 64, window=0) == carried
     for n in (split.tokens - 1, split.tokens, 10 * split.tokens):  # one window: the state never reset
-        whole = evaluate(lm, split, 0, 1, 1, 64, CPU, window=n)
+        whole = evaluate(lm, split, ONE, 1, 64, window=n)
         assert whole["tokens"] == carried["tokens"]
         assert whole["loss"] == pytest.approx(carried["loss"], rel=1e-6)
 
@@ -155,11 +157,11 @@ def test_the_final_evaluation_reports_it_beside_the_carried_figures(exported):
     readers = {s: SplitReader(str(data), s) for s in ("train", "valid", "test")}
 
     def carried(reader, full):
-        return evaluate(model, reader, 0, 1, 2, 32, CPU)
+        return evaluate(model, reader, ONE, 2, 32)
 
     engine, metrics = SimpleNamespace(module=model, global_steps=7), Recorder()
-    args = (engine, cfg, 0, 1, CPU, readers["train"], readers["valid"], carried, lambda: False, metrics, {})
-    assert final_evaluation(*args)
+    args = (engine, cfg, ONE, FinalReaders(train=readers["train"], valid=readers["valid"]), carried)
+    assert final_evaluation(*args, should_stop=lambda: False, metrics=metrics, params={})
     for s in ("valid", "test"):
         want = manual_windows(model, readers[s].read(0, readers[s].tokens), 20)
         assert metrics.final[f"{s}/loss_window"] == pytest.approx(want[0] / want[1], rel=1e-6)
@@ -167,12 +169,13 @@ def test_the_final_evaluation_reports_it_beside_the_carried_figures(exported):
         assert metrics.final[f"{s}/ppl_window"] == pytest.approx(math.exp(metrics.final[f"{s}/loss_window"]))
         assert metrics.scalar[f"{s}/bpb_window"] == metrics.final[f"{s}/bpb_window"]
     cfg.eval.window = 0
-    assert final_evaluation(*args[:-2], metrics, {}) and "valid/loss_window" not in metrics.final
+    assert final_evaluation(*args, should_stop=lambda: False, metrics=metrics, params={})
+    assert "valid/loss_window" not in metrics.final
     # A signal during the windowed evaluation (asked every 16 batches: 1 window of 2 per batch):
     # nothing recorded, the job is requeued.
     cfg.eval.window, cfg.data.seq_len, cfg.train.eval_batch_size = 2, 2, 1
-    assert window_results(model, cfg, "valid", readers["valid"], 0, 1, CPU, lambda: True) is None
-    assert not final_evaluation(*args[:-3], lambda: True, Recorder(), {})
+    assert window_results(model, cfg, "valid", readers["valid"], ONE, should_stop=lambda: True) is None
+    assert not final_evaluation(*args, should_stop=lambda: True, metrics=Recorder(), params={})
 
 
 def test_the_command_line_prints_and_writes_it(exported, tmp_path, capsys):
