@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rnnpipe.pipeline.config import check_range, load_config
 from rnnpipe.pipeline.errors import ConfigError, PipelineError
+from rnnpipe.pipeline.fsio import write_text_atomic
 from rnnpipe.pipeline.train.config import EvalConfig
 
 if TYPE_CHECKING:  # (the parser is built without torch: every rnnpipe command builds it)
@@ -70,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
             f"{args.export} is not an export directory (no config.json): export a run first "
             "(rnnpipe export RUN_DIR OUT)"
         )
+    if args.json:  # before the work: a results file that cannot be written fails now, not after it
+        _check_writable(args.json)
     device = pick_device(args.device)
     result = evaluate_export(args.export, args.data, args.split, opts, args.streams, args.seq_len, device)
     print(
@@ -92,8 +96,18 @@ def run(args: argparse.Namespace) -> int:
             f"{win['bpb']:.4f} bits per byte, perplexity {win['ppl']:.2f}"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_text_atomic(str(Path(args.json).absolute()), json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def _check_writable(path: str) -> None:
+    """ConfigError naming ``--json`` unless ``path``'s directory exists and this user may write
+    there (checked before minutes of evaluation, not after them)."""
+    parent = Path(path).absolute().parent
+    if not parent.is_dir():
+        raise ConfigError(f"--json {path}: no directory {parent}: create it first (mkdir -p {parent})")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--json {path}: {parent} is not writable: choose another path")
 
 
 def evaluate_window(
@@ -109,13 +123,17 @@ def evaluate_window(
     with the state reset every ``window`` tokens: ``{"loss", "bpb", "ppl", "tokens"}``; at most
     ``streams`` × ``seq_len`` tokens per forward pass. The tokenizer check is
     :func:`rnnpipe.pipeline.train.dynamic_eval.evaluate_export`'s, which runs first."""
+    from rnnpipe.pipeline.data.config import DEFAULT_VERIFY
     from rnnpipe.pipeline.data.reader import open_split
+    from rnnpipe.pipeline.engine.rank import RankContext
     from rnnpipe.pipeline.models.exported import export_direction, export_source
     from rnnpipe.pipeline.models.pretrained import load_pretrained
     from rnnpipe.pipeline.train.evaluate import evaluate
 
-    reader = open_split(data or export_source(str(export))["data"], split, "sizes", export_direction(export))
+    reader = open_split(
+        data or export_source(str(export))["data"], split, DEFAULT_VERIFY, export_direction(export)
+    )
     model = load_pretrained(Path(export), device)
-    result = evaluate(model, reader, 0, 1, streams, seq_len, device, window=window)
+    result = evaluate(model, reader, RankContext.single(device), streams, seq_len, window=window)
     assert result is not None  # (no should_stop)
     return result

@@ -4,6 +4,11 @@ The model is an export (``config.json``) or a pretrain run's latest complete che
 (``checkpoints/``). The prompt comes from ``--prompt``, ``--prompt-file`` ('-': stdin) or stdin, and
 is read as given (a trailing newline included). Stdout gets the prompt, then the continuation, then
 one newline; what was loaded goes to the log (stderr). Ctrl-C ends the line and exits with 130.
+
+A backward LM (``data.direction=backward``: it reads text last token first) writes what comes
+*before* the prompt: the prompt is the end of the text, fed to the model last token first, and
+the tokens it generates precede it. Stdout gets the text in reading order, generated text then
+the prompt, once generation ends (or at Ctrl-C, what was generated so far).
 """
 
 from __future__ import annotations
@@ -89,12 +94,14 @@ def pick_device(name: str) -> torch.device:
 
 def load(source: str | Path, device: torch.device) -> tuple[LanguageModel, Tokenizer, str]:
     """(the model in eval mode on ``device``, its tokenizer, a description for the log) of an export
-    directory or a run dir's latest complete checkpoint; PipelineError for anything else."""
+    directory or a run dir's latest complete checkpoint; PipelineError for anything else. An
+    export's config, tokenizer and weights' shapes are checked before its model is built."""
     path = Path(source)
     if (path / "config.json").is_file():
         from rnnpipe.pipeline.models.pretrained import load_pretrained, load_pretrained_tokenizer
 
-        return load_pretrained(path, device), load_pretrained_tokenizer(path), f"export {path}"
+        tok = load_pretrained_tokenizer(path)  # (first: a broken tokenizer file costs no model load)
+        return load_pretrained(path, device), tok, f"export {path}"
     if (path / "checkpoints").is_dir():
         from rnnpipe.pipeline.train.export import consolidate
 
@@ -113,6 +120,21 @@ def load(source: str | Path, device: torch.device) -> tuple[LanguageModel, Token
         f"{path} {found}: expected an export directory (config.json, made by rnnpipe export) "
         "or a pretrain run directory (checkpoints/)"
     )
+
+
+def direction(source: str | Path) -> str:
+    """``forward`` or ``backward``: which way the model of an export or a run dir reads text
+    (its recorded ``data.direction``; forward where none is recorded)."""
+    path = Path(source)
+    if (path / "config.json").is_file():
+        from rnnpipe.pipeline.models.exported import export_direction
+
+        return export_direction(path)
+    from rnnpipe.pipeline.train import checkpoint
+    from rnnpipe.pipeline.train.export import run_direction
+
+    latest = checkpoint.find_latest(path) if (path / "checkpoints").is_dir() else None
+    return run_direction(checkpoint.read_header(latest).get("config") or {}) if latest else "forward"
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -180,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     text = read_prompt(args)
+    backward = direction(args.source) == "backward"
     model, tok, what = load(args.source, device)
     ids = prompt_ids(tok, text)
     from rnnpipe.launch.commands.plot import run_label
@@ -201,6 +224,13 @@ def _sample(args: argparse.Namespace) -> int:
         seed = gen.seed()
         if args.temperature:  # (at temperature 0 nothing is drawn)
             log.info("seed %d (pass --seed to repeat it)", seed)
+    if backward:
+        log.info(
+            "a backward LM: it reads the prompt as the end of the text, last token first, and writes "
+            "the %d tokens before it (printed in reading order when done)",
+            args.tokens,
+        )
+        return _sample_backward(args, model, tok, text, ids[::-1], gen)
     prompt = torch.tensor([ids], dtype=torch.long, device=device)
     out = sys.stdout
     stream = TextStream(tok)
@@ -225,6 +255,35 @@ def _sample(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `rnnpipe sample ... | head`: the reader has all it wants
         _silence_stdout()
     return 0
+
+
+def _sample_backward(
+    args: argparse.Namespace,
+    model: LanguageModel,
+    tok: Tokenizer,
+    text: str,
+    reversed_ids: list[int],
+    gen: torch.Generator,
+) -> int:
+    """A backward LM's text: ``reversed_ids`` (the prompt's ids, last first) fed, the tokens it
+    generates collected, then written in reading order before the prompt; 130 on Ctrl-C, after
+    writing what was generated so far."""
+    prompt = torch.tensor([reversed_ids], dtype=torch.long, device=gen.device)
+    made: list[int] = []
+    status = 0
+    try:
+        for nxt_B1 in model.stream(prompt, args.tokens, args.temperature, args.top_k, generator=gen):
+            made.append(int(nxt_B1[0, 0]))
+    except KeyboardInterrupt:
+        log.info("interrupted after %d of %d tokens", len(made), args.tokens)
+        status = 130
+    before = tok.decode(made[::-1]).decode("utf-8", "replace") if made else ""
+    try:
+        sys.stdout.write(before + text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    return status
 
 
 def _silence_stdout() -> None:

@@ -4,9 +4,16 @@ Stage protocol (:mod:`rnnpipe.launch.stages.stage`). Each job's fingerprint cove
 weights' sha256 and every task file's sha256 (:mod:`rnnpipe.pipeline.finetune.identity`); the stage's
 fingerprint is that of all its jobs. Complete: every job's ``result.json`` records its current
 fingerprint; a re-run runs exactly the jobs that are missing or stale, and on Slurm submits only
-those array tasks. Jobs fan out as one process per job (local), one Slurm array task per job
-through submitit (requeued on preemption or timeout, resuming from their checkpoint), or one after
+those array tasks. Jobs fan out to worker processes, one job at a time each (local:
+:class:`~rnnpipe.launch.processes.job_processes.JobProcesses`, so a job whose worker is killed
+fails alone), one Slurm array task per job through submitit (requeued on preemption or timeout,
+resuming from their checkpoint), or one after
 another in this process (inline).
+
+One writer per sweep directory: a sweep holds ``<out_dir>/.rnnpipe-finetune.lock``
+(:func:`rnnpipe.pipeline.locking.exclusive`, as pretraining holds its run dir) from before it
+writes anything to its end; a second ``rnnpipe finetune`` of the directory (or an ``--only`` task
+while a sweep runs there) is refused at once, naming the holder.
 """
 
 from __future__ import annotations
@@ -16,7 +23,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from rnnpipe.launch.processes.executors import ExecutorConfig, ExecutorKind, TasksFailed, make_executor
+from rnnpipe.launch.processes.executors import (
+    Executor,
+    ExecutorConfig,
+    ExecutorKind,
+    TasksFailed,
+    make_executor,
+)
+from rnnpipe.launch.processes.job_processes import JobProcesses
 from rnnpipe.launch.stages.stage import (
     Decision,
     SlurmContext,
@@ -34,6 +48,7 @@ from rnnpipe.pipeline.finetune.sweep import SweepConfig
 
 NAME = "finetune"
 FINETUNE_SIGNAL_S = 90  # Slurm array tasks: USR2 this long before the limit (submitit's default)
+SWEEP_LOCK = ".rnnpipe-finetune.lock"  # <out_dir>/: one writer per sweep directory
 
 
 @dataclass
@@ -151,16 +166,31 @@ def check(job: FinetuneJob, upstream: Upstream | None = None) -> None:
                 raise ConfigError(f"tasks.{name}.{split}={path}: no such file")
     grid(job)  # unknown grid keys, duplicate job directories
     if not any_runs(upstream):
-        from rnnpipe.pipeline.models.exported import export_meta
+        from rnnpipe.pipeline.models.exported import WEIGHTS, export_meta, is_export
 
         try:
             export_meta(job.pretrained)
         except PipelineError as e:
             raise ConfigError(f"pretrained={job.pretrained}: {e}") from e
+        for key in ("pretrained", "pretrained_backward"):
+            path = getattr(job, key)
+            if path and is_export(path) and fsio.is_local(fsio.absolute(path)):
+                _check_weights(key, path, fsio.join(fsio.absolute(path), WEIGHTS))
     if job.executor.kind is ExecutorKind.slurm:
         from rnnpipe.launch.processes.slurm import check_partition
 
         check_partition(job.executor.slurm.partition, "finetune.executor.slurm.partition")
+
+
+def _check_weights(key: str, path: str, weights: str) -> None:
+    """ConfigError naming ``key`` and the file unless an export's weights are a complete
+    safetensors file (its header read and checked against its size: no tensor loaded)."""
+    from rnnpipe.pipeline.models.backbone import check_safetensors
+
+    try:
+        check_safetensors(weights, "export it again (or copy it again from where it was made)")
+    except PipelineError as e:
+        raise ConfigError(f"{key}={path}: {e}") from None
 
 
 def plan(job: FinetuneJob, upstream: Upstream | None = None) -> Decision:
@@ -187,7 +217,14 @@ def _prepared(job: FinetuneJob, write_config: bool = True) -> SweepConfig:
 def run_sweep(job: FinetuneJob, table: bool = True) -> None:
     """Run every job of the sweep not yet complete; with ``table``, then write and print the table
     of the grid's results. Raises :class:`TasksFailed` (after the table of what did finish) when
-    some failed."""
+    some failed, and PipelineError at once when another process holds the sweep directory."""
+    from rnnpipe.pipeline.locking import exclusive
+
+    with exclusive(fsio.absolute(job.out_dir), SWEEP_LOCK, "finetune"):
+        _run_sweep(job, table)
+
+
+def _run_sweep(job: FinetuneJob, table: bool) -> None:
     from rnnpipe.pipeline.finetune.collect import collect
     from rnnpipe.pipeline.finetune.sweep import expand, pending, resolve_pretrained
     from rnnpipe.pipeline.finetune.sweep import run_sweep as run_jobs
@@ -200,7 +237,11 @@ def run_sweep(job: FinetuneJob, table: bool = True) -> None:
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
     failed: TasksFailed | None = None
     results: list[dict[str, Any]] = []
-    with make_executor(job.executor, fsio.join(sweep.out_dir, "slurm"), requeue=True) as executor:
+    if job.executor.kind is ExecutorKind.local:
+        executor: Executor = JobProcesses(job.executor.workers)
+    else:
+        executor = make_executor(job.executor, fsio.join(sweep.out_dir, "slurm"), requeue=True)
+    with executor:
         try:
             results, skipped = run_jobs(sweep, executor)
             print(f"finetune: {len(results) - skipped} job(s) run, {skipped} already complete")
@@ -228,8 +269,14 @@ def run_only(job: FinetuneJob, index: int) -> None:
     from rnnpipe.launch.processes.slurm import task_setup
     from rnnpipe.pipeline.finetune.identity import status
     from rnnpipe.pipeline.finetune.sweep import LabelledJob, expand, job_label, resolve_pretrained, run_one
+    from rnnpipe.pipeline.locking import holder
 
     task_setup()
+    who = holder(fsio.absolute(job.out_dir), SWEEP_LOCK)
+    if who is not None:  # (array tasks share the directory with each other, not with a sweep)
+        raise PipelineError(
+            f"{fsio.absolute(job.out_dir)} is in use by {who}: wait for that sweep to finish (or stop it)"
+        )
     sweep = _prepared(job, write_config=False)  # the array's tasks would all write it at once
     jobs = expand(sweep, resolve_pretrained(sweep))
     if not 0 <= index < len(jobs):

@@ -16,8 +16,15 @@ class Direction(Enum):
     backward = "backward"  # the split's whole token stream reversed: a backward LM (ELMo's second one)
 
 
-# How much the training reader checks each shard against the manifest when it opens it.
-VERIFY_LEVELS = ("sizes", "full")  # sizes: size, sample and token counts; full: also the sha256
+# How much the training reader checks each shard against the manifest (docs/data-format.md):
+#   sizes  its size, sample and token counts when the split is opened (an opt-out: a flipped byte
+#          that keeps every size is trained on);
+#   read   those, and its sha256 the first time this process reads a sample of it, in the same
+#          pass that reads the sample: nothing of a damaged shard is used (the default);
+#   full   those, and every shard's sha256 when the split is opened: damage stops the run before
+#          its first step, for one read of the whole split per rank at every start.
+VERIFY_LEVELS = ("sizes", "read", "full")
+DEFAULT_VERIFY = "read"
 
 
 class SourceKind(Enum):

@@ -22,6 +22,10 @@ Two rules keep such a dataset comparable with rnnpipe's own tokenizers:
 
 Special-token names typed in text (``<|endoftext|>``) are text here, as for the other kinds; only
 the end-of-document id rnnpipe appends after a document is the eos token.
+
+A tokenizer directory is data, never code: ``AutoTokenizer`` is called with
+``trust_remote_code=False``, so no answer to transformers' prompt runs a ``.py`` file its config
+names (``auto_map``); such a directory loads from its ``tokenizer.json`` alone, or is refused.
 """
 
 from __future__ import annotations
@@ -274,8 +278,15 @@ def _with_transformers(path: str, hub: bool) -> tuple[str, str | None, dict[str,
     from transformers import AutoTokenizer
 
     try:
-        obj = AutoTokenizer.from_pretrained(path)
+        obj = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a bad path
+        if "trust_remote_code" in str(e):  # its config names code of its own (auto_map)
+            raise ConfigError(
+                f"tokenizer.path={path}: its tokenizer asks for code of its own (auto_map in its "
+                "tokenizer_config.json or config.json); rnnpipe never runs a tokenizer's own code "
+                "(trust_remote_code=False): use a directory holding its tokenizer.json (a fast "
+                "tokenizer), or a tokenizer transformers supports"
+            ) from None
         where = "not a local directory, and loading it from the Hugging Face hub" if hub else "loading it"
         raise ConfigError(f"tokenizer.path={path}: {where} failed: {type(e).__name__}: {e}") from e
     backend = getattr(obj, "backend_tokenizer", None)

@@ -3,14 +3,15 @@
 
 :func:`open_split` opens a split as a run reads it (``data.direction``): a :class:`SplitReader`
 (random access to the concatenated tokens of its shards, each shard checked against the manifest
-as ``data.verify`` says when first opened, a small cache of decoded samples) or, read backwards, a
-:class:`ReversedReader` over one. The training loaders (:mod:`rnnpipe.pipeline.train.data`),
-evaluation and sampling read through it.
+as ``data.verify`` says: its sizes when opened, by default its sha256 when first read; a small
+cache of decoded samples) or, read backwards, a :class:`ReversedReader` over one. The training
+loaders (:mod:`rnnpipe.pipeline.train.data`), evaluation and sampling read through it.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import os
 import tarfile
@@ -20,13 +21,14 @@ from typing import Any
 import numpy as np
 
 from rnnpipe.pipeline import fsio
-from rnnpipe.pipeline.data.config import VERIFY_LEVELS, Direction  # data.verify: what the reader checks
+from rnnpipe.pipeline.data.config import DEFAULT_VERIFY, VERIFY_LEVELS, Direction  # data.verify
 from rnnpipe.pipeline.data.manifest import inside, read_index, read_manifest
 from rnnpipe.pipeline.data.shards import read_npy_header
 from rnnpipe.pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger(__name__)
 _TOLD: set[str] = set()  # datasets whose missing sample index this process has logged
+_CHUNK = 1 << 22  # bytes a shard is hashed in (4 MiB)
 
 
 def _damaged(url: str, root: str, what: str) -> PipelineError:
@@ -46,15 +48,18 @@ class SplitReader:
     shard modified after its index was written, is indexed from its tar headers (one small read
     per sample). Opening checks every shard against the manifest: its file size always, and for a
     shard indexed from its headers its sample and token counts and each ``.npy`` header (a broken
-    tar header makes ``tarfile`` stop early without an error: the counts catch it); with
-    ``verify="full"`` its sha256 too (``data.verify``: a flipped byte keeps every size). Any damage
-    raises :class:`PipelineError` naming the shard.
+    tar header makes ``tarfile`` stop early without an error: the counts catch it). A flipped byte
+    keeps every size, so by default (``verify="read"``, ``data.verify``) each shard's sha256 is
+    checked against the manifest the first time this reader reads a sample of it, in the pass that
+    reads the sample: no token of a damaged shard is returned. ``verify="full"`` hashes every shard
+    when opening instead (damage stops a run before its first step); ``verify="sizes"`` never
+    hashes. Any damage raises :class:`PipelineError` naming the shard and the way out.
 
     Samples read are kept in an LRU cache of ``cache_samples`` (at least): :meth:`cache_for_streams`
     grows it to what a number of contiguous streams needs. Reads are thread-safe (one lock).
     """
 
-    def __init__(self, root: str, split: str, cache_samples: int = 64, verify: str = "sizes"):
+    def __init__(self, root: str, split: str, cache_samples: int = 64, verify: str = DEFAULT_VERIFY):
         if verify not in VERIFY_LEVELS:
             raise ConfigError(f"data.verify={verify!r}: expected one of {', '.join(VERIFY_LEVELS)}")
         root = fsio.absolute(root)
@@ -66,6 +71,7 @@ class SplitReader:
         self.root = root
         self.manifest = manifest
         self.verify = verify
+        self._hashed: set[int] = set()  # shards whose sha256 matched (pickled: workers inherit it)
         self.tokens = int(info["tokens"])
         self.bytes = int(info["bytes"])
         self.dtype = np.dtype(manifest["dtype"])
@@ -99,6 +105,8 @@ class SplitReader:
         for i, shard in enumerate(info["shards"]):
             urls.append(inside(self.root, shard["path"], f"splits.{self.split}.shards[{i}].path"))
             mtime = self._check_file(urls[i], shard)
+            if self.verify == "full":
+                self._hashed.add(i)
             if starts is None or (written is not None and mtime is not None and mtime > written):
                 found = np.asarray(self._index(urls[i], shard), np.int64).reshape(-1, 2)  # (checked there)
                 parts.append(np.column_stack([np.full(len(found), i, np.int64), found]))
@@ -228,15 +236,20 @@ class SplitReader:
             return arr
 
     def _read_sample(self, i: int) -> np.ndarray:
-        """Sample ``i`` from its shard: one open, one seek, one read of its tokens."""
+        """Sample ``i`` from its shard: one open, one seek, one read of its tokens; the first read
+        of a shard with ``verify="read"`` reads the whole shard instead, hashing it
+        (:meth:`_read_hashed`)."""
         shard, offset, n = (int(x) for x in self._places[i])
         url = self._urls[shard]
         fs, path = fsio.filesystem(url)
         want = n * self.dtype.itemsize
         try:
-            with fs.open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read(want)
+            if self.verify == "read" and shard not in self._hashed:
+                data = self._read_hashed(shard, i, offset, want)
+            else:
+                with fs.open(path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read(want)
         except OSError as e:
             raise _damaged(url, self.root, f"cannot read sample {i} ({type(e).__name__}: {e})") from None
         if len(data) != want:  # the file shrank after it was indexed
@@ -244,6 +257,38 @@ class SplitReader:
                 url, self.root, f"sample {i}: read {len(data)} of {want} bytes at byte {offset} (truncated)"
             )
         return np.frombuffer(data, dtype=self.dtype)
+
+    def _read_hashed(self, shard: int, i: int, offset: int, want: int) -> bytes:
+        """Sample ``i``'s ``want`` bytes at ``offset`` of ``shard``, taken from one pass over the
+        whole shard (4 MiB reads) that checks its size and sha256 against the manifest: what is
+        returned is what was hashed. Then the shard counts as checked for this reader."""
+        url = self._urls[shard]
+        entry = self.manifest["splits"][self.split]["shards"][shard]
+        fs, path = fsio.filesystem(url)
+        digest = hashlib.sha256()
+        data = bytearray()
+        pos = 0
+        with fs.open(path, "rb") as f:
+            while block := f.read(_CHUNK):
+                digest.update(block)
+                lo, hi = max(offset - pos, 0), min(offset + want - pos, len(block))
+                if lo < hi:
+                    data += memoryview(block)[lo:hi]
+                pos += len(block)
+        if len(data) != want:  # the shard ends inside the sample: the caller names it (truncated)
+            return bytes(data)
+        if pos != entry["size"]:
+            cut = " (truncated)" if pos < entry["size"] else ""
+            raise _damaged(url, self.root, f"{pos} bytes, the manifest says {entry['size']}{cut}")
+        if (sha := digest.hexdigest()) != entry["sha256"]:
+            raise _damaged(
+                url,
+                self.root,
+                f"sha256 {sha[:16]}… differs from the manifest's {entry['sha256'][:16]}… (checked as "
+                f"sample {i} was first read from it, before any of its tokens were used)",
+            )
+        self._hashed.add(shard)
+        return bytes(data)
 
     def read(self, a: int, b: int) -> np.ndarray:
         """Tokens [a, b) of the split as int64."""
@@ -311,7 +356,7 @@ class ReversedReader:
 
 
 def open_split(
-    path: str, split: str, verify: str = "sizes", direction: Direction | str = Direction.forward
+    path: str, split: str, verify: str = DEFAULT_VERIFY, direction: Direction | str = Direction.forward
 ) -> SplitReader | ReversedReader:
     """A prepared dataset's split as a run with ``data.direction`` reads it: a :class:`SplitReader`,
     wrapped in a :class:`ReversedReader` for ``backward``."""

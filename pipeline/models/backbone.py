@@ -5,6 +5,14 @@
 directory, or an rnnpipe export of such a model: its backbone without its recurrence), or from a
 config alone (``init=random``); :func:`backbone_source` names what it was made from, by content,
 for the run's identity. ``transformers`` is imported only here and only for that kind.
+
+A model directory is data, never code: every ``from_pretrained`` here passes
+``trust_remote_code=False`` (so no answer to transformers' prompt runs the directory's ``.py``
+files), a config whose ``auto_map`` asks for its own code is refused unless its ``model_type`` is
+one transformers knows (then its own classes load it), and weights are read as weights only: every
+``*.safetensors`` is checked complete (:func:`check_weight_files`, in the preflight and again before
+loading), and a ``.bin`` that unpickles anything but tensors is refused, never retried with
+``weights_only=False``. Each refusal is one :class:`ConfigError` naming the file and what to do.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +105,13 @@ def _load_backbone(
     if hf.path and is_export(hf.path):
         return _backbone_of_export(hf, vocab_size, overrides)
     root = local_path(hf) if hf.path else ""
+    if root:
+        check_no_code(hf.path, root)
     if hf.init == "random":
         # A new model of the path's (or the model type's) architecture, sized for the dataset.
         if hf.path:
             try:
-                base = AutoConfig.from_pretrained(root).to_dict()
+                base = AutoConfig.from_pretrained(root, trust_remote_code=False).to_dict()
             except (OSError, ValueError) as e:
                 raise ConfigError(f"model.hf.path={hf.path!r}: no transformers config there ({e})") from e
         else:
@@ -108,17 +120,104 @@ def _load_backbone(
             return _from_config(base, overrides, vocab_size)
         except (KeyError, ValueError) as e:
             raise ConfigError(f"model.hf: cannot build a {base.get('model_type')!r} model ({e})") from e
+    check_weight_files(hf.path, root)
+    from safetensors import SafetensorError
+
     try:
-        return AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32, **overrides)
+        return AutoModelForCausalLM.from_pretrained(
+            root, dtype=torch.float32, trust_remote_code=False, **overrides
+        )
+    except pickle.UnpicklingError as e:  # (checked above: a file changed since, or a legacy .bin)
+        raise ConfigError(_pickle_message(hf.path, root, e)) from None
+    except SafetensorError as e:
+        raise ConfigError(f"model.hf.path={hf.path!r}: {_truncated(root, e)}") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.hf.path={hf.path!r}: cannot load a causal LM from it ({e})") from e
+
+
+def check_no_code(path: str, root: str) -> None:
+    """rnnpipe never runs a model directory's own code: a ``config.json`` whose ``auto_map``
+    names classes in the directory loads only when its ``model_type`` is one transformers knows
+    (its own classes then load it, the directory's ``.py`` files unread); else a ConfigError."""
+    try:
+        config = json.loads((Path(root) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # transformers says what is wrong with it
+    if not isinstance(config, dict) or not config.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return
+    raise ConfigError(
+        f"model.hf.path={path!r}: {Path(root) / 'config.json'} asks for the directory's own model "
+        f"code (auto_map) for model_type {model_type!r}, which this transformers does not know; "
+        "rnnpipe never runs a model directory's own code (trust_remote_code=False): use a model "
+        "of a type transformers supports"
+    )
+
+
+def check_weight_files(path: str, root: str) -> None:
+    """The weight files of the local transformers directory ``root`` (``model.hf.path=path``),
+    before any is loaded: every ``*.safetensors`` complete (its header read and checked against
+    the file's size: cheap), and where there is none, every ``*.bin`` a pickle of tensors only
+    (read with ``weights_only=True``, memory-mapped). ConfigError naming the file otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    names = sorted(n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n)))
+    safetensors = [n for n in names if n.endswith(".safetensors")]
+    for name in safetensors:
+        try:
+            with safe_open(os.path.join(root, name), "pt"):
+                pass
+        except SafetensorError as e:
+            raise ConfigError(f"model.hf.path={path!r}: {_truncated(os.path.join(root, name), e)}") from None
+    if safetensors:
+        return  # what transformers loads where both are present
+    for name in (n for n in names if n.endswith(".bin")):
+        try:
+            torch.load(os.path.join(root, name), map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            raise ConfigError(_pickle_message(path, os.path.join(root, name), e)) from None
+        except RuntimeError as e:
+            if "mmap" in str(e):
+                continue  # a legacy (not zip) file cannot be memory-mapped: checked as it loads
+            raise ConfigError(
+                f"model.hf.path={path!r}: {os.path.join(root, name)} is not a complete PyTorch file "
+                f"({str(e).split('. ')[0]}): it is truncated or damaged; download or copy it again"
+            ) from None
+
+
+def _truncated(file: str, e: Exception) -> str:
+    """What to say of a safetensors file that does not open (``e``: safetensors' error)."""
+    if os.path.isdir(file):  # transformers' error names no file: the directory's safetensors
+        file = os.path.join(file, "model.safetensors")
+    reason = str(e).removeprefix("Error while deserializing header: ")
+    return (
+        f"{file} is not a complete safetensors file ({reason}): it is truncated or damaged (an "
+        "interrupted download or copy?); download or copy it again"
+    )
+
+
+def _pickle_message(path: str, file: str, e: Exception) -> str:
+    """What to say of a ``.bin`` that ``torch.load(weights_only=True)`` refused (``e``): the
+    globals it names, and not torch's advice to retry with weights_only=False."""
+    if os.path.isdir(file):
+        file = os.path.join(file, "pytorch_model.bin")
+    names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
+    holds = f" (it names {', '.join(names)})" if names else ""
+    return (
+        f"model.hf.path={path!r}: {file} is a pickle holding more than tensors{holds}: rnnpipe "
+        "loads weights only (safetensors, or a .bin of plain tensors) and never runs a pickle's "
+        "code; use the model's model.safetensors, or convert this file to safetensors only where "
+        "running its code is safe"
+    )
 
 
 def _backbone_of_export(hf: HFBackboneConfig, vocab_size: int, overrides: dict[str, Any]) -> nn.Module:
     """The backbone inside an rnnpipe export of a huggingface-kind model: its recorded config,
     and (init=pretrained) its ``backbone.*`` weights; the export's recurrence stays behind."""
-    from safetensors.torch import load_file
-
     meta = json.loads((Path(hf.path) / "config.json").read_text())
     if meta["model"].get("kind") != ModelKind.huggingface.value or BACKBONE_CONFIG_KEY not in meta:
         raise ConfigError(
@@ -132,7 +231,7 @@ def _backbone_of_export(hf: HFBackboneConfig, vocab_size: int, overrides: dict[s
     backbone = _from_config(meta[BACKBONE_CONFIG_KEY], overrides, None)
     if hf.init == "random":
         return backbone
-    state = load_file(str(Path(hf.path) / "model.safetensors"))
+    state = read_safetensors(str(Path(hf.path) / "model.safetensors"))
     prefix = "backbone."
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     load_weights(backbone, weights, f"{hf.path}/model.safetensors")
@@ -147,10 +246,19 @@ def check_backbone(cfg: ModelConfig, vocab_size: int, tokenizer: dict[str, Any],
     if hf.path and is_export(hf.path):
         meta = json.loads((Path(hf.path) / "config.json").read_text())
         config = meta.get(BACKBONE_CONFIG_KEY) or {}
+        if hf.init != "random":
+            try:
+                check_safetensors(str(Path(hf.path) / "model.safetensors"), "export it again")
+            except PipelineError as e:
+                raise ConfigError(f"model.hf.path={hf.path!r}: {e}") from None
     elif hf.init == "random":
+        if hf.path:
+            check_no_code(hf.path, local_path(hf))
         return  # sized for the dataset, built fresh: the rank's own checks suffice
     else:
         root = local_path(hf)
+        check_no_code(hf.path, root)
+        check_weight_files(hf.path, root)
         config = json.loads((Path(root) / "config.json").read_text())
         _check_tokenizer(hf.path, root, tokenizer, data_path)
     positions = config.get("max_position_embeddings") or config.get("n_positions") or 0
@@ -189,6 +297,36 @@ def _check_tokenizer(path: str, root: str, tokenizer: dict[str, Any], data_path:
             f"data.path={data_path} was tokenized with another vocabulary than model.hf.path={path!r}'s "
             f"tokenizer.json: prepare it with tokenizer.path={path}"
         )
+
+
+def check_safetensors(file: str, todo: str) -> None:
+    """PipelineError naming ``file`` and what to do (``todo``: "export it again") unless it is a
+    complete safetensors file: its header read and checked against its size, no tensor loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, "pt"):
+            pass
+    except FileNotFoundError:
+        raise PipelineError(f"{file}: no such file: {todo}") from None
+    except (SafetensorError, OSError) as e:
+        reason = str(e).removeprefix("Error while deserializing header: ")
+        raise PipelineError(
+            f"{file} is not a complete safetensors file ({reason}): it is truncated or damaged; {todo}"
+        ) from None
+
+
+def read_safetensors(file: str, todo: str = "export it again") -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors ``file`` (on the CPU); a file that is missing, truncated or
+    damaged is a PipelineError naming it and what to do (``todo``), not safetensors' own error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_safetensors(file, todo)
+    try:
+        return load_file(file, device="cpu")
+    except (SafetensorError, OSError) as e:  # changed since the check
+        raise PipelineError(f"{file} cannot be read ({e}): {todo}") from None
 
 
 def load_weights(module: nn.Module, state: dict[str, Any], where: str) -> None:

@@ -18,6 +18,12 @@ The coverage (found / vocabulary) is logged and recorded: in every checkpoint's 
 run dir's ``embeddings.json`` (the file's path, the sha256 of its text, its format, dimension and
 vector count, the ids found and how, the coverage, the freeze).
 
+Bounded on untrusted files: a line longer than :data:`MAX_LINE_BYTES` is refused as soon as the
+limit is read (naming the file and line), so a file of one huge line never sits in memory; a file
+covering under :data:`MIN_COVERAGE` of the vocabulary is refused (a :class:`ConfigError` naming the
+file and its coverage): vectors of another language, casing or tokenization would otherwise
+initialise nothing, silently.
+
 Fine-tuning has the same keys as a job's ``embeddings`` (``embeddings.init``, ``embeddings.freeze``):
 :func:`initialize` with ``key="embeddings"`` on the backbone after it is built or loaded, the rows
 always copied (``init=scratch``: GloVe inputs to a fresh LM; ``init=pretrained``: the found rows
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +69,13 @@ class Vectors:
 
 
 KEY = "model.embeddings"  # the config key errors name (pretraining's; fine-tuning's: "embeddings")
+# The longest line read (bytes, newline included): a GloVe 300-d line is about 3 kB, and 1 MiB
+# leaves room for tens of thousands of dimensions; past it the file is not a vectors text file.
+MAX_LINE_BYTES = 1 << 20
+# The least share of the vocabulary a vectors file must cover: the vectors of a dataset's own
+# language and casing cover most of a word vocabulary (the lowercased word is tried too); under a
+# tenth, the file is another language's, casing's or tokenization's, or not vectors at all.
+MIN_COVERAGE = 0.10
 
 
 def _fail(url: str, line: int, what: str, key: str = KEY) -> PipelineError:
@@ -88,7 +102,13 @@ def read_vectors(url: str, tokens: list[str], dim: int | None = None, key: str =
     fmt, n, lines = "glove", 0, 0
     try:
         with fsspec.open(fsio.absolute(url), "rb", compression="infer") as f:
-            for number, raw in enumerate(f, 1):
+            for number, raw in enumerate(_bounded_lines(f), 1):
+                if len(raw) > MAX_LINE_BYTES:
+                    what = (
+                        f"is longer than {MAX_LINE_BYTES:,} bytes: not a GloVe or word2vec text file "
+                        "(a line is a word and its numbers, a few kB; a binary word2vec file is not read)"
+                    )
+                    raise _fail(url, number, what, key)
                 digest.update(raw)
                 line = raw.decode("utf-8", "replace").rstrip("\r\n ")
                 if number == 1:
@@ -142,6 +162,14 @@ def read_vectors(url: str, tokens: list[str], dim: int | None = None, key: str =
     return Vectors(matrix, found, lowercased, n, fmt, lines, digest.hexdigest())
 
 
+def _bounded_lines(f: Any) -> Iterator[bytes]:
+    """The lines of the binary file ``f`` (newlines kept), each read to at most
+    ``MAX_LINE_BYTES + 1`` bytes: a longer line comes out as its first ``MAX_LINE_BYTES + 1``
+    bytes, for the caller to refuse without the rest of it ever being read."""
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        yield raw
+
+
 def _check_dim(url: str, n: int, dim: int | None, key: str = KEY) -> None:
     if dim is not None and n != dim and key != KEY:  # fine-tuning: the backbone's width is given
         raise ConfigError(
@@ -153,6 +181,19 @@ def _check_dim(url: str, n: int, dim: int | None, key: str = KEY) -> None:
             f"model.embeddings.init={url} holds {n}-dimensional vectors, but model.d_model={dim}: "
             f"they must be equal (set model.d_model={n}, or use vectors of {dim} dimensions)"
         )
+
+
+def check_coverage(vec: Vectors, url: str, key: str = KEY) -> None:
+    """:class:`ConfigError` naming the file and its coverage when ``vec`` covers less than
+    :data:`MIN_COVERAGE` of the vocabulary."""
+    if vec.coverage >= MIN_COVERAGE:
+        return
+    raise ConfigError(
+        f"{key}.init={url} covers {100 * vec.coverage:.1f}% of the vocabulary ({int(vec.found.sum()):,} "
+        f"of {len(vec.found):,} ids, the lowercased word tried too), under the minimum of "
+        f"{MIN_COVERAGE:.0%}: these are not vectors of this vocabulary's words (another language, "
+        f"casing or tokenization?); use vectors that cover it, or leave {key}.init empty"
+    )
 
 
 def vocabulary(tokenizer: Any, key: str = KEY) -> list[str]:
@@ -222,6 +263,7 @@ def initialize(
         raise PipelineError(
             f"{key}.init: the vocabulary has {vec.matrix.shape[0]} ids, the embedding {embed.num_embeddings}"
         )
+    check_coverage(vec, cfg.init, key)
     if copy:
         with torch.no_grad():
             rows = torch.from_numpy(np.flatnonzero(vec.found))

@@ -8,16 +8,30 @@ sha256, and ``model``, the model config as the run had it, paths included), ``RE
 model card) and ``tokenizer/``. :mod:`rnnpipe.pipeline.models.pretrained` writes and loads one.
 
 Exports written before the header kept ``source`` inside ``config.json``: they are read as before.
+
+An export may come from anyone, so what rnnpipe's loaders read of it is checked before it is
+used: :func:`export_config` (config.json a JSON object with ``model``, ``vocab_size`` and
+``tokenizer``), :func:`check_weights` (the config's sizes against the shapes in
+``model.safetensors``'s header, read without its data, before a model is built: a config asking
+for ``d_model=1e9`` is refused, not allocated) and :func:`export_tokenizer` (a broken tokenizer
+file named). Its ``.py`` files are code: nothing here imports them (only ``transformers`` with
+``trust_remote_code=True`` does).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from rnnpipe.pipeline import fsio
-from rnnpipe.pipeline.errors import PipelineError
+from rnnpipe.pipeline.errors import ConfigError, PipelineError
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 HEADER = "rnnpipe.json"  # rnnpipe's own record of the export: provenance, the model config as trained
@@ -68,13 +82,16 @@ def export_meta(path: str) -> dict[str, Any]:
     return meta
 
 
+_REDO = "copy the export again, or export it again (rnnpipe export RUN OUT)"
+
+
 def _load(file: str) -> dict[str, Any]:
     try:
         value = json.loads(fsio.read_text(file))
-    except ValueError as e:
-        raise PipelineError(f"{file}: not valid JSON ({e})") from e
+    except ValueError as e:  # (a UnicodeDecodeError is a ValueError too)
+        raise PipelineError(f"{file}: not valid JSON ({str(e).splitlines()[0]}): {_REDO}") from None
     if not isinstance(value, dict):
-        raise PipelineError(f"{file}: not a JSON object")
+        raise PipelineError(f"{file}: not a JSON object: {_REDO}")
     return value
 
 
@@ -125,3 +142,269 @@ def backward_export(path: str | os.PathLike) -> str | None:
         return inner if export_direction(inner) == BACKWARD else None
     except PipelineError:
         return None
+
+
+def export_config(path: str | os.PathLike) -> dict[str, Any]:
+    """An export's ``config.json``, checked before anything is built from it: a JSON object with
+    ``model`` (an object), ``vocab_size`` (a positive integer) and ``tokenizer`` (an object).
+    PipelineError naming the file and what to do otherwise."""
+    file = fsio.join(fsio.absolute(str(path)), CONFIG)
+    if not fsio.exists(file):
+        raise PipelineError(
+            f"{path} is not an rnnpipe export: it has no {CONFIG} (make one with rnnpipe export)"
+        )
+    meta = _load(file)
+    wanted = (("model", dict, "an object"), ("vocab_size", int, "a positive integer"))
+    for key, kind, what in (*wanted, ("tokenizer", dict, "an object")):
+        value = meta.get(key)
+        if key not in meta:
+            raise PipelineError(f"{file}: no {key!r} key, so it is not an rnnpipe export's config: {_REDO}")
+        if not isinstance(value, kind) or isinstance(value, bool) or (key == "vocab_size" and value < 1):
+            raise PipelineError(f"{file}: {key} is {value!r:.60}, not {what}: {_REDO}")
+    return meta
+
+
+# Bytes per element of the safetensors dtypes an export may hold (others are not sized here).
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+_HEADER_LIMIT = 100 << 20  # safetensors' own bound on a header's size
+
+
+def weights_shapes(file: str) -> dict[str, list[int]]:
+    """Each tensor's shape in a safetensors file, from its header alone (8 bytes and the JSON
+    header: no tensor data is read); PipelineError naming the file when it is not a whole
+    safetensors file (a header that does not parse, entries outside the file: truncated)."""
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            if not 2 <= n <= min(_HEADER_LIMIT, size - 8):
+                raise PipelineError(f"{file}: not a safetensors file (its header size reads {n}): {_REDO}")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise PipelineError(f"{file}: cannot read it ({e.strerror or e}): {_REDO}") from None
+    except ValueError as e:
+        raise PipelineError(f"{file}: its safetensors header is not valid JSON ({e}): {_REDO}") from None
+    if not isinstance(header, dict):
+        raise PipelineError(f"{file}: its safetensors header is not a JSON object: {_REDO}")
+    shapes, end = {}, 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        span = entry.get("data_offsets") if isinstance(entry, dict) else None
+        ints = [*(shape or []), *(span or [])]
+        if (
+            shape is None
+            or span is None
+            or len(span) != 2
+            or not all(type(i) is int and i >= 0 for i in ints)
+        ):
+            raise PipelineError(f"{file}: its header's entry {name!r} is not a tensor's: {_REDO}")
+        width = _DTYPE_BYTES.get(entry.get("dtype"))
+        if width is not None and math.prod(shape) * width != span[1] - span[0]:
+            raise PipelineError(f"{file}: {name}'s shape {shape} and its bytes disagree: {_REDO}")
+        shapes[name], end = list(shape), max(end, span[1])
+    if 8 + n + end > size:
+        raise PipelineError(f"{file}: truncated ({size} bytes, its header describes {8 + n + end}): {_REDO}")
+    return shapes
+
+
+# The most layers a config may ask for beyond the file's tensor count (shared layers reuse one
+# block's tensors): a bound on the work done before the shapes are compared.
+_MAX_LAYERS = 10_000
+
+
+# Random initialisations, which the meta device runs through torch's Python references (the first
+# one imports torch._dynamo: seconds): skipped where only shapes are wanted.
+_RANDOM_INIT = {"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_"} | {
+    "xavier_uniform_",
+    "xavier_normal_",
+    "orthogonal_",
+    "sparse_",
+    "exponential_",
+    "random_",
+}
+_RANDOM_NEW = {"randn": "empty", "rand": "empty", "randn_like": "empty_like", "rand_like": "empty_like"}
+
+
+def _shapes_only() -> Any:
+    """A torch function mode (outermost on the meta device) that skips random initialisation."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class ShapesOnly(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = dict(kwargs or {})
+            name = getattr(func, "__name__", "")
+            target = args[0] if args else kwargs.get("tensor")
+            if name in _RANDOM_INIT and isinstance(target, torch.Tensor):
+                return target
+            if name in _RANDOM_NEW and func is getattr(torch, name, None):
+                kwargs.pop("generator", None)
+                return getattr(torch, _RANDOM_NEW[name])(*args, **kwargs)
+            return func(*args, **kwargs)
+
+    return ShapesOnly()
+
+
+def check_weights(path: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """``config.json``'s sizes (``meta``, from :func:`export_config`) against the shapes in
+    ``model.safetensors``'s header, before a model is built: PipelineError naming the file and
+    the key where they disagree. The embedding's width and rows and the layer count are compared
+    first; then the model is built on the meta device (no memory) and every tensor's name and
+    shape compared, so that the model rnnpipe then builds holds exactly the file's tensors."""
+    import torch
+
+    from rnnpipe.pipeline.config import config_from_dict
+    from rnnpipe.pipeline.models.backbone import BACKBONE_CONFIG_KEY, build_model, tied_names
+    from rnnpipe.pipeline.models.config import ModelConfig, ModelKind
+
+    root = fsio.absolute(str(path))
+    config, weights = fsio.join(root, CONFIG), fsio.join(root, WEIGHTS)
+    if not os.path.isfile(weights):
+        raise PipelineError(f"{weights}: missing (an export holds its weights there): {_REDO}")
+    shapes = weights_shapes(weights)
+    if shapes and all(k.startswith("model.") for k in shapes):  # re-saved by transformers
+        shapes = {k[len("model.") :]: v for k, v in shapes.items()}
+    cfg = config_from_dict(ModelConfig, meta["model"], f"in {config}")
+    vocab, backbone = meta["vocab_size"], meta.get(BACKBONE_CONFIG_KEY)
+
+    def refuse(what: str) -> PipelineError:
+        return PipelineError(f"{config}: {what}: the config does not describe these weights: {_REDO}")
+
+    layers = [cfg.n_layers]
+    if cfg.kind is ModelKind.huggingface:
+        if not isinstance(backbone, dict):
+            raise refuse(f"model.kind is huggingface but {BACKBONE_CONFIG_KEY} is missing")
+        layers += [v for k, v in backbone.items() if k in ("num_hidden_layers", "n_layer", "num_layers")]
+    else:
+        embed = shapes.get("embed.weight")
+        if embed is not None and embed[:1] != [vocab]:
+            raise refuse(f"vocab_size={vocab}, but {WEIGHTS} holds embed.weight {embed}")
+        if embed is not None and embed[1:] != [cfg.d_model]:
+            raise refuse(f"model.d_model={cfg.d_model}, but {WEIGHTS} holds embed.weight {embed}")
+    too_many = [n for n in layers if not isinstance(n, int) or n > max(len(shapes), _MAX_LAYERS)]
+    if too_many:
+        raise refuse(f"it asks for {too_many[0]!r:.40} layers; {WEIGHTS} holds {len(shapes)} tensors")
+    try:
+        with torch.device("meta"), _shapes_only():  # shapes without memory or work
+            model = build_model(cfg, vocab, backbone)
+    except PipelineError:
+        raise
+    except Exception as e:  # a backbone config transformers cannot build
+        raise refuse(
+            f"its model cannot be built ({type(e).__name__}: {str(e).splitlines()[0]:.200})"
+        ) from None
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    tied = tied_names(model)
+    for name, shape in expected.items():
+        if name not in shapes and name not in tied:
+            raise refuse(f"its model has {name} {shape}, which {WEIGHTS} lacks")
+        if name in shapes and shapes[name] != shape:
+            raise refuse(f"its model has {name} {shape}, {WEIGHTS} holds {shapes[name]}")
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        raise refuse(f"{WEIGHTS} holds {extra[0]} {shapes[extra[0]]}, which its model lacks")
+
+
+def export_tokenizer(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Any:
+    """The tokenizer an export describes (``meta``: its checked config, read when None), from its
+    own files; PipelineError naming the file when it is missing or broken, or when its vocabulary
+    is not the model's."""
+    from rnnpipe.pipeline.data.tokenizers import tokenizer_from_manifest
+
+    root = fsio.absolute(str(path))
+    meta = meta if meta is not None else export_config(path)
+    entry = meta["tokenizer"]
+    file = fsio.join(root, str(entry.get("model_file") or CONFIG))
+
+    def read(rel: str) -> bytes:  # (tokenizer_from_manifest checks rel is inside the export first)
+        try:
+            return fsio.read_bytes(fsio.join(root, rel))
+        except OSError as e:
+            raise PipelineError(
+                f"{file}: cannot read the export's tokenizer file ({e.strerror or e}): {_REDO}"
+            ) from None
+
+    try:
+        tok = tokenizer_from_manifest({"tokenizer": entry}, read)
+    except PipelineError as e:
+        raise PipelineError(f"{file}: {e}" if not str(e).startswith(file) else str(e)) from None
+    except Exception as e:  # a parser's own error on a damaged file: JSON, protobuf, tokenizers
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise PipelineError(
+            f"{file}: not a valid {entry.get('kind')} tokenizer file ({reason}): {_REDO}"
+        ) from None
+    if tok.vocab_size != meta["vocab_size"]:
+        raise PipelineError(
+            f"{file}: a tokenizer of {tok.vocab_size} ids, but {CONFIG}'s vocab_size is "
+            f"{meta['vocab_size']}: {_REDO}"
+        )
+    return tok
+
+
+def walk(root: Path, rel: str = "") -> Iterator[tuple[str, os.DirEntry]]:
+    """Every entry under ``root`` as (relative path, entry), parents first; links not followed."""
+    with os.scandir(root / rel if rel else root) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        r = f"{rel}/{e.name}" if rel else e.name
+        yield r, e
+        if e.is_dir(follow_symlinks=False):
+            yield from walk(root, r)
+
+
+def check_regular(root: Path, what: str) -> None:
+    """ConfigError naming the first entry under ``root`` that is not a regular file or directory
+    (a symbolic link, a device, a pipe): rnnpipe copies regular files only."""
+    for rel, e in walk(root):
+        if not (e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False)):
+            kind = f"a symbolic link (to {os.readlink(e.path)})" if e.is_symlink() else "not a regular file"
+            raise ConfigError(
+                f"{what}: {root / rel} is {kind}: an export holds regular files only, and rnnpipe "
+                "copies no link; remove it (or put the file it names in its place, if you trust it)"
+            )
+
+
+def copy_export(src: Path, dst: Path) -> None:
+    """A copy of the export ``src`` in ``dst``, regular files only (:func:`check_regular`; a file
+    opened without following a link, so one that became a link since is refused too), their
+    mtimes kept (the recorded sha256 of the weights is trusted by size and mtime). Its ``.py``
+    files are code from elsewhere: this rnnpipe's own are written instead. Not its ``backward/``."""
+    from rnnpipe.pipeline.models.hf.files import code_files
+
+    check_regular(src, f"--backward {src}")
+    dst.mkdir(parents=True)
+    for rel, e in walk(src):
+        if rel == BACKWARD or rel.startswith(f"{BACKWARD}/") or ("/" not in rel and rel.endswith(".py")):
+            continue
+        if e.is_dir(follow_symlinks=False):
+            (dst / rel).mkdir()
+            continue
+        try:
+            fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # (a pipe: no wait)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                check_regular(src, f"--backward {src}")
+            raise
+        with os.fdopen(fd, "rb") as f, open(dst / rel, "wb") as g:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(
+                    f"--backward {src}: {src / rel} is not a regular file: rnnpipe copies no other"
+                )
+            shutil.copyfileobj(f, g, 1 << 22)
+        os.utime(dst / rel, ns=(st.st_atime_ns, st.st_mtime_ns))
+    for name, data in code_files().items():
+        (dst / name).write_bytes(data)

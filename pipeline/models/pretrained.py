@@ -31,7 +31,15 @@ from rnnpipe.pipeline.data.tokenizers import Tokenizer, tokenizer_from_manifest
 from rnnpipe.pipeline.errors import PipelineError
 from rnnpipe.pipeline.models.backbone import BACKBONE_CONFIG_KEY, build_model, load_weights
 from rnnpipe.pipeline.models.config import ModelConfig, ModelKind
-from rnnpipe.pipeline.models.exported import CONFIG, HEADER, HEADER_FORMAT, WEIGHTS
+from rnnpipe.pipeline.models.exported import (
+    CONFIG,
+    HEADER,
+    HEADER_FORMAT,
+    WEIGHTS,
+    check_weights,
+    export_config,
+    export_tokenizer,
+)
 from rnnpipe.pipeline.models.hf.bundle import bundle
 from rnnpipe.pipeline.models.hf.card import model_card
 from rnnpipe.pipeline.models.hf.files import hf_config_keys, hf_files
@@ -39,12 +47,8 @@ from rnnpipe.pipeline.models.lm import LanguageModel
 
 
 def _config(path: Path) -> dict:
-    file = path / CONFIG
-    if not file.exists():
-        raise PipelineError(
-            f"{path} is not an rnnpipe export: it has no {CONFIG} (make one with rnnpipe export)"
-        )
-    return json.loads(file.read_text())
+    """The export's config.json, checked (one line naming the file when it is not an export's)."""
+    return export_config(path)
 
 
 def inside(root: Path, rel: str) -> Path:
@@ -191,6 +195,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tor
     """The exported model, in eval mode, with fp32 weights on ``device``."""
     path = Path(path)
     meta = _config(path)
+    check_weights(path, meta)  # the config's sizes against the file's shapes, before any allocation
     state = load_file(str(path / WEIGHTS), device="cpu")
     if state and all(k.startswith("model.") for k in state):  # re-saved by transformers' save_pretrained
         state = {k[len("model.") :]: v for k, v in state.items()}
@@ -202,8 +207,4 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tor
 
 def load_pretrained_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer the exported model was trained with."""
-    path = Path(path)
-    meta = _config(path)
-    return tokenizer_from_manifest(
-        {"tokenizer": meta["tokenizer"]}, lambda rel: inside(path, rel).read_bytes()
-    )
+    return export_tokenizer(Path(path))

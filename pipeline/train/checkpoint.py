@@ -9,9 +9,11 @@
 
 A checkpoint killed while being written has no COMPLETE (and an unreadable COMPLETE counts as none)
 and never becomes ``latest``; the next save removes it. A save that fails (a full disk) removes
-its partial directory and raises :class:`CheckpointError` on every rank, naming the last complete
-checkpoint. The last ``keep`` complete checkpoints are kept, and past them the newest one saved
-before a loss spike (:mod:`rnnpipe.pipeline.train.divergence`): the last good one if the run diverges.
+its partial directory and raises :class:`CheckpointError` on every rank: one line naming the file
+that could not be written, why in plain words (torch's "unexpected pos" is a write cut short),
+the space left on that disk, the last complete checkpoint and what to do. The last ``keep``
+complete checkpoints are kept, and past them the newest one saved before a loss spike
+(:mod:`rnnpipe.pipeline.train.divergence`): the last good one if the run diverges.
 
 Trust: DeepSpeed's files are pickles, loaded with ``torch.load(weights_only=False)`` by DeepSpeed
 itself; a checkpoint directory is code. Load only checkpoints you or your colleagues wrote.
@@ -23,9 +25,11 @@ and checking checkpoints needs no torch (a preflight stays fast); saving and loa
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -48,6 +52,50 @@ RUN_LOCK = ".rnnpipe-pretrain.lock"  # held by rank 0 while a run trains (pipeli
 
 class CheckpointError(PipelineError):
     """A checkpoint could not be written; the run stops (nothing partial is left looking complete)."""
+
+
+_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_ACCESS = {errno.EACCES, errno.EPERM, errno.EROFS}
+# torch.save's zip writer (DeepSpeed saves to a path: torch's C++ stream writes it) reports a write
+# cut short by a full disk without the errno: "[enforce fail at inline_container.cc:672] .
+# unexpected pos 96000 vs 95892", "basic_ios::clear: iostream error" (a small file, at its close),
+# or "file write failed" (other torch versions).
+_SHORT_WRITE = re.compile(r"unexpected pos|file write failed|failed writing file|iostream error")
+
+
+def _free(path: Path) -> str:
+    """The space left on the filesystem holding ``path`` (or its nearest existing parent), as text."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 2**30:.1f} GiB free there" if free >= 2**30 else f"{free / 2**20:.1f} MiB free there"
+
+
+def write_failure(path: Path, exc: BaseException) -> tuple[str, str]:
+    """(one line: the file ``path`` that could not be written, why, and the space left on its disk;
+    what to do first) for ``exc``, the error a checkpoint write raised."""
+    code = getattr(exc, "errno", None)
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    space = f"({_free(path)})"
+    if code in _SPACE:
+        return f"{path}: {os.strerror(code).lower()} {space}", "free space on that disk"
+    if code == errno.EFBIG:
+        return (
+            f"{path}: file too large for a file-size limit {space}",
+            "raise the file-size limit (ulimit -f)",
+        )
+    if code in _ACCESS:
+        return f"{path}: {os.strerror(code).lower()}", f"make {path.parent} writable"
+    if _SHORT_WRITE.search(first):
+        return (
+            f"{path}: the write stopped short, as on a full disk, over a quota or past a file-size "
+            f"limit (torch: {first.split('] ')[-1].strip(' .')}) {space}",
+            "free space on that disk",
+        )
+    return f"{path}: {type(exc).__name__}: {first} {space}", "check that disk"
 
 
 def tag_of(step: int) -> str:
@@ -87,8 +135,7 @@ def save(engine: Any, run_dir: Path, state: TrainState, header: dict[str, Any], 
     dist = _dist()
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = getattr(engine, "device", "cpu")
-    reason = ""
-    failed: list[str] = []
+    failed: list[tuple[Path, BaseException]] = []  # (the file, its error), first first
     writer = engine.checkpoint_engine
     write = writer.save
 
@@ -98,7 +145,7 @@ def save(engine: Any, run_dir: Path, state: TrainState, header: dict[str, Any], 
         try:
             write(state_dict, path)
         except Exception as e:
-            failed.append(f"{path}: {type(e).__name__}: {e}")
+            failed.append((Path(path), e))
 
     own = "save" in vars(writer)
     writer.save = guarded
@@ -110,19 +157,20 @@ def save(engine: Any, run_dir: Path, state: TrainState, header: dict[str, Any], 
             try:
                 copy_script(*args, **kwargs)
             except Exception as e:
-                failed.append(f"zero_to_fp32.py: {type(e).__name__}: {e}")
+                failed.append((root / "zero_to_fp32.py", e))
 
         engine._copy_recovery_script = guarded_copy
+    writing = root / tag  # what an error raised below was writing
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state={"step": state.step}, save_latest=False)
-        if failed:
-            raise OSError(failed[0])
-        save_state(root / tag / f"rank{rank:05d}.pt", state.state_dict())
+        if not failed:
+            writing = root / tag / f"rank{rank:05d}.pt"
+            save_state(writing, state.state_dict())
         delay = float(os.environ.get("RNNPIPE_TEST_CHECKPOINT_DELAY", "0"))  # tests: a window to kill in
         if delay:
             time.sleep(delay)
     except Exception as e:  # ENOSPC, EFBIG, EIO, a quota: all end the same way
-        reason = f"rank {rank}: {failed[0] if failed else f'{type(e).__name__}: {e}'}"
+        failed.append((writing, e))
     finally:
         if own:
             writer.save = write
@@ -130,30 +178,46 @@ def save(engine: Any, run_dir: Path, state: TrainState, header: dict[str, Any], 
             del writer.save  # DeepSpeed's own method again
         if copy_script is not None:
             del engine._copy_recovery_script
-    ok = _agree(not reason, device)
+    reason = ("", "")
+    if failed:
+        reason = write_failure(*failed[0])
+    ok = _agree(not failed, device)
     if ok and rank == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
         marker = {"step": state.step, "world": world, **header}
+        target = root / tag / COMPLETE
         try:
-            fsio.write_text_atomic(str(root / tag / COMPLETE), json.dumps(marker, indent=1) + "\n")
-            fsio.write_text_atomic(str(root / "latest"), tag)
+            fsio.write_text_atomic(str(target), json.dumps(marker, indent=1) + "\n")
+            target = root / "latest"
+            fsio.write_text_atomic(str(target), tag)
         except Exception as e:
-            reason = f"rank 0, writing its {COMPLETE} marker: {type(e).__name__}: {e}"
+            reason = write_failure(target, e)
             (root / tag / COMPLETE).unlink(missing_ok=True)
-    ok = _agree(ok and not reason, device)
+    ok = _agree(ok and not reason[0], device)
     if not ok:
         if rank == 0:
             shutil.rmtree(root / tag, ignore_errors=True)  # frees the space; nothing half-written stays
-        last = find_latest(run_dir)
-        reason = reason or "another rank could not write its part"
-        raise CheckpointError(
-            f"checkpoint at step {state.step} not written: {reason}; "
-            + (f"the last complete one is {last}" if last else "no complete checkpoint exists")
-        )
+        raise CheckpointError(_not_written(state.step, rank, reason, find_latest(run_dir)))
     if rank == 0:
         _prune(root, keep, tag)
     _barrier()
     return root / tag
+
+
+def _not_written(step: int, rank: int, reason: tuple[str, str], last: Path | None) -> str:
+    """The one line a failed save raises with: what failed on which rank (``reason``:
+    :func:`write_failure`'s, or empty where another rank failed), the last complete checkpoint,
+    and what to do."""
+    what, todo = reason
+    todo = todo or "see that rank's message"
+    who = f"rank {rank} could not write {what}" if what else "another rank could not write its part"
+    return (
+        f"checkpoint at step {step} not written: {who}; "
+        + (f"the last complete one is {last}" if last else "no complete checkpoint exists")
+        + f". {todo[0].upper()}{todo[1:]} and run the same command again "
+        + ("to resume from it" if last else "(it starts again from step 0)")
+        + ", or start over in another run_dir"
+    )
 
 
 def is_complete(path: Path) -> bool:

@@ -18,7 +18,7 @@ from rnnpipe.pipeline.config import (
     flatten,
     to_dict,
 )
-from rnnpipe.pipeline.data.config import VERIFY_LEVELS, Direction
+from rnnpipe.pipeline.data.config import DEFAULT_VERIFY, VERIFY_LEVELS, Direction
 from rnnpipe.pipeline.engine.metrics import WandbConfig
 from rnnpipe.pipeline.engine.schedule import SCHEDULES, Schedule
 from rnnpipe.pipeline.errors import ConfigError
@@ -47,7 +47,7 @@ class DataConfig:
     batch_size: int = 8  # sequences (streams) per rank per micro-step
     seed: int = 0  # shuffle mode: the order of windows
     workers: int = 0  # shuffle mode: DataLoader worker processes per rank
-    verify: str = "sizes"  # sizes | full (also each shard's sha256): see VERIFY_LEVELS
+    verify: str = DEFAULT_VERIFY  # sizes | read (each sha256 at first read) | full (all at open)
     # backward: train, evaluate (and export) on every split's token stream read in reverse
     # (pipeline.data.reader.ReversedReader): the backward LM of an ELMo pair
     direction: Direction = Direction.forward

@@ -54,8 +54,10 @@ class StreamBatches:
         self.reader, self.rank, self.world, self.batch, self.seq_len = reader, rank, world, batch, seq_len
         self.streams = world * batch
         if reader.tokens - 1 < self.streams:
+            split = getattr(reader, "split", None)  # (a fine-tune task's text has none)
             raise PipelineError(
-                f"the training split has {reader.tokens} tokens: too few for {world} ranks × {batch} streams"
+                f"the {split or 'training'} split has {reader.tokens} tokens: too few for {world} "
+                f"rank(s) × {batch} streams"
             )
         self.bounds = stream_bounds(reader.tokens - 1, self.streams)
         self.steps_per_epoch = math.ceil(int(np.diff(self.bounds).max()) / seq_len)
@@ -224,6 +226,14 @@ def _prefetch(
             done.put((step, None, e))
 
 
+@dataclass
+class _WorkerFailure:
+    """A DataLoader worker's PipelineError (a damaged shard), handed over as an item: raised in
+    the worker, torch would re-raise it with the worker's traceback in its message."""
+
+    message: str
+
+
 class _ShuffleWorkerData(torch.utils.data.IterableDataset):
     """One epoch of one rank's windows; each DataLoader worker takes its own shards."""
 
@@ -231,7 +241,16 @@ class _ShuffleWorkerData(torch.utils.data.IterableDataset):
         super().__init__()
         self.owner, self.epoch, self.skip = owner, epoch, skip
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | _WorkerFailure]:
+        if torch.utils.data.get_worker_info() is None:
+            yield from self._windows()
+            return
+        try:
+            yield from self._windows()
+        except PipelineError as e:  # the one-line message, not torch's wrapper
+            yield _WorkerFailure(str(e))
+
+    def _windows(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         o = self.owner
         # The DataLoader takes batches round-robin from physical worker 0; after `skip` batches the
@@ -333,7 +352,10 @@ class ShuffleBatches:
     def __next__(self) -> Batch:
         if self._it is None:
             self._start_epoch()
-        inputs, targets = next(self._it)
+        item = next(self._it)
+        if isinstance(item, _WorkerFailure):
+            raise PipelineError(item.message)
+        inputs, targets = item
         self.consumed += 1
         if self.consumed == self.steps_per_epoch(self.epoch):
             self.epoch, self.consumed, self._it = self.epoch + 1, 0, None
@@ -381,6 +403,7 @@ class _Prefix:
 
     def __init__(self, reader: SplitReader, tokens: int):
         self.reader, self.tokens = reader, tokens
+        self.split = getattr(reader, "split", None)  # (named in StreamBatches' errors)
 
     def read(self, a: int, b: int) -> np.ndarray:
         return self.reader.read(a, b)

@@ -87,7 +87,28 @@ def needs_conversion(ckpt: Path, zero_stage: int) -> bool:
 
 
 def is_converted(ckpt: Path) -> bool:
-    return (Path(ckpt) / UNIVERSAL / DONE).exists()
+    """Whether ``ckpt/universal/`` holds a finished conversion, every file it wrote still there
+    at the size it had (a conversion from before this record counts as unfinished: it is redone)."""
+    return (Path(ckpt) / UNIVERSAL / DONE).exists() and universal_problem(ckpt) is None
+
+
+def universal_problem(ckpt: Path) -> str | None:
+    """What is wrong with ``ckpt/universal/``'s files against the list its ``CONVERTED`` marker
+    records (relative path → bytes), or None when every one is there at its size. One ``stat``
+    per file: a deleted or truncated file is caught before DeepSpeed reads it."""
+    out = Path(ckpt) / UNIVERSAL
+    try:
+        files = json.loads((out / DONE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{out / DONE}: missing, unreadable or without the list of files"
+    for rel, size in sorted(files.items()):
+        try:
+            got = (out / rel).stat().st_size
+        except OSError:
+            return f"{out / rel}: missing"
+        if got != size:
+            return f"{out / rel}: {got} bytes, the conversion wrote {size}"
+    return None
 
 
 def to_universal(ckpt: Path, workers: int = 1) -> tuple[str, str]:
@@ -106,7 +127,9 @@ def to_universal(ckpt: Path, workers: int = 1) -> tuple[str, str]:
         return str(ckpt), UNIVERSAL
     for stale in ckpt.glob(_PARTIAL + "-*"):  # a conversion killed earlier
         shutil.rmtree(stale, ignore_errors=True)
-    if out.exists():  # no DONE marker: cannot be ours complete (we rename only after writing it)
+    if out.exists():  # unfinished (we rename only after writing DONE) or damaged since: converted again
+        if (out / DONE).exists():
+            log.warning("%s; converting %s again", universal_problem(ckpt), ckpt)
         shutil.rmtree(out)
     work = ckpt / f"{_PARTIAL}-{os.getpid()}"
     from deepspeed import __version__ as ds_version
@@ -126,9 +149,14 @@ def to_universal(ckpt: Path, workers: int = 1) -> tuple[str, str]:
             f"{ckpt}: converting to DeepSpeed's universal checkpoint failed ({type(e).__name__}: {e})"
             + (f"; the converter said:\n{tail}" if tail else "")
         ) from e
-    (work / DONE).write_text(
-        json.dumps({"from": ckpt.name, "deepspeed": ds_version, "seconds": round(time.time() - t0, 3)}) + "\n"
-    )
+    files = {str(f.relative_to(work)): f.stat().st_size for f in sorted(work.rglob("*")) if f.is_file()}
+    record = {
+        "from": ckpt.name,
+        "deepspeed": ds_version,
+        "seconds": round(time.time() - t0, 3),
+        "files": files,
+    }
+    (work / DONE).write_text(json.dumps(record) + "\n")
     os.replace(work, out)
     # ds_to_universal also wrote <ckpt>/latest_universal naming its output folder (the partial
     # name): point it at the final one, in case anything loads without an explicit tag.
@@ -255,9 +283,17 @@ def load_engine(engine: Any, p: Plan) -> dict[str, Any]:
     position; the rate is then set from the schedule at that position (the optimizer state brought
     back the rate it was saved with, which differs when the resume changed the schedule)."""
     before = optimizer_hparams(engine) if p.universal else []
-    _, client = engine.load_checkpoint(p.load_dir, tag=p.tag)
+    where = Path(p.load_dir) / p.tag
+    if p.universal:
+        todo = f"remove {where} and run the same command again: it is converted again from {p.load_dir}"
+    else:
+        todo = "resume from an earlier checkpoint (train.resume=PATH), or remove this one"
+    try:
+        _, client = engine.load_checkpoint(p.load_dir, tag=p.tag)
+    except Exception as e:  # DeepSpeed's own errors name no file: say which checkpoint, and the way out
+        raise PipelineError(f"{where}: DeepSpeed could not load it ({type(e).__name__}: {e}); {todo}") from e
     if client is None:
-        raise PipelineError(f"DeepSpeed could not load {Path(p.load_dir) / p.tag}")
+        raise PipelineError(f"DeepSpeed could not load {where}: {todo}")
     if p.universal:
         fixed = repair_after_universal_load(engine, before)
         if fixed:

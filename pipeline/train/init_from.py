@@ -24,11 +24,15 @@ def check(cfg: PretrainConfig, vocab: int, tokenizer: dict[str, Any]) -> dict[st
     """The export ``cfg.train.init_from`` names, as its ``config.json``, after checking that its
     model (all but dropout and ``model.embeddings``) and tokenizer are this run's: ``vocab`` ids,
     the dataset's manifest ``tokenizer`` entry. Raises :class:`ConfigError` naming what differs."""
-    from rnnpipe.pipeline.models.exported import export_meta
+    from rnnpipe.pipeline.models.backbone import check_safetensors
+    from rnnpipe.pipeline.models.exported import WEIGHTS, export_meta
 
     where = f"train.init_from={cfg.train.init_from}"
     try:
         meta = export_meta(fsio.absolute(cfg.train.init_from))
+        weights = fsio.join(fsio.absolute(cfg.train.init_from), WEIGHTS)
+        if fsio.is_local(weights):  # complete (its header against its size), before any rank starts
+            check_safetensors(weights, "export it again (or copy it again from where it was made)")
     except PipelineError as e:
         raise ConfigError(f"{where}: {e}") from e
     ours = {**to_dict(cfg.model), "vocab_size": vocab}

@@ -5,7 +5,8 @@
     model = AutoModelForCausalLM.from_pretrained(EXPORT)
     tokenizer = AutoTokenizer.from_pretrained(EXPORT)
 
-(without rnnpipe: ``trust_remote_code=True``). :mod:`.files` writes what an export needs for that
+(without rnnpipe: ``trust_remote_code=True``, which imports the export's ``.py`` files: code,
+which rnnpipe's own loaders never import). :mod:`.files` writes what an export needs for that
 (config keys, the two ``*_rnnpipe.py`` files ``trust_remote_code`` imports, tokenizer and
 generation files), :mod:`.bundle` the copy of rnnpipe's model code those files fall back on in a
 Python without rnnpipe, :mod:`.card` the model card; they need no ``transformers``.

@@ -151,7 +151,8 @@ figures below are those the checkpoint and its run recorded.
 ## Loading it
 
 With rnnpipe installed (`pip install 'rnnpipe[hf]'`), `import rnnpipe` registers its classes with
-transformers' Auto classes, so no remote code runs:
+transformers' Auto classes, so no remote code runs (do not pass `trust_remote_code`: with it,
+transformers imports this directory's `.py` files even where rnnpipe is installed):
 
 ```python
 import rnnpipe  # noqa: F401
@@ -161,9 +162,10 @@ model = AutoModelForCausalLM.from_pretrained("PATH_OR_HUB_ID")
 tokenizer = AutoTokenizer.from_pretrained("PATH_OR_HUB_ID")
 ```
 
-Without rnnpipe, `trust_remote_code=True` runs the copy of rnnpipe's model code in this directory
-(the `rnnpipe_*.py` files; `configuration_rnnpipe.py` and `modeling_rnnpipe.py` take the installed
-rnnpipe's classes when there is one). It needs {needs}:
+Without rnnpipe, `trust_remote_code=True` runs the `.py` files in this directory: a copy of
+rnnpipe's model code (the `rnnpipe_*.py` files; `configuration_rnnpipe.py` and
+`modeling_rnnpipe.py` take the installed rnnpipe's classes when there is one). They are code:
+run them only from a copy you trust as you would trust its author. It needs {needs}:
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -183,5 +185,7 @@ the recurrences on CUDA without rnnpipe's Triton kernels.
 - `config.json`, `generation_config.json`: what transformers reads;
 - `rnnpipe.json`: rnnpipe's record of where the weights came from (the run's checkpoint,
   dataset, fingerprint, the weights' sha256);
-- the tokenizer's files (`tokenizer.json`, ...; rnnpipe's own in `tokenizer/`).
+- the tokenizer's files (`tokenizer.json`, ...; rnnpipe's own in `tokenizer/`);
+- `configuration_rnnpipe.py`, `modeling_rnnpipe.py`, `rnnpipe_*.py`: code, for
+  `trust_remote_code=True` in a Python without rnnpipe (rnnpipe itself never imports them).
 """

@@ -137,7 +137,7 @@ def test_the_reader_checks_sha256_with_verify_full(dataset):
     assert SplitReader(str(root), "train", verify="sizes").sample_count() == 36
     with pytest.raises(PipelineError, match=rf"^{shard}: sha256 .* differs from the manifest's"):
         SplitReader(str(root), "train", verify="full")
-    with pytest.raises(ConfigError, match=r"data\.verify=.quick.: expected one of sizes, full"):
+    with pytest.raises(ConfigError, match=r"data\.verify=.quick.: expected one of sizes, read, full"):
         SplitReader(str(root), "train", verify="quick")
 
 

@@ -62,7 +62,7 @@ def refusal(kind: str, *overrides: str) -> str:
         ("pretrain", "data.seq_len=0", "data.seq_len must be >= 1, got 0"),
         ("pretrain", "data.seed=-1", "data.seed must be in [0, 4294967296), got -1"),
         ("pretrain", "data.workers=-1", "data.workers must be >= 0, got -1"),
-        ("pretrain", "data.verify=partial", "data.verify must be sizes or full, got 'partial'"),
+        ("pretrain", "data.verify=partial", "data.verify must be sizes or read or full, got 'partial'"),
         (
             "prepare",
             "tokenizer.character_coverage=0",
