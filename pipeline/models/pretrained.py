@@ -31,12 +31,12 @@ from rnnpipe.pipeline.data.tokenizers import Tokenizer, tokenizer_from_manifest
 from rnnpipe.pipeline.errors import PipelineError
 from rnnpipe.pipeline.models.backbone import BACKBONE_CONFIG_KEY, build_model, load_weights
 from rnnpipe.pipeline.models.config import ModelConfig, ModelKind
+from rnnpipe.pipeline.models.export_shapes import check_weights
 from rnnpipe.pipeline.models.exported import (
     CONFIG,
     HEADER,
     HEADER_FORMAT,
     WEIGHTS,
-    check_weights,
     export_config,
     export_tokenizer,
 )
