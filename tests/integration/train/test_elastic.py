@@ -383,6 +383,9 @@ def worker(mode: str, stage: int, root: Path) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from rnnpipe.launch.processes.distributed import skip_shm_build
+
+    skip_shm_build()  # as the ranks do: DeepSpeed would build its shared-memory op first (a minute)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     ckpt = root / "checkpoints" / f"step{STEPS:08d}"
